@@ -1,0 +1,326 @@
+"""The recipe: one YAML file -> one typed, validated `Recipe`.
+
+Every mistake a user can make in a recipe becomes a `RecipeError` whose message is one line naming the
+key, the value and the fix. Unknown keys get a "did you mean" hint. `load_recipe` also applies
+`--set a.b.0.c=value` overrides before validation, so overrides are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A user mistake in a recipe or an override; its message is the whole one-line explanation."""
+
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+
+
+def _parse_count(value: Any) -> Any:
+    """Accept token counts written as 2e5, '2e5', '200k' or '1.5M' (YAML reads '2e5' as a string)."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace("_", "")
+        scale = _SUFFIX.get(text[-1:], None)
+        try:
+            number = float(text[:-1]) * scale if scale else float(text)
+        except ValueError:
+            return value
+        value = number
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+TokenCount = Annotated[int, BeforeValidator(_parse_count), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    """Where the teacher comes from: the built-in SmolLM2 asset, a local HF folder, a hub id or a GGUF file."""
+
+    source: str = "smollm2-135m-instruct"
+    gguf_file: str | None = None  # file name inside `source` when `source` is a folder or hub id of GGUFs
+    revision: str | None = None
+
+
+class StudentConfig(_Section):
+    """Which layers keep attention, which mixer replaces the others, and how the mixers start."""
+
+    mixer: Literal["mamba2", "mamba1"] = "mamba2"
+    attention_layers: list[Annotated[int, Field(ge=0)]] | None = None
+    attention_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    init: Literal["attention", "random"] = "attention"
+    norm_init: Literal["ones", "rms_ratio"] = "ones"
+    conv_init: Literal["random", "identity"] = "random"
+    d_conv: int = Field(default=4, ge=1, le=8)
+    chunk_size: int = Field(default=128, ge=8)
+    dt_min: float = Field(default=1e-3, gt=0)
+    dt_max: float = Field(default=1e-1, gt=0)
+    dt_init_floor: float = Field(default=1e-4, gt=0)
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    mamba1_d_state: int | None = Field(default=None, ge=1)  # None: the teacher's head_dim
+    mamba1_dt_rank: int | None = Field(default=None, ge=1)  # None: ceil(hidden / 16)
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.attention_layers is not None and self.attention_fraction is not None:
+            raise ValueError("set either attention_layers or attention_fraction, not both")
+        if self.attention_layers is None and self.attention_fraction is None:
+            self.attention_fraction = 0.5
+        if self.attention_layers is not None and len(set(self.attention_layers)) != len(self.attention_layers):
+            raise ValueError(f"attention_layers has duplicates: {self.attention_layers}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        low, high = self.A_init_range
+        if not 0 < low <= high:
+            raise ValueError(f"A_init_range must be 0 < low <= high, got {self.A_init_range}")
+        return self
+
+
+class DataConfig(_Section):
+    """Training and held-out data: the built-in ShareGPT asset, a local json/jsonl/parquet, or a datasets name."""
+
+    source: str = "sharegpt"
+    split: str = "train"
+    max_length: int = Field(default=512, ge=16)
+    packing: bool = True
+    loss_on: Literal["assistant", "all"] = "assistant"
+    held_out_size: int = Field(default=64, ge=1)
+    max_conversations: int | None = Field(default=None, ge=1)
+
+
+class _StageBase(_Section):
+    max_tokens: TokenCount
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, ge=1)  # sequences per micro-batch per process
+    grad_accum: int = Field(default=1, ge=1)
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    gradient_checkpointing: bool = False
+    checkpoint_every_tokens: Annotated[int, BeforeValidator(_parse_count), Field(gt=0)] | None = None
+    keep_checkpoints: int = Field(default=2, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    log_every_steps: int = Field(default=1, ge=1)
+
+
+class _KLOptions(_Section):
+    kl: Literal["forward", "reverse", "jsd"] = "forward"
+    temperature: float = Field(default=1.0, gt=0)
+    jsd_beta: float = Field(default=0.5, gt=0.0, lt=1.0)
+    ce_weight: float = Field(default=0.0, ge=0.0)
+    kl_chunk_tokens: int = Field(default=1024, ge=1)
+
+
+class LayerwiseStage(_StageBase):
+    """Align each mixer with the teacher's attention output on the teacher's own inputs (MLPs frozen)."""
+
+    name: Literal["layerwise"]
+    target: Literal["mixer_output", "block_output"] = "mixer_output"
+    normalize: bool = False  # divide the per-token MSE by the target's per-token mean square
+
+
+class StepwiseStage(_StageBase, _KLOptions):
+    """Replace layers progressively; after each step train the replaced mixers end to end."""
+
+    name: Literal["stepwise"]
+    num_steps: int = Field(default=4, ge=1)
+    order: Literal["top_down", "bottom_up"] = "top_down"
+
+
+class LoraOptions(_Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class EndToEndStage(_StageBase, _KLOptions):
+    """KL between teacher and student next-token distributions over the whole model."""
+
+    name: Literal["end_to_end"]
+    trainable: Literal["mixers", "all", "lora"] = "mixers"
+    lora: LoraOptions = LoraOptions()
+    teacher_logits: Literal["online", "topk"] = "online"
+    topk: int = Field(default=64, ge=1)
+
+
+Stage = Annotated[Union[LayerwiseStage, StepwiseStage, EndToEndStage], Field(discriminator="name")]
+STAGE_NAMES = ("layerwise", "stepwise", "end_to_end")
+PLANNED_STAGES = ("sft", "dpo", "pseudo_label_kd")
+
+
+class EvalConfig(_Section):
+    enabled: bool = True
+    max_sequences: int = Field(default=64, ge=1)
+    lm_eval_tasks: list[str] = []
+    lm_eval_limit: int | None = Field(default=None, ge=1)
+    speed: bool = False
+    speed_contexts: list[Annotated[int, Field(ge=1)]] = [512, 2048, 8192]
+    speed_batch_sizes: list[Annotated[int, Field(ge=1)]] = [1, 8]
+    needle: bool = False
+    needle_lengths: list[Annotated[int, Field(ge=64)]] = [512, 1024, 2048]
+    needle_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]] = [0.1, 0.5, 0.9]
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["native", "bamba"]] = ["native"]
+    push_to_hub: str | None = None
+
+
+class LoggingConfig(_Section):
+    wandb: bool = False
+    wandb_project: str = "mamba-distill"
+    wandb_mode: Literal["online", "offline"] = "offline"
+
+
+class Recipe(_Section):
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    data: DataConfig = DataConfig()
+    stages: list[Stage]
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if not self.stages:
+            raise ValueError("stages is empty; list at least one stage, e.g. [{name: end_to_end, max_tokens: 1e5}]")
+        return self
+
+    def check_against_teacher(self, num_layers: int) -> None:
+        """Cross-checks that need the teacher's config; raises RecipeError."""
+        for index in self.student.attention_layers or []:
+            if index >= num_layers:
+                raise RecipeError(
+                    f"student.attention_layers: layer {index} is out of range; the teacher has {num_layers} "
+                    f"layers, so use indices 0..{num_layers - 1}"
+                )
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading and errors
+
+
+def _fields_at(loc: tuple, model: type[BaseModel] = Recipe, data: Any = None) -> list[str]:
+    """The valid key names at `loc` (used for "did you mean" on unknown keys)."""
+    cls: Any = model
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            # a discriminated stage: pick the class whose name matches
+            stage_cls = {"layerwise": LayerwiseStage, "stepwise": StepwiseStage, "end_to_end": EndToEndStage}.get(part)
+            cls = stage_cls
+            continue
+        annotation = field.annotation
+        cls = _model_in(annotation)
+    return list(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_error(err: ValidationError, raw: dict) -> str:
+    first = err.errors()[0]
+    loc = tuple(part for part in first["loc"] if part not in STAGE_NAMES)
+    key = ".".join(str(p) for p in loc) or "recipe"
+    kind, msg, value = first["type"], first["msg"], first.get("input")
+    if kind == "extra_forbidden":
+        valid = _fields_at(tuple(first["loc"][:-1]))
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"unknown key '{key}'; {hint}"
+    if kind == "union_tag_invalid" or (kind == "union_tag_not_found"):
+        name = value.get("name") if isinstance(value, dict) else None
+        if name in PLANNED_STAGES:
+            return f"{key}.name = {name!r}: this stage is planned but not implemented yet; use one of {STAGE_NAMES}"
+        close = difflib.get_close_matches(str(name), STAGE_NAMES, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(STAGE_NAMES)}"
+        return f"{key}.name = {name!r} is not a stage; {hint}"
+    if kind == "missing":
+        return f"{key} is required but missing; add it to the recipe"
+    msg = msg.removeprefix("Value error, ")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"{key}{shown}: {msg}"
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {dotted}: index {part} does not exist (the list has {len(node)} items)")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, [] if nxt.isdigit() else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"--set {dotted}: index {last} does not exist (the list has {len(node)} items)")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.0.max_tokens=2e5")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text else ""
+        parsed.append((key.strip(), _parse_count(value) if isinstance(value, str) else value))
+    return parsed
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"the recipe must be a YAML mapping of sections, got {type(raw).__name__}")
+    for key, value in parse_overrides(overrides):
+        _set_path(raw, key, value)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, raw)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist; pass a path such as recipes/smollm2-135m/hybrid50-mamba2.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return recipe_from_dict(raw or {}, overrides)
+

@@ -1,0 +1,1 @@
+"""Teacher-vs-student evaluation: quality metrics, lm-eval, speed, long context, report."""

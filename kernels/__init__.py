@@ -1,0 +1,1 @@
+"""Scan kernels: a readable reference beside each fast path, and a dispatcher."""
