@@ -1,3 +1,7 @@
+"""`python -m distill` is the `distill` command."""
+
+import sys
+
 from distill.cli import main
 
-main()
+sys.exit(main())

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from distill.errors import UserError
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A user mistake in a recipe or an override; its message is the whole one-line explanation."""
 
 
@@ -71,7 +81,7 @@ class StudentConfig(_Section):
     mamba1_dt_rank: int | None = Field(default=None, ge=1)  # None: ceil(hidden / 16)
 
     @model_validator(mode="after")
-    def _check(self) -> "StudentConfig":
+    def _check(self) -> StudentConfig:
         if self.attention_layers is not None and self.attention_fraction is not None:
             raise ValueError("set either attention_layers or attention_fraction, not both")
         if self.attention_layers is None and self.attention_fraction is None:
@@ -113,6 +123,7 @@ class _StageBase(_Section):
     keep_checkpoints: int = Field(default=2, ge=1)
     resume: Literal["auto", "never"] = "auto"
     log_every_steps: int = Field(default=1, ge=1)
+    held_out_rows: int = Field(default=8, ge=0)  # held-out rows scored before and after the stage (0: skip)
 
 
 class _KLOptions(_Section):
@@ -156,27 +167,49 @@ class EndToEndStage(_StageBase, _KLOptions):
     topk: int = Field(default=64, ge=1)
 
 
-Stage = Annotated[Union[LayerwiseStage, StepwiseStage, EndToEndStage], Field(discriminator="name")]
+Stage = Annotated[LayerwiseStage | StepwiseStage | EndToEndStage, Field(discriminator="name")]
 STAGE_NAMES = ("layerwise", "stepwise", "end_to_end")
 PLANNED_STAGES = ("sft", "dpo", "pseudo_label_kd")
 
 
 class EvalConfig(_Section):
+    """Student vs teacher at the end of a run (see distill.eval); quality on held-out rows always runs."""
+
     enabled: bool = True
-    max_sequences: int = Field(default=64, ge=1)
-    lm_eval_tasks: list[str] = []
+    max_sequences: int = Field(default=64, ge=1)  # held-out rows scored
+    batch_size: int = Field(default=4, ge=1)  # held-out rows per forward
+    lm_eval_tasks: list[str] = []  # shipped (sharegpt_ppl, sharegpt_next_sentence) or standard task names
     lm_eval_limit: int | None = Field(default=None, ge=1)
     speed: bool = False
     speed_contexts: list[Annotated[int, Field(ge=1)]] = [512, 2048, 8192]
     speed_batch_sizes: list[Annotated[int, Field(ge=1)]] = [1, 8]
+    speed_steps: int = Field(default=8, ge=1)  # timed decode steps per (batch, context)
     needle: bool = False
     needle_lengths: list[Annotated[int, Field(ge=64)]] = [512, 1024, 2048]
     needle_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]] = [0.1, 0.5, 0.9]
+    needle_trials: int = Field(default=3, ge=1)  # passkeys per (length, depth) cell
 
 
 class ExportConfig(_Section):
+    """Formats written from the final checkpoint (`bamba` needs a Mamba-2 student) and an optional hub push."""
+
     formats: list[Literal["native", "bamba"]] = ["native"]
-    push_to_hub: str | None = None
+    push_to_hub: str | None = None  # a repo id, e.g. "me/smollm2-hybrid50"
+    max_shard_size: str = "2GB"  # largest safetensors file, as save_pretrained reads it
+
+    @field_validator("formats")
+    @classmethod
+    def _unique_formats(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("list each format once")
+        return formats
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, repo_id: str | None) -> str | None:
+        if repo_id is not None and repo_id.count("/") != 1:
+            raise ValueError("use a hub repo id like 'user/name'")
+        return repo_id
 
 
 class LoggingConfig(_Section):
@@ -198,7 +231,7 @@ class Recipe(_Section):
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
+    def _check(self) -> Recipe:
         if not self.stages:
             raise ValueError("stages is empty; list at least one stage, e.g. [{name: end_to_end, max_tokens: 1e5}]")
         return self
@@ -247,7 +280,8 @@ def _model_in(annotation: Any) -> Any:
 
 
 def _format_error(err: ValidationError, raw: dict) -> str:
-    first = err.errors()[0]
+    # an unknown key or stage name explains the rest (e.g. a misspelt required key is also "missing")
+    first = min(err.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "union_tag_invalid"))
     loc = tuple(part for part in first["loc"] if part not in STAGE_NAMES)
     key = ".".join(str(p) for p in loc) or "recipe"
     kind, msg, value = first["type"], first["msg"], first.get("input")

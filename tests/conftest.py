@@ -12,19 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    fields = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    fields = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "attn_implementation": "sdpa",
+    }
     fields.update(overrides)
     return LlamaConfig(**fields)
 
@@ -36,6 +36,46 @@ def tiny_llama():
 
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_tokenizer():
+    """A byte-level tokenizer (256 bytes + <|im_start|> 256 + <|im_end|> 257) with SmolLM2's ChatML template.
+
+    Pair it with `tiny_llama_config(vocab_size=258)`. Fast, offline, and has offsets like the real one.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private, empty $MAMBA_DISTILL_CACHE for tests that write assets or data caches."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MAMBA_DISTILL_CACHE", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

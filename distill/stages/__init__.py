@@ -1,7 +1,12 @@
-"""Distillation stages. Each stage module exposes `run(ctx, index, cfg, student) -> student`."""
+"""Distillation stages. Each stage is the module `distill.stages.<name>` with `run(ctx, index, cfg, student)`.
+
+A new stage (e.g. `sft`, `dpo`) is a module here with that `run`, plus its config class in `distill.recipe`;
+it trains through `distill.trainer.train` with its own objective module, like `end_to_end` does.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,4 @@ class StageContext:
 
 def run_stage(ctx: StageContext, index: int, cfg, student):
     """Run one stage of the recipe and return the trained student."""
-    from distill.stages import end_to_end, layerwise, stepwise
-
-    runner = {"layerwise": layerwise.run, "stepwise": stepwise.run, "end_to_end": end_to_end.run}[cfg.name]
-    return runner(ctx, index, cfg, student)
+    return importlib.import_module(f"distill.stages.{cfg.name}").run(ctx, index, cfg, student)

@@ -1,0 +1,173 @@
+"""Import a MambaInLlama (github.com/jxiw/MambaInLlama) checkpoint into our native hybrid format.
+
+A MambaInLlama folder holds `config.json` (the teacher's Llama config), `mamba_config.json`
+(`d_model`, `d_inner`, `d_xb`, `n_layer`, `attn_layers`, `rms_norm_eps`, `ssm_cfg`) and a Llama-keyed
+state dict (`model.safetensors`, its shards, or `pytorch_model.bin`) in which every non-attention layer
+`N` has `model.layers.N.mamba.*` instead of `self_attn.*`. Their `x`/`B` width `d_xb` is our kv width
+nkv*hd and their `d_inner` is nh*hd, so for Mamba-2 the mapping is names only:
+
+| MambaInLlama                                                   | ours                   |
+|----------------------------------------------------------------|------------------------|
+| `model.layers.N.mamba.in_proj` rows [z, x, B, C, dt]            | same key, same rows    |
+| `model.layers.N.mamba.{conv1d,dt_bias,A_log,D,norm,out_proj}`  | same keys              |
+| `model.embed_tokens`, `model.norm`, `lm_head`, attention layers, every layer's norms and `mlp` | same keys |
+
+Their gated RMSNorm has a hard-coded eps of 1e-5, which becomes our `mamba_norm_eps`. Options with no
+native equivalent (per-channel D, norm before gate, a dt limit, repeat before conv, projection biases, a
+d_state other than head_dim) are refused with the option's name; `conv_bias: false` becomes a zero bias.
+
+Their Mamba-1 layers (`in_proj_x/in_proj_z/B_proj/C_proj/dt_proj_down/dt_proj`, or the fused
+`in_proj` rows [z, x, B, C, dt_rank] of their inference code) compute the low-rank time step from the layer
+input, our Mamba-1 from the conv output, so they are refused with that reason rather than imported wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from distill.errors import UserError
+
+MIL_GATED_NORM_EPS = 1e-5  # hard-coded in MambaInLlama's Mamba2 (RMSNormGated(..., eps=1e-5))
+
+
+def _refuse(folder: Path, what: str) -> UserError:
+    return UserError(f"{folder}: {what}; this MambaInLlama checkpoint cannot be imported losslessly")
+
+
+def _load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if not files:
+        raise UserError(
+            f"{folder} has no model.safetensors or pytorch_model.bin; pass the folder MambaInLlama saved"
+        )
+    state = {}
+    for path in files:
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{path} is damaged or truncated ({err}); download it again") from None
+    return state
+
+
+def _mixer(state: dict[str, torch.Tensor], layer: int) -> str:
+    prefix = f"model.layers.{layer}.mamba."
+    if prefix + "dt_bias" in state:
+        return "mamba2"
+    if prefix + "dt_proj.weight" in state:
+        return "mamba1"
+    raise UserError(f"layer {layer} is not in attn_layers but has no MambaInLlama Mamba weights ({prefix}*)")
+
+
+def _check_mamba2(folder: Path, ssm: dict, nh: int, hd: int) -> None:
+    unsupported = {
+        "D_has_hdim": (ssm.get("D_has_hdim", False), False),
+        "rmsnorm": (ssm.get("rmsnorm", True), True),
+        "norm_before_gate": (ssm.get("norm_before_gate", False), False),
+        "repeat_kv_before_conv": (ssm.get("repeat_kv_before_conv", False), False),
+        "bias": (ssm.get("bias", False), False),
+        "d_state": (ssm.get("d_state", 128), hd),
+        "ngroups": (ssm.get("ngroups", 1), nh),
+    }
+    for key, (value, needed) in unsupported.items():
+        if value != needed:
+            raise _refuse(folder, f"ssm_cfg.{key} = {value!r} has no native equivalent (needs {needed!r})")
+    if tuple(ssm.get("dt_limit", (0.0, float("inf")))) != (0.0, float("inf")):
+        raise _refuse(
+            folder, f"ssm_cfg.dt_limit = {ssm['dt_limit']} has no native equivalent (needs no limit)"
+        )
+
+
+def mil_to_native(folder: str | Path):
+    """A native `HybridForCausalLM` holding the weights of a MambaInLlama checkpoint folder."""
+    from transformers import AutoConfig
+
+    from distill.init import hybrid_config_from_teacher
+    from distill.modeling_hybrid import HybridForCausalLM
+    from distill.recipe import StudentConfig
+
+    folder = Path(folder)
+    for name in ("mamba_config.json", "config.json"):
+        if not (folder / name).is_file():
+            raise UserError(
+                f"{folder} has no {name}; a MambaInLlama checkpoint folder holds mamba_config.json, the "
+                f"teacher's config.json and the weights"
+            )
+    mil = json.loads((folder / "mamba_config.json").read_text())
+    llama = AutoConfig.from_pretrained(folder)
+    nh, nkv = llama.num_attention_heads, llama.num_key_value_heads
+    hd = getattr(llama, "head_dim", None) or llama.hidden_size // nh
+    ssm = mil.get("ssm_cfg", {})
+    d_inner = mil.get("d_inner") or int(ssm.get("expand", 1) * mil["d_model"])
+    d_xb = mil["d_xb"]
+    if (mil["d_model"], mil["n_layer"]) != (llama.hidden_size, llama.num_hidden_layers):
+        raise _refuse(
+            folder,
+            "mamba_config.json's d_model/n_layer do not match config.json's hidden_size/num_hidden_layers",
+        )
+    if (d_inner, d_xb) != (nh * hd, nkv * hd):
+        raise _refuse(
+            folder,
+            f"d_inner={d_inner}, d_xb={d_xb}; the native mixers need nh*hd={nh * hd}, nkv*hd={nkv * hd}",
+        )
+
+    state = _load_state(folder)
+    attention = sorted(mil["attn_layers"])
+    kinds = {_mixer(state, i) for i in range(llama.num_hidden_layers) if i not in attention}
+    if len(kinds) > 1:
+        raise _refuse(folder, "it mixes Mamba-1 and Mamba-2 layers")
+    if kinds == {"mamba1"}:
+        raise _refuse(
+            folder,
+            "its Mamba-1 layers compute the time step from the layer input (dt_proj_down), while the native "
+            "Mamba-1 computes it from the conv output (x_proj), so no weights reproduce it (Mamba-2 imports)",
+        )
+    _check_mamba2(folder, ssm, nh, hd)
+    student = StudentConfig(mixer="mamba2", attention_layers=attention, d_conv=ssm.get("d_conv", 4))
+    config = hybrid_config_from_teacher(llama, student)
+    config.mamba_norm_eps = MIL_GATED_NORM_EPS
+    for i in range(llama.num_hidden_layers):
+        prefix = f"model.layers.{i}.mamba."
+        if i in attention:
+            continue
+        if prefix + "conv1d.bias" not in state:  # conv_bias=False is a zero bias
+            state[prefix + "conv1d.bias"] = torch.zeros(state[prefix + "conv1d.weight"].shape[0])
+
+    model = HybridForCausalLM(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]
+    if missing or unexpected:
+        raise _refuse(folder, f"unexpected weights {unexpected[:4]} / missing weights {missing[:4]}")
+    return model.to(llama.dtype or torch.float32).eval()
+
+
+def import_mil(mil_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert a MambaInLlama folder into a native checkpoint folder (written atomically)."""
+    from distill.export import (
+        _TOKENIZER_FILES,
+        _copy_tokenizer_and_generation_config,
+        _replace_atomically,
+        check_out_dir,
+        write_native,
+    )
+
+    folder, out = Path(mil_dir), Path(out_dir)
+    check_out_dir(out)
+    model = mil_to_native(folder)
+
+    def build(tmp: Path) -> None:
+        write_native(model, tmp)
+        has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
+        _copy_tokenizer_and_generation_config(model, folder if has_tokenizer else None, tmp)
+
+    _replace_atomically(build, out)
+    return out

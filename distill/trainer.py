@@ -1,0 +1,380 @@
+"""The one training loop every stage runs on.
+
+A stage hands `train` an objective: an `nn.Module` whose `forward(batch, teacher_out)` returns a dict of
+*summed* per-token losses (key "loss" is optimised, the others are logged), and a `teacher_step(batch)`
+that computes the frozen teacher's part outside the trained module. The loop owns everything else:
+
+- Data order. Rows are visited in a seeded permutation per epoch; global step s consumes rows
+  [s * G, (s + 1) * G) of that stream, G = batch_size * grad_accum * num_processes, and each process takes
+  its own micro-batches from them. So 1 process x 8 micro-batches, 8 processes x 1 and any resumed run see
+  the same rows in the same optimizer steps, and the data position is just the step number.
+- Normalisation. The loss of an optimizer step is the sum over every loss token of every micro-batch on
+  every process divided by the global number of loss tokens (counted before the forward passes), so
+  gradient accumulation and data parallelism give exactly the per-token mean of one big batch.
+- Budgets. `max_tokens` counts real input tokens (attention_mask == 1, padding excluded) consumed by the
+  student over all processes. The number of optimizer steps is fixed up front: the fewest global steps whose
+  rows reach the budget, so the LR schedule (linear warmup, cosine to min_lr_ratio) is known in advance.
+- Checkpoints every `checkpoint_every_tokens`: `accelerator.save_state` into a temp dir, renamed when
+  complete, last K kept. `resume: auto` reloads the newest one (model, optimizer, scheduler, RNG, step).
+- A non-finite loss or gradient norm stops the stage with a one-line `TrainingError`; checkpoints already
+  written are kept, so fixing the recipe and rerunning continues from the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from distill.errors import UserError
+from distill.recipe import RecipeError
+
+BATCH_COLUMNS = ["input_ids", "attention_mask", "position_ids", "labels"]
+NO_DECAY_NAMES = ("A_log", "dt_bias", "D")
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss diverged); the message is one line naming the cause and the fix."""
+
+
+def make_accelerator(recipe) -> Accelerator:
+    """The run's Accelerator: CPU (gloo when launched multi-process) without CUDA, precision and trackers."""
+    cuda = torch.cuda.is_available()
+    if recipe.precision == "fp16" and not cuda:
+        raise RecipeError("precision = 'fp16' needs a CUDA GPU; use precision: bf16 (or fp32) on CPU")
+    log_with = None
+    if recipe.logging.wandb:
+        os.environ["WANDB_MODE"] = recipe.logging.wandb_mode
+        os.environ.setdefault("WANDB_DIR", str(Path(recipe.output_dir).resolve()))
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+        log_with = "wandb"
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision],
+        log_with=log_with,
+        project_dir=recipe.output_dir,
+    )
+    if log_with:
+        accelerator.init_trackers(recipe.logging.wandb_project, config=recipe.model_dump(mode="json"))
+    set_seed(recipe.seed)
+    return accelerator
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class DataPlan:
+    """Which dataset rows each global step consumes: a seeded permutation per epoch, cycled as needed."""
+
+    def __init__(self, dataset, global_batch: int, seed: int, max_tokens: int):
+        self.dataset = dataset.with_format("torch", columns=BATCH_COLUMNS)
+        self.global_batch, self.seed = global_batch, seed
+        self.row_tokens = np.asarray(dataset.with_format("numpy")["attention_mask"]).sum(axis=1)
+        self._epochs: dict[int, np.ndarray] = {}
+        self.step_tokens: list[int] = []
+        while sum(self.step_tokens) < max_tokens:
+            self.step_tokens.append(int(self.row_tokens[self.rows(len(self.step_tokens))].sum()))
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._epochs:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epochs[epoch] = torch.randperm(len(self.row_tokens), generator=gen).numpy()
+        return self._epochs[epoch]
+
+    def rows(self, step: int) -> np.ndarray:
+        n = len(self.row_tokens)
+        positions = range(step * self.global_batch, (step + 1) * self.global_batch)
+        return np.array([self._perm(p // n)[p % n] for p in positions])
+
+    def batch(self, rows, device) -> dict:
+        batch = {k: v.to(device) for k, v in self.dataset[[int(r) for r in rows]].items()}
+        batch["row"] = torch.as_tensor(rows, device=device)
+        return batch
+
+
+def batches(dataset, batch_size: int, device, limit: int | None = None):
+    """Held-out rows in order, as batches (every process evaluates all of them; the set is small)."""
+    rows = np.arange(len(dataset) if limit is None else min(limit, len(dataset)))
+    plan_ds = dataset.with_format("torch", columns=BATCH_COLUMNS)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in plan_ds[[int(r) for r in chunk]].items()}
+        batch["row"] = torch.as_tensor(chunk, device=device)
+        yield batch
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters, with no weight decay on SSM dynamics (A_log, dt_bias, D), norms and biases."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    if not decay and not no_decay:
+        raise TrainingError("no trainable parameters: the stage froze everything; check its `trainable` setting")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temp dir is only renamed to step-* once fully written)."""
+    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file())
+
+
+def save_checkpoint(accelerator, root: Path, state: dict, scheduler, keep: int) -> None:
+    tmp, final = root / f".tmp-step-{state['step']:08d}", root / f"step-{state['step']:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
+    accelerator.load_state(str(path))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- metrics log
+
+
+class MetricsLog:
+    """metrics.jsonl and metrics.csv in the stage dir, plus the accelerate trackers (wandb) when enabled."""
+
+    def __init__(self, accelerator, stage_dir: Path, prefix: str, resume_step: int):
+        self.accelerator, self.prefix = accelerator, prefix
+        self.jsonl, self.csv = stage_dir / "metrics.jsonl", stage_dir / "metrics.csv"
+        self.rows: list[dict] = []
+        if accelerator.is_main_process and self.jsonl.exists():
+            # after a resume, drop what was logged past the checkpoint so each step appears once
+            old = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.rows = [row for row in old if row["step"] <= resume_step]
+            self.jsonl.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+
+    def log(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.rows.append(row)
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            keys = list(dict.fromkeys(k for r in self.rows for k in r))
+            with self.csv.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        self.accelerator.log({f"{self.prefix}/{k}": v for k, v in row.items()}, step=None)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _to_float(value) -> float:
+    return float(value.detach().float()) if torch.is_tensor(value) else float(value)
+
+
+@torch.no_grad()
+def evaluate(accelerator, objective, teacher_step, dataset, cfg, limit: int) -> dict:
+    """Per-token held-out losses of the objective (every key it returns), on the first `limit` rows."""
+    model = accelerator.unwrap_model(objective)
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in batches(dataset, cfg.batch_size, accelerator.device, limit):
+        teacher_out = teacher_step(batch) if teacher_step else {}
+        with accelerator.autocast():
+            out = model(batch, teacher_out)
+        count += int(model.loss_tokens(batch))
+        for key, value in out.items():
+            totals[key] = totals.get(key, 0.0) + _to_float(value)
+    model.train(was_training)
+    return {key: value / max(count, 1) for key, value in totals.items()}
+
+
+def train(
+    ctx,
+    stage_dir: Path,
+    cfg,
+    objective: torch.nn.Module,
+    *,
+    teacher_step: Callable[[dict], dict] | None = None,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    label: str = "",
+) -> dict:
+    """Train `objective`'s trainable parameters on `ctx.train` for `cfg` and return a summary dict.
+
+    The objective must define `loss_tokens(batch) -> int tensor` (how many tokens its summed loss covers)
+    and `forward(batch, teacher_out) -> {"loss": summed loss, other summed metrics}`.
+    """
+    accelerator = ctx.accelerator
+    accelerator.free_memory()
+    stage_dir = Path(stage_dir)
+    ckpt_root = stage_dir / "checkpoints"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    max_tokens = max_tokens or cfg.max_tokens
+    plan = DataPlan(ctx.train, cfg.batch_size * cfg.grad_accum * world, seed, max_tokens)
+    total_steps = len(plan.step_tokens)
+
+    optimizer = torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    # Not passed through accelerator.prepare: its wrapper would step the schedule once per process.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, round(cfg.warmup_ratio * total_steps), total_steps, min_lr_rate=cfg.min_lr_ratio
+    )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # DeepSpeed accumulates itself: it steps at every grad_accum-th backward, dividing by it
+        accelerator.gradient_accumulation_steps = cfg.grad_accum
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_scale = cfg.grad_accum if deepspeed else 1
+
+    state = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "losses": []}
+    newest = _checkpoints(ckpt_root)[-1:] if cfg.resume == "auto" else []
+    if newest:
+        state = load_checkpoint(accelerator, newest[0], scheduler)
+        accelerator.print(f"{label}: resuming from {newest[0]} (step {state['step']}/{total_steps})")
+    elif accelerator.is_main_process:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    log = MetricsLog(accelerator, stage_dir, label or stage_dir.name, state["step"])
+    every = cfg.checkpoint_every_tokens
+    bar = tqdm(
+        total=sum(plan.step_tokens), initial=state["tokens"], unit="tok", unit_scale=True, desc=label,
+        disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+    )
+    start_time, start_tokens = time.perf_counter(), state["tokens"]
+    model.train()
+    for step in range(state["step"], total_steps):
+        rows = plan.rows(step).reshape(cfg.grad_accum, world, cfg.batch_size)[:, rank]
+        micro = [plan.batch(r, accelerator.device) for r in rows]
+        counts = torch.stack([unwrapped.loss_tokens(b) for b in micro]).sum().to(accelerator.device)
+        n_global = accelerator.reduce(counts.float(), "sum").clamp(min=1)
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro):
+            teacher_out = teacher_step(batch) if teacher_step else {}
+            sync = i == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                out = model(batch, teacher_out)
+                accelerator.backward(out["loss"] * (world * loss_scale) / n_global)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+        metrics = {k: accelerator.reduce(v, "sum") / n_global for k, v in sums.items()}
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+            kept = _checkpoints(ckpt_root)
+            where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+            bar.close()
+            raise TrainingError(
+                f"{label}: the loss became {loss} (grad norm {float(grad_norm) if grad_norm is not None else 'n/a'})"
+                f" at step {step + 1}/{total_steps}; {where}; lower the stage's lr or set grad_clip, then rerun"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state["step"], state["tokens"] = step + 1, state["tokens"] + plan.step_tokens[step]
+        state["losses"] = (state["losses"] + [loss])[-20:]
+        elapsed = time.perf_counter() - start_time
+        speed = (state["tokens"] - start_tokens) / max(elapsed, 1e-9)
+        bar.update(plan.step_tokens[step])
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}", refresh=False)
+        if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
+            row = {"step": state["step"], "tokens": state["tokens"], "lr": scheduler.get_last_lr()[0]}
+            row.update({k: float(v) for k, v in metrics.items()})
+            row.update(grad_norm=float(grad_norm) if grad_norm is not None else None, tokens_per_s=speed)
+            log.log(row)
+        crossed = every and state["tokens"] // every > (state["tokens"] - plan.step_tokens[step]) // every
+        if crossed and state["step"] < total_steps:
+            state["wall_time_s"] += time.perf_counter() - start_time
+            start_time, start_tokens = time.perf_counter(), state["tokens"]
+            save_checkpoint(accelerator, ckpt_root, state, scheduler, cfg.keep_checkpoints)
+    bar.close()
+    state["wall_time_s"] += time.perf_counter() - start_time
+    accelerator.wait_for_everyone()
+    summary = {
+        "tokens": state["tokens"],
+        "steps": state["step"],
+        "wall_time_s": round(state["wall_time_s"], 2),
+        "final_loss": float(np.mean(state["losses"][-max(1, min(5, len(state["losses"]))) :])),
+        "last_step_loss": state["losses"][-1],
+    }
+    accelerator.free_memory()
+    return summary
+
+
+# ----------------------------------------------------------------------------- stage bookkeeping
+
+
+def stage_finished(stage_dir: Path) -> dict | None:
+    """The stage's summary if it completed earlier, else None."""
+    path = Path(stage_dir) / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("finished"):
+            return summary
+    return None
+
+
+def finish(accelerator, stage_dir: Path, student, summary: dict) -> None:
+    """Save the stage's final weights, then its summary (last, so it marks completion), then drop checkpoints."""
+    stage_dir = Path(stage_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        student.save_pretrained(stage_dir / "final")
+        tmp = stage_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps({**summary, "finished": True}, indent=2))
+        os.replace(tmp, stage_dir / "summary.json")
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_final(student, stage_dir: Path):
+    """Load a finished stage's final weights into `student` (same architecture) and return it."""
+    from safetensors.torch import load_file
+
+    final = Path(stage_dir) / "final"
+    state = {}
+    for shard in sorted(final.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and student.config.tie_word_embeddings}
+    if unexpected or set(missing) - tied:
+        raise TrainingError(
+            f"{final} does not match the student (missing {sorted(set(missing) - tied)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); delete {stage_dir} to retrain that stage"
+        )
+    return student

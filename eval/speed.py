@@ -1,0 +1,282 @@
+"""Generation speed and memory: the teacher and its hybrids side by side, in one run, with ratios.
+
+    python -m distill.eval.speed                 # SmolLM2 teacher vs 50%/25%/0%-attention hybrids
+    python -m distill.eval.speed --quick         # a minute: shorter contexts, fewer steps
+
+For every (batch, context) all models are measured back to back, so a busy machine slows them alike.
+
+- prefill tokens/s: one forward over `batch x context` random tokens (skipped above `--prefill-max-tokens`).
+- decode tokens/s: greedy steps of one token per sequence on top of a cache holding `context` tokens (median
+  step time). The
+  cache comes from a short real prefill (which gives its structure: KV for attention layers, conv + SSM
+  state for Mamba layers) whose attention KV is then grown to `context` random entries. Decode time depends
+  on the cache's shapes, not its values, so this measures decoding at 8k x 8 without minutes of prefill.
+- memory: the KV cache bytes vs the SSM state bytes, and the peak memory above the loaded weights while the
+  cache exists and decoding runs (process RSS on CPU, the allocator's peak on CUDA).
+
+Decode speed does not depend on trained weights: the hybrids are freshly initialised from the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+PROMPT = 8  # real prefill that gives the cache its structure
+WARMUP_STEPS = 1
+
+
+# ----------------------------------------------------------------------------- cache and memory
+
+
+def cache_bytes(cache) -> dict:
+    """Bytes held by attention KV (grows with context) and by Mamba conv + SSM states (fixed)."""
+    kv = ssm = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                kv += tensor.nbytes
+        for name in ("conv_states", "recurrent_states"):
+            ssm += sum(t.nbytes for t in (getattr(layer, name, None) or {}).values() if isinstance(t, torch.Tensor))
+    return {"kv_cache_bytes": kv, "ssm_state_bytes": ssm}
+
+
+def build_cache(model, batch: int, context: int):
+    """A cache that holds `context` tokens per sequence (see the module docstring for why KV is grown)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(model.config.vocab_size, (batch, min(PROMPT, context)), device=device)
+    cache = model(input_ids=ids, use_cache=True).cache
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() > 0:
+            shape = (*keys.shape[:2], context, keys.shape[-1])
+            layer.keys = torch.randn(shape, dtype=keys.dtype, device=device)
+            layer.values = torch.randn(shape, dtype=keys.dtype, device=device)
+    return cache
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Serve every block >= 1 MiB by mmap, so freeing a tensor lowers the RSS and the next peak is measured
+    from a true baseline (glibc otherwise raises this threshold after frees and keeps memory in its heap)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except OSError:  # not glibc: the RSS peak may then undercount re-used memory
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict whose "bytes" is, on exit, the peak memory above the level at entry."""
+    result = {"bytes": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        result["bytes"] = torch.cuda.max_memory_allocated(device) - start
+        return
+    _return_freed_memory_to_the_os()
+    start, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result["bytes"] = max(peak[0], _rss_bytes()) - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def measure_prefill(model, batch: int, context: int) -> float:
+    """Tokens per second of one forward over `batch x context` tokens (after a small warm-up)."""
+    device = next(model.parameters()).device
+    model(input_ids=torch.randint(model.config.vocab_size, (batch, min(64, context)), device=device))
+    ids = torch.randint(model.config.vocab_size, (batch, context), device=device)
+    _sync(device)
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=True)
+    _sync(device)
+    return batch * context / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def measure_decode(model, batch: int, context: int, steps: int) -> dict:
+    """Greedy decode `steps` tokens per sequence after `context` cached tokens: speed, state sizes, peak memory.
+
+    The step time is the median over the timed steps, so a step preempted by another process does not count.
+    """
+    device = next(model.parameters()).device
+    times = []
+    with peak_memory(device) as peak:
+        cache = build_cache(model, batch, context)
+        sizes = cache_bytes(cache)
+        token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
+        for step in range(WARMUP_STEPS + steps):
+            position = torch.full((batch, 1), context + step, device=device)
+            start = time.perf_counter()
+            logits = model(input_ids=token, position_ids=position, cache=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times[WARMUP_STEPS:])
+    return {
+        "decode_tok_s": batch / step_time,
+        "decode_ms_per_step": 1000 * step_time,
+        "peak_memory_bytes": peak["bytes"],
+        **sizes,
+    }
+
+
+def benchmark(
+    models: dict,
+    contexts: list[int],
+    batch_sizes: list[int],
+    steps: int,
+    prefill_max_tokens: int,
+    max_batch_tokens: int = 8 * 8192,
+    log=print,
+) -> list[dict]:
+    """One row per (model, batch, context); the first model is the baseline for the ratios.
+
+    (batch, context) pairs above `max_batch_tokens` cached tokens are skipped (16k runs at batch 1 only)."""
+    baseline = next(iter(models))
+    rows = []
+    for batch in batch_sizes:
+        for context in contexts:
+            if batch * context > max_batch_tokens:
+                continue
+            group = []
+            for name, model in models.items():
+                row = {"model": name, "batch": batch, "context": context}
+                row["prefill_tok_s"] = (
+                    measure_prefill(model, batch, context) if batch * context <= prefill_max_tokens else None
+                )
+                row.update(measure_decode(model, batch, context, steps))
+                group.append(row)
+                log(format_row(row))
+            base = group[0]
+            for row in group:
+                row["decode_speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
+                row["baseline"] = baseline
+            rows.extend(group)
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_row(row: dict) -> str:
+    prefill = f"{row['prefill_tok_s']:.0f}" if row.get("prefill_tok_s") else "-"
+    return (
+        f"{row['model']:<10} b={row['batch']:<2} ctx={row['context']:<6} prefill {prefill:>6} tok/s  "
+        f"decode {row['decode_tok_s']:8.1f} tok/s ({row['decode_ms_per_step']:7.1f} ms/step)  "
+        f"KV {_mib(row['kv_cache_bytes'])} MiB  SSM {_mib(row['ssm_state_bytes'])} MiB  "
+        f"peak {_mib(row['peak_memory_bytes'])} MiB"
+    )
+
+
+def markdown(rows: list[dict]) -> str:
+    """The side-by-side table: one line per (batch, context, model) with the decode ratio to the baseline."""
+    lines = [
+        ("| batch | context | model | prefill tok/s | decode tok/s | ms/token step | decode speedup | "
+        "KV cache MiB | SSM state MiB | peak MiB |"),
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        prefill = f"{row['prefill_tok_s']:.0f}" if row.get("prefill_tok_s") else "-"
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {row['model']} | {prefill} | {row['decode_tok_s']:.1f} | "
+            f"{row['decode_ms_per_step']:.1f} | {row['decode_speedup']:.2f}x | {_mib(row['kv_cache_bytes'])} | "
+            f"{_mib(row['ssm_state_bytes'])} | {_mib(row['peak_memory_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def hybrids_of(teacher, fractions: list[float], seed: int = 0) -> dict:
+    """The teacher plus one freshly initialised hybrid per attention fraction (decode speed needs no training)."""
+    from distill.init import hybrid_from_teacher
+    from distill.recipe import StudentConfig
+
+    models = {"teacher": teacher}
+    for fraction in fractions:
+        student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=fraction), seed=seed)
+        models[f"hybrid{round(100 * fraction)}"] = student.to(teacher.dtype).eval()
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Decode/prefill speed and memory: teacher vs hybrids.")
+    parser.add_argument("--teacher", default="smollm2-135m-instruct", help="teacher.source (builtin, folder, hub id)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=6, help="timed decode steps per measurement (median)")
+    parser.add_argument("--prefill-max-tokens", type=int, default=2048, help="skip prefill above batch x context")
+    parser.add_argument("--max-batch-tokens", type=int, default=8 * 8192, help="skip batch x context above this")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="contexts 256/1024, 4 steps, prefill <= 1024 tokens")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("outputs/speed"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.steps, args.prefill_max_tokens = [256, 1024], 4, 1024
+
+    from distill.recipe import TeacherConfig
+    from distill.teacher import load_teacher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    teacher, _ = load_teacher(TeacherConfig(source=args.teacher), dtype=torch.float32)
+    models = hybrids_of(teacher.to(args.device), args.fractions)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    rows = benchmark(
+        models, args.contexts, args.batch_sizes, args.steps, args.prefill_max_tokens, args.max_batch_tokens
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "speed.md").write_text(markdown(rows) + "\n")
+    from distill.eval.report import plot_speed
+
+    plots = plot_speed(rows, args.out)
+    print(markdown(rows))
+    print(f"wrote {args.out / 'speed.json'}, {args.out / 'speed.md'}, " + ", ".join(str(p) for p in plots))
+
+
+if __name__ == "__main__":
+    main()

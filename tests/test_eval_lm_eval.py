@@ -1,0 +1,93 @@
+"""lm-eval's stock `hf` model on a saved tiny checkpoint gives our own forward pass's log-likelihoods."""
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+EOS = 256
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte plus <eos>: no merges, so context/continuation splits are unambiguous."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)} | {"<eos>": EOS}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+def save_tiny_checkpoint(path, seed: int = 0):
+    """A tiny random Llama with the byte tokenizer, saved as a HF folder; returns (model, tokenizer)."""
+    torch.manual_seed(seed)
+    config = tiny_llama_config(
+        vocab_size=EOS + 1, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=None, max_position_embeddings=4096
+    )
+    model, tokenizer = LlamaForCausalLM(config).eval(), byte_tokenizer()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+def _loglikelihood(model, tokens: list[int], first_scored: int) -> float:
+    """Sum of log p(tokens[t] | tokens[:t]) for t >= first_scored, in float64."""
+    logits = model.double()(torch.tensor([tokens])).logits[0]
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[t - 1, tokens[t]].item() for t in range(first_scored, len(tokens)))
+
+
+@pytest.mark.slow
+def test_lm_eval_loglikelihoods_match_our_forward(tmp_path, monkeypatch):
+    from distill.eval.lm_eval_runner import run_lm_eval, summarize
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = save_tiny_checkpoint(tmp_path / "tiny")
+    out = run_lm_eval(
+        tmp_path / "tiny", ["sharegpt_next_sentence", "sharegpt_ppl"], limit=3, batch_size=2, log_samples=True
+    )
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids
+
+    checked = 0
+    for sample in out["samples"]["sharegpt_next_sentence"]:
+        for (context, continuation), [(lm_eval_ll, _)] in zip(sample["arguments"], sample["resps"]):
+            context_ids = encode(context)
+            ours = _loglikelihood(model, context_ids + encode(continuation), len(context_ids))
+            assert lm_eval_ll == pytest.approx(ours, rel=1e-4, abs=1e-3)
+            checked += 1
+    for sample in out["samples"]["sharegpt_ppl"]:
+        (text,) = sample["arguments"][0]
+        ours = _loglikelihood(model, [EOS] + encode(text), 1)  # lm-eval scores the first token after <eos>
+        assert sample["resps"][0][0] == pytest.approx(ours, rel=1e-4)
+        checked += 1
+    assert checked == 3 * 4 + 3
+
+    metrics = summarize(out["results"])
+    assert 0.0 <= metrics["sharegpt_next_sentence"]["acc"] <= 1.0
+    assert metrics["sharegpt_ppl"]["byte_perplexity"] > 1.0
+
+
+def test_unknown_task_and_missing_folder_are_one_line(tmp_path):
+    from distill.eval.lm_eval_runner import run_lm_eval
+
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        run_lm_eval(tmp_path / "nope", ["sharegpt_ppl"])
+    with pytest.raises(ValueError, match="no lm-eval tasks"):
+        run_lm_eval(tmp_path / "nope", [])
+
+
+def test_shipped_task_data_is_well_formed():
+    import json
+    import os
+
+    from distill.eval.lm_eval_runner import LOCAL_TASKS, TASKS_DIR, _task_spec
+
+    assert {"sharegpt_ppl", "sharegpt_next_sentence"} <= set(LOCAL_TASKS)
+    rows = [json.loads(line) for line in (TASKS_DIR / "sharegpt_next_sentence.jsonl").read_text().splitlines()]
+    assert len(rows) >= 100
+    assert all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in rows)
+    labels = [row["label"] for row in rows]
+    assert max(labels.count(k) for k in range(4)) < 0.4 * len(rows)  # the answer position is shuffled
+    spec = _task_spec("sharegpt_ppl")
+    assert all(os.path.isabs(path) for path in spec["dataset_kwargs"]["data_files"].values())

@@ -1,0 +1,228 @@
+"""MambaInLlama import: a synthetic checkpoint in their layout -> our native model -> same function.
+
+The reference is written here from MambaInLlama's own equations (mamba2/hybrid_mamba_layer.py,
+hybrid_model.py): a Llama whose non-attention layers are swapped for their Mamba-2
+layers, run as a naive per-timestep loop in float64. It shares no code with `distill`.
+"""
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from distill.errors import UserError
+from tests.conftest import tiny_llama_config
+
+ATTENTION = [1, 3]
+
+
+def causal_depthwise_conv(x, weight, bias):
+    """x (L, C), weight (C, 1, K), bias (C): out[t, c] = bias[c] + sum_k weight[c, 0, k] * x[t - K + 1 + k, c]."""
+    length, (channels, _, width) = x.shape[0], weight.shape
+    padded = torch.cat([x.new_zeros(width - 1, channels), x])
+    return torch.stack([bias + (padded[t : t + width].T * weight[:, 0]).sum(-1) for t in range(length)])
+
+
+def repeat_groups(x, group_size, repeats):
+    """(L, G * group_size) -> (L, G * repeats * group_size), GQA-style: group g feeds outputs g*repeats..."""
+    length = x.shape[0]
+    return x.view(length, -1, 1, group_size).expand(-1, -1, repeats, -1).reshape(length, -1)
+
+
+class MILMamba2(nn.Module):
+    """MambaInLlama's Mamba2 (repeat_kv_before_conv=False, rmsnorm=True, norm_before_gate=False, D per head)."""
+
+    def __init__(self, p, d_inner, d_xb, d_state):
+        super().__init__()
+        self.p, self.d_inner, self.d_xb, self.d_state = p, d_inner, d_xb, d_state
+
+    def forward(self, u):
+        p, n = self.p, self.d_state
+        heads = self.d_inner // n
+        outputs = []
+        for seq in u:
+            z, xbc, dt = (seq @ p["in_proj.weight"].T).split(
+                [self.d_inner, self.d_inner + 2 * self.d_xb, heads], -1
+            )
+            xbc = F.silu(causal_depthwise_conv(xbc, p["conv1d.weight"], p["conv1d.bias"]))
+            x, B, C = xbc.split([self.d_xb, self.d_xb, self.d_inner], -1)
+            x = repeat_groups(x, n, self.d_inner // self.d_xb).view(-1, heads, n)
+            B = repeat_groups(B, n, self.d_inner // self.d_xb).view(-1, heads, n)
+            C = C.view(-1, heads, n)
+            dt = F.softplus(dt + p["dt_bias"])
+            A = -torch.exp(p["A_log"])
+            state = seq.new_zeros(heads, n, n)  # (head, headdim p, state n)
+            ys = []
+            for t in range(seq.shape[0]):
+                decay = torch.exp(dt[t] * A)[:, None, None]
+                state = decay * state + dt[t][:, None, None] * x[t][:, :, None] * B[t][:, None, :]
+                ys.append((state @ C[t][:, :, None])[..., 0] + p["D"][:, None] * x[t])
+            y = torch.stack(ys).reshape(-1, self.d_inner) * F.silu(z)
+            groups = y.view(-1, heads, n)
+            y = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-5)
+            outputs.append((y.reshape(-1, self.d_inner) * p["norm.weight"]) @ p["out_proj.weight"].T)
+        return torch.stack(outputs)
+
+
+class MILDecoderLayer(nn.Module):
+    """Their MambaDecoderLayer: pre-norm mixer and MLP, Llama norms and MLP."""
+
+    def __init__(self, llama_layer, mixer):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = (
+            llama_layer.input_layernorm,
+            llama_layer.post_attention_layernorm,
+        )
+        self.mlp, self.mixer = llama_layer.mlp, mixer
+
+    def forward(self, hidden_states, **kwargs):
+        hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states))
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def randn(generator, *shape, scale=0.2):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+
+def mil_mamba2_weights(generator, d_model, d_inner, d_xb, heads, d_conv=4):
+    r = functools.partial(randn, generator)
+    return {
+        "in_proj.weight": r(2 * d_inner + 2 * d_xb + heads, d_model),
+        "conv1d.weight": r(d_inner + 2 * d_xb, 1, d_conv, scale=0.5),
+        "conv1d.bias": r(d_inner + 2 * d_xb),
+        "dt_bias": r(heads, scale=1.0) - 2,
+        "A_log": torch.log(torch.rand(heads, generator=generator, dtype=torch.float64) * 4 + 0.5),
+        "D": r(heads, scale=1.0),
+        "norm.weight": 1 + r(d_inner),
+        "out_proj.weight": r(d_model, d_inner),
+    }
+
+
+def mil_mamba1_weights(generator, d_model, d_inner, d_xb, d_state, dt_rank, d_conv=4):
+    """Their Mamba-1 training layout (repeat_kv_before_conv=True: the conv runs at d_inner)."""
+    r = functools.partial(randn, generator)
+    return {
+        "in_proj_x.weight": r(d_xb, d_model),
+        "in_proj_z.weight": r(d_inner, d_model),
+        "B_proj.weight": r(d_xb, d_model),
+        "C_proj.weight": r(d_inner, d_model),
+        "dt_proj_down.weight": r(dt_rank, d_model),
+        "dt_proj.weight": r(d_inner, dt_rank),
+        "dt_proj.bias": r(d_inner, scale=1.0) - 2,
+        "conv1d.weight": r(d_inner, 1, d_conv, scale=0.5),
+        "conv1d.bias": r(d_inner),
+        "A_log": torch.log(torch.rand(d_inner, d_state, generator=generator, dtype=torch.float64) * 4 + 0.5),
+        "D": r(d_inner, scale=1.0),
+        "out_proj.weight": r(d_model, d_inner),
+    }
+
+
+def write_mil_checkpoint(folder, mixer, ssm_cfg=None, storage="safetensors"):
+    """A MambaInLlama folder (config.json, mamba_config.json, model.safetensors) and its float64 reference."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config()
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).double().eval()
+    hd, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    d_inner, d_xb, d_model = nh * hd, nkv * hd, config.hidden_size
+    ssm_cfg = dict(ssm_cfg or {})
+    generator = torch.Generator().manual_seed(1)
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}
+    for i in range(config.num_hidden_layers):
+        if i in ATTENTION:
+            continue
+        layer = reference.model.layers[i]
+        if mixer == "mamba2":
+            weights = mil_mamba2_weights(generator, d_model, d_inner, d_xb, nh)
+            module = MILMamba2(weights, d_inner, d_xb, ssm_cfg["d_state"])
+        else:  # no reference forward: the import refuses it
+            weights = mil_mamba1_weights(generator, d_model, d_inner, d_xb, 16, math.ceil(d_model / 16))
+            module = None
+        if module is not None:
+            reference.model.layers[i] = MILDecoderLayer(layer, module)
+        state = {k: v for k, v in state.items() if not k.startswith(f"model.layers.{i}.self_attn.")}
+        state.update({f"model.layers.{i}.mamba.{k}": v for k, v in weights.items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    weights_fp32 = {k: v.float().contiguous() for k, v in state.items()}
+    if storage == "safetensors":
+        save_file(weights_fp32, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        torch.save(weights_fp32, folder / "pytorch_model.bin")
+    mamba_config = {
+        "d_model": d_model,
+        "ssm_cfg": ssm_cfg,
+        "rms_norm_eps": config.rms_norm_eps,
+        "vocab_size": config.vocab_size,
+        "d_inner": d_inner,
+        "d_xb": d_xb,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": "silu",
+        "n_layer": config.num_hidden_layers,
+        "attn_layers": ATTENTION,
+    }
+    (folder / "mamba_config.json").write_text(json.dumps(mamba_config, indent=4))
+    # The reference computes with exactly the stored (fp32-rounded) weights.
+    for module in reference.model.layers:
+        if isinstance(module, MILDecoderLayer):
+            module.mixer.p = {k: v.float().double() for k, v in module.mixer.p.items()}
+    reference.load_state_dict({k: v.float().double() for k, v in reference.state_dict().items()})
+    return reference
+
+
+def _compare(folder, tmp_path, reference):
+    from transformers import AutoModelForCausalLM
+
+    from distill.export import import_mil_main
+
+    out = tmp_path / "native"
+    assert import_mil_main([str(folder), "--out", str(out)]) == 0
+    native = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = native(ids).logits
+    assert (got - expected).abs().max() < 1e-6
+    assert expected.std() > 0.1  # the layers really transform the input
+    return native
+
+
+@pytest.mark.parametrize("storage", ["safetensors", "bin"])
+def test_mamba2_import_matches_reference(tmp_path, storage):
+    ssm_cfg = {"d_state": 16, "ngroups": 4, "expand": 1}
+    reference = write_mil_checkpoint(tmp_path / "mil", "mamba2", ssm_cfg, storage)
+    native = _compare(tmp_path / "mil", tmp_path, reference)
+    assert native.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
+    assert native.config.mamba_norm_eps == 1e-5
+
+
+def test_mamba1_is_refused_with_the_reason(tmp_path):
+    """Their Mamba-1 takes the time step from the layer input, ours from the conv output: no lossless map."""
+    from distill.import_mil import import_mil
+
+    write_mil_checkpoint(tmp_path / "mil", "mamba1", {"expand": 1})
+    with pytest.raises(UserError, match="time step from the layer input"):
+        import_mil(tmp_path / "mil", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_option_is_refused(tmp_path):
+    write_mil_checkpoint(tmp_path / "mil", "mamba2", {"d_state": 16, "ngroups": 4, "D_has_hdim": True})
+    from distill.import_mil import import_mil
+
+    with pytest.raises(UserError, match="D_has_hdim"):
+        import_mil(tmp_path / "mil", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_mil_folder(tmp_path):
+    from distill.import_mil import import_mil
+
+    with pytest.raises(UserError, match="mamba_config.json"):
+        import_mil(tmp_path, tmp_path / "out")

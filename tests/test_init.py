@@ -1,0 +1,152 @@
+"""Initialisation from the teacher: layer selection, exact weight mapping, seeds, conv and norm options."""
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM, MistralConfig
+
+from distill.init import hybrid_config_from_teacher, hybrid_from_teacher, select_attention_layers
+from distill.recipe import RecipeError, StudentConfig
+
+# Drawn from the seed (besides in_proj's z and dt rows); Mamba-1's A (S4D-real) and both D are deterministic.
+RANDOM = {"mamba2": ("A_log", "dt_bias", "conv1d"), "mamba1": ("dt_proj", "x_proj", "conv1d")}
+
+
+def test_half_attention_is_every_odd_layer():
+    assert select_attention_layers(30, attention_fraction=0.5) == list(range(1, 30, 2))
+    assert select_attention_layers(4, attention_fraction=0.5) == [1, 3]
+
+
+def test_fractions_are_evenly_spaced_and_end_on_the_last_layer():
+    assert select_attention_layers(8, attention_fraction=0.25) == [3, 7]
+    assert select_attention_layers(12, attention_fraction=1 / 3) == [2, 5, 8, 11]
+    assert select_attention_layers(6, attention_fraction=1.0) == list(range(6))
+    assert select_attention_layers(6, attention_fraction=0.0) == []
+    for n in range(1, 33):
+        for k in range(n + 1):
+            layers = select_attention_layers(n, attention_fraction=k / n)
+            assert len(layers) == len(set(layers)) == k and all(0 <= i < n for i in layers)
+
+
+def test_explicit_layers_and_mistakes():
+    assert select_attention_layers(6, attention_layers=[4, 0]) == [0, 4]
+    with pytest.raises(RecipeError, match="out of range"):
+        select_attention_layers(6, attention_layers=[6])
+    with pytest.raises(RecipeError, match="duplicates"):
+        select_attention_layers(6, attention_layers=[1, 1])
+    with pytest.raises(RecipeError, match="keeps 0 of 30"):
+        select_attention_layers(30, attention_fraction=0.01)
+    with pytest.raises(NotImplementedError, match="data-driven"):
+        select_attention_layers(6, attention_fraction=0.5, by="data")
+
+
+def test_config_from_teacher():
+    config = hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", attention_layers=[2]))
+    assert config.mixer_types == ["mamba1", "mamba1", "attention", "mamba1"]
+    assert config.mamba1_d_state == 16 and config.mamba1_dt_rank == 4  # head_dim, ceil(64 / 16)
+    assert config._attn_implementation == "sdpa"
+    with pytest.raises(RecipeError, match="d_state = head_dim"):
+        hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", mamba1_d_state=8))
+    with pytest.raises(RecipeError, match="biases"):
+        hybrid_config_from_teacher(tiny_llama_config(attention_bias=True), StudentConfig())
+    with pytest.raises(RecipeError, match="Llama-architecture"):
+        hybrid_config_from_teacher(MistralConfig(), StudentConfig())
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_attention_weights_land_in_the_mixer_exactly(tiny_llama, mixer):
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(mixer=mixer, attention_layers=[1]))
+    teacher = dict(tiny_llama.state_dict())
+    for i, layer in enumerate(student.model.layers):
+        for part in ("input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            assert torch.equal(layer.get_submodule(part).weight, teacher[f"model.layers.{i}.{part}.weight"])
+        attn = tiny_llama.model.layers[i].self_attn
+        if i == 1:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                assert torch.equal(getattr(layer.self_attn, proj).weight, getattr(attn, proj).weight)
+            continue
+        rows = layer.mamba.in_proj.weight
+        # [z (64) | x (32) | B (32) | C (64) | dt (4, Mamba-2 only)]
+        assert torch.equal(rows[64:96], attn.v_proj.weight)
+        assert torch.equal(rows[96:128], attn.k_proj.weight)
+        assert torch.equal(rows[128:192], attn.q_proj.weight)
+        assert rows.shape[0] == (196 if mixer == "mamba2" else 192)
+        assert torch.equal(layer.mamba.out_proj.weight, attn.o_proj.weight)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(student.state_dict()[name], teacher[name])
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_seed_changes_fresh_parameters_only(tiny_llama, mixer):
+    cfg = StudentConfig(mixer=mixer)
+    rng = torch.get_rng_state()
+    a, a2, b = (hybrid_from_teacher(tiny_llama, cfg, seed=s).state_dict() for s in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), rng), "hybrid_from_teacher must not consume the global RNG"
+    for name in a:
+        assert torch.equal(a[name], a2[name]), name
+        if ".mamba." in name and any(key in name for key in RANDOM[mixer]):
+            assert not torch.equal(a[name], b[name]), name
+        elif "in_proj" not in name:
+            assert torch.equal(a[name], b[name]), name
+    layer = "model.layers.0.mamba.in_proj.weight"
+    assert torch.equal(a[layer][64:192], b[layer][64:192])  # copied x, B, C rows
+    assert not torch.equal(a[layer][:64], b[layer][:64])  # fresh z rows
+
+
+def test_random_init_keeps_nothing_of_the_attention(tiny_llama):
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(init="random"))
+    rows = student.model.layers[0].mamba.in_proj.weight
+    assert not torch.equal(rows[64:96], tiny_llama.model.layers[0].self_attn.v_proj.weight)
+    assert not torch.equal(student.model.layers[0].mamba.out_proj.weight, tiny_llama.model.layers[0].self_attn.o_proj.weight)
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, tiny_llama.model.layers[0].mlp.up_proj.weight)
+
+
+def test_identity_conv_passes_the_current_token(tiny_llama):
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(conv_init="identity"))
+    conv = student.model.layers[0].mamba.conv1d
+    x = torch.randn(1, conv.in_channels, 5)
+    out = torch.nn.functional.conv1d(x, conv.weight, conv.bias, padding=3, groups=conv.in_channels)[..., :5]
+    torch.testing.assert_close(out, x)
+
+
+def test_rms_ratio_matches_the_attention_output_scale(tiny_llama):
+    ids = torch.randint(0, 128, (2, 16))
+    with pytest.raises(RecipeError, match="calibration_input_ids"):
+        hybrid_from_teacher(tiny_llama, StudentConfig(norm_init="rms_ratio"))
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(norm_init="rms_ratio"), calibration_input_ids=ids)
+    captured = {}
+    for i in (0, 2):
+        tiny_llama.model.layers[i].self_attn.register_forward_pre_hook(
+            lambda m, a, k, i=i: captured.__setitem__(("in", i), k["hidden_states"]), with_kwargs=True
+        )
+        tiny_llama.model.layers[i].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, i=i: captured.__setitem__(("o", i), a[0])
+        )
+    with torch.no_grad():
+        tiny_llama(ids, use_cache=False)
+        for i in (0, 2):
+            mixer = student.model.layers[i].mamba
+            weight = mixer.norm.weight
+            assert torch.all(weight == weight[0]) and weight[0] != 1.0
+            handle = mixer.out_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("mix", a[0]))
+            mixer(captured["in", i])
+            handle.remove()
+            ratio = captured["mix"].pow(2).mean().sqrt() / captured["o", i].pow(2).mean().sqrt()
+            assert abs(ratio.item() - 1) < 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_students_and_parameter_counts(smollm2, capsys):
+    teacher, _ = smollm2
+    assert isinstance(teacher, LlamaForCausalLM)
+    counts = {"teacher": teacher.num_parameters()}
+    for name, cfg in {
+        "50% mamba2": StudentConfig(mixer="mamba2", attention_fraction=0.5),
+        "50% mamba1": StudentConfig(mixer="mamba1", attention_fraction=0.5),
+        "0% attention mamba2": StudentConfig(mixer="mamba2", attention_fraction=0.0),
+    }.items():
+        student = hybrid_from_teacher(teacher, cfg)
+        counts[name] = student.num_parameters()
+        assert student.config.num_hidden_layers == 30
+    with capsys.disabled():
+        print("\nparameter counts:", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})

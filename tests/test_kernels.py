@@ -1,0 +1,416 @@
+"""Kernels vs their float64 sequential references: property tests, gradchecks, decode steps, the dispatcher."""
+
+import ast
+import logging
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distill import kernels
+from distill.kernels.conv1d import causal_conv1d_naive, causal_conv1d_torch
+from distill.kernels.rmsnorm import rmsnorm_torch
+from distill.kernels.selective_scan import selective_scan_chunked
+from distill.kernels.selective_scan_naive import selective_scan_naive
+from distill.kernels.ssd_chunked import ssd_chunked
+from distill.kernels.ssd_naive import ssd_naive
+from distill.kernels.state_update import selective_state_update_torch
+
+KERNELS_DIR = pathlib.Path(kernels.__file__).parent
+FAST = settings(max_examples=25, deadline=None)
+
+
+def rel_err(actual, expected):
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def cast(values, dtype):
+    """A dict of arguments with its floating tensors in `dtype` (ints, bools and None untouched)."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in values.items()}
+
+
+def random_seq_idx(generator, b, l, docs):
+    """(b, l) int32 document ids with `docs` - 1 random boundaries per row."""
+    rows = []
+    for _ in range(b):
+        cuts = torch.randperm(max(l - 1, 1), generator=generator)[: docs - 1] + 1
+        row = torch.zeros(l, dtype=torch.int32)
+        for cut in cuts.tolist():
+            row[cut:] += 1
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def ssd_inputs(seed, b, l, g, r, p, n, D_shape, z, init, docs, bias, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    h = g * r
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    inputs = dict(
+        x=randn(b, l, h, p),
+        dt=randn(b, l, h),
+        A=-torch.rand(h, generator=gen, dtype=torch.float64).mul(4).add(0.1).to(dtype),
+        B=randn(b, l, g, n),
+        C=randn(b, l, g, n),
+    )
+    options = dict(dt_softplus=True)
+    if D_shape == "h":
+        options["D"] = randn(h)
+    elif D_shape == "hp":
+        options["D"] = randn(h, p)
+    if z:
+        options["z"] = randn(b, l, h, p)
+    if init:
+        options["initial_states"] = randn(b, h, p, n)
+    if docs > 1:
+        options["seq_idx"] = random_seq_idx(gen, b, l, docs)
+    if bias:
+        options["dt_bias"] = randn(h)
+    return inputs, options
+
+
+ssd_cases = dict(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    l=st.integers(1, 41),
+    g=st.sampled_from([1, 2]),
+    r=st.sampled_from([1, 3]),
+    p=st.integers(1, 5),
+    n=st.integers(1, 6),
+    D_shape=st.sampled_from([None, "h", "hp"]),
+    z=st.booleans(),
+    init=st.booleans(),
+    docs=st.sampled_from([1, 2, 4]),
+    bias=st.booleans(),
+    chunk=st.sampled_from([4, 8, 16]),
+)
+
+
+@FAST
+@given(**ssd_cases)
+def test_ssd_chunked_matches_naive(seed, b, l, g, r, p, n, D_shape, z, init, docs, bias, chunk):
+    inputs, options = ssd_inputs(seed, b, l, g, r, p, n, D_shape, z, init, docs, bias)
+    y_ref, s_ref = ssd_naive(**inputs, **options, return_final_states=True)
+    f32 = cast({**inputs, **options}, torch.float32)
+    y, s = ssd_chunked(**f32, chunk_size=chunk, return_final_states=True)
+    assert y.dtype == torch.float32 and s.shape == s_ref.shape
+    assert rel_err(y, y_ref) <= 1e-5
+    assert rel_err(s, s_ref) <= 1e-5
+    # Through the public API with a forced backend too.
+    kernels.set_backend("torch")
+    try:
+        assert torch.equal(kernels.mamba_chunk_scan_combined(**f32, chunk_size=chunk), y)
+    finally:
+        kernels.set_backend(None)
+
+
+@settings(max_examples=10, deadline=None)
+@given(**ssd_cases)
+def test_ssd_chunked_bf16(seed, b, l, g, r, p, n, D_shape, z, init, docs, bias, chunk):
+    inputs, options = ssd_inputs(seed, b, l, g, r, p, n, D_shape, z, init, docs, bias, dtype=torch.bfloat16)
+    y = ssd_chunked(**inputs, **options, chunk_size=chunk)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, ssd_naive(**cast({**inputs, **options}, torch.float64))) <= 1e-2
+
+
+def test_ssd_seq_idx_equals_separate_documents():
+    """A packed row gives exactly what each document gives on its own (the first one continuing the initial state)."""
+    inputs, options = ssd_inputs(1, 1, 30, 1, 2, 3, 4, "h", True, True, 1, False)
+    seq_idx = torch.tensor([[3] * 11 + [7] * 13 + [3] * 6], dtype=torch.int32)  # ids may repeat: 3 docs
+    y = ssd_chunked(**inputs, **options, seq_idx=seq_idx, chunk_size=8)
+    for start, stop in [(0, 11), (11, 24), (24, 30)]:
+        part = {k: v[:, start:stop] for k, v in inputs.items() if k != "A"}
+        opts = {**options, "z": options["z"][:, start:stop]}
+        if start:
+            opts.pop("initial_states")
+        alone = ssd_naive(**part, A=inputs["A"], **opts)
+        torch.testing.assert_close(y[:, start:stop], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_ssd_gradcheck():
+    inputs, options = ssd_inputs(0, 1, 9, 2, 1, 2, 2, "hp", True, True, 3, True)
+    tensors = {k: v for k, v in {**inputs, **options}.items() if torch.is_tensor(v) and v.is_floating_point()}
+    names = list(tensors)
+    for t in tensors.values():
+        t.requires_grad_(True)
+
+    def f(*args):
+        return ssd_chunked(**dict(zip(names, args)), seq_idx=options["seq_idx"], dt_softplus=True, chunk_size=4,
+                           return_final_states=True)
+
+    assert torch.autograd.gradcheck(f, tuple(tensors.values()))
+
+
+def test_ssd_gradients_fp32_realistic():
+    """fp32 gradients of every input, initial_states included, against float64 naive autograd."""
+    inputs, options = ssd_inputs(5, 2, 150, 2, 2, 16, 16, "h", True, True, 3, True)
+    leaves = {k: v for k, v in {**inputs, **options}.items() if torch.is_tensor(v) and v.is_floating_point()}
+    grads = {}
+    for name, fn, dtype in [("ref", ssd_naive, torch.float64), ("fast", ssd_chunked, torch.float32)]:
+        args = {k: v.detach().to(dtype).requires_grad_(True) for k, v in leaves.items()}
+        y, s = fn(**args, seq_idx=options["seq_idx"], dt_softplus=True, chunk_size=32, return_final_states=True)
+        gen = torch.Generator().manual_seed(0)
+        loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)).sum() + s.square().sum()
+        loss.backward()
+        grads[name] = {k: v.grad for k, v in args.items()}
+    for name in leaves:
+        # A and dt_bias sum over every position, and their gradient runs through chunk cumsum differences of
+        # log-decays ~100 in size here: fp32 cancellation puts them near 1e-5, so they get 1e-4.
+        tol = 1e-4 if name in ("A", "dt_bias") else 1e-5
+        assert rel_err(grads["fast"][name], grads["ref"][name]) <= tol, name
+
+
+def test_ssd_mixed_precision_keeps_dtype_and_accuracy():
+    inputs, options = ssd_inputs(3, 1, 64, 1, 2, 8, 8, "h", True, False, 1, False)
+    half = cast({**inputs, **options}, torch.float16)
+    y, s = ssd_chunked(**half, chunk_size=16, return_final_states=True)
+    assert y.dtype == s.dtype == torch.float16
+    assert rel_err(y, ssd_naive(**cast(half, torch.float64))) <= 1e-2
+
+
+def test_ssd_dt_limit_and_shape_errors():
+    inputs, _ = ssd_inputs(0, 1, 9, 1, 1, 2, 2, None, False, False, 1, False)
+    clamped = ssd_chunked(**inputs, chunk_size=4, dt_softplus=True, dt_limit=(0.2, 0.5))
+    assert rel_err(clamped, ssd_naive(**inputs, dt_softplus=True, dt_limit=(0.2, 0.5))) < 1e-12
+    assert rel_err(clamped, ssd_naive(**inputs, dt_softplus=True)) > 1e-3  # the clamp did something
+    with pytest.raises(ValueError, match="multiple of ngroups"):
+        ssd_chunked(inputs["x"].repeat(1, 1, 3, 1), inputs["dt"].repeat(1, 1, 3), inputs["A"].repeat(3),
+                    inputs["B"].repeat(1, 1, 2, 1), inputs["C"].repeat(1, 1, 2, 1), chunk_size=4)
+    with pytest.raises(ValueError, match="dt must be"):
+        ssd_chunked(inputs["x"], inputs["dt"][:, :-1], inputs["A"], inputs["B"], inputs["C"], chunk_size=4)
+
+
+# ----------------------------------------------------------------------------- Mamba-1 selective scan
+
+
+def selective_inputs(seed, b, d, n, l, groups, D, z, bias, dtype=torch.float64, a_scale=4.0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    bc_shape = (b, n, l) if groups == 0 else (b, groups, n, l)
+    args = dict(u=randn(b, d, l), delta=randn(b, d, l),
+                A=-torch.rand(d, n, generator=gen, dtype=torch.float64).mul(a_scale).to(dtype),
+                B=randn(*bc_shape), C=randn(*bc_shape), delta_softplus=True)
+    if D:
+        args["D"] = randn(d)
+    if z:
+        args["z"] = randn(b, d, l)
+    if bias:
+        args["delta_bias"] = randn(d)
+    return args
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), b=st.integers(1, 2), d=st.sampled_from([2, 4, 6]), n=st.integers(1, 5),
+       l=st.integers(1, 70), groups=st.sampled_from([0, 1, 2]), D=st.booleans(), z=st.booleans(),
+       bias=st.booleans(), a_scale=st.sampled_from([1.0, 30.0]))
+def test_selective_scan_matches_naive(seed, b, d, n, l, groups, D, z, bias, a_scale):
+    args = selective_inputs(seed, b, d, n, l, groups, D, z, bias, a_scale=a_scale)
+    y_ref, s_ref = selective_scan_naive(**args, return_last_state=True)
+    y, s = selective_scan_chunked(**cast(args, torch.float32), return_last_state=True)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+    bf16 = cast(args, torch.bfloat16)
+    y16 = selective_scan_chunked(**bf16)
+    assert y16.dtype == torch.bfloat16
+    assert rel_err(y16, selective_scan_naive(**cast(bf16, torch.float64))) <= 1e-2
+
+
+def test_selective_scan_gradcheck():
+    args = selective_inputs(0, 2, 4, 3, 9, 2, True, True, True)
+    names = [k for k, v in args.items() if torch.is_tensor(v)]
+    tensors = tuple(args[k].requires_grad_(True) for k in names)
+
+    def f(*ts):
+        return selective_scan_chunked(**dict(zip(names, ts)), delta_softplus=True, return_last_state=True)
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+# ----------------------------------------------------------------------------- causal conv1d
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), b=st.integers(1, 2), d=st.integers(1, 5), l=st.integers(1, 20),
+       width=st.integers(1, 5), bias=st.booleans(), docs=st.sampled_from([1, 3]), init=st.booleans(),
+       activation=st.sampled_from([None, "silu"]))
+def test_causal_conv1d_matches_naive(seed, b, d, l, width, bias, docs, init, activation):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, l, generator=gen, dtype=torch.float64)
+    weight = torch.randn(d, width, generator=gen, dtype=torch.float64)
+    kwargs = dict(bias=torch.randn(d, generator=gen, dtype=torch.float64) if bias else None,
+                  seq_idx=random_seq_idx(gen, b, l, docs) if docs > 1 else None,
+                  initial_states=torch.randn(b, d, width - 1, generator=gen, dtype=torch.float64) if init else None,
+                  activation=activation, return_final_states=True)
+    ref, ref_final = causal_conv1d_naive(x, weight, **kwargs)
+    out, final = causal_conv1d_torch(x.float(), weight.float(), **cast(kwargs, torch.float32))
+    assert rel_err(out, ref) <= 1e-5
+    assert final.shape == (b, d, width - 1) and rel_err(final, ref_final) <= 1e-6 or width == 1
+
+
+def test_causal_conv1d_naive_is_a_convolution():
+    """The naive loop agrees with torch's own grouped conv1d (an independent definition)."""
+    x, weight, bias = torch.randn(2, 3, 10, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), torch.randn(3)
+    expected = torch.nn.functional.conv1d(x, weight[:, None], bias.double(), padding=3, groups=3)[..., :10]
+    torch.testing.assert_close(causal_conv1d_naive(x, weight, bias.double()), expected)
+
+
+def test_causal_conv1d_gradcheck():
+    x = torch.randn(1, 2, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    s0 = torch.randn(1, 2, 2, dtype=torch.float64, requires_grad=True)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1]], dtype=torch.int32)
+    assert torch.autograd.gradcheck(
+        lambda *a: causal_conv1d_torch(*a[:3], seq_idx=seq_idx, initial_states=a[3], activation="silu"), (x, w, b, s0))
+
+
+@pytest.mark.parametrize("state_len", [3, 5])
+def test_causal_conv1d_update_steps_equal_full_conv(state_len):
+    x, weight, bias = torch.randn(2, 3, 9), torch.randn(3, 4), torch.randn(3)
+    full = causal_conv1d_torch(x, weight, bias, activation="silu")
+    conv_state = torch.zeros(2, 3, state_len)
+    first = kernels.causal_conv1d_update(x[..., :4], conv_state, weight, bias, activation="silu")  # a prefill chunk
+    steps = [kernels.causal_conv1d_update(x[..., t], conv_state, weight, bias, activation="silu") for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat([first, torch.stack(steps, -1)], -1), full)
+    torch.testing.assert_close(conv_state, x[..., -state_len:])
+    with pytest.raises(ValueError, match="activation"):
+        kernels.causal_conv1d_fn(x, weight, activation="relu")
+
+
+# ----------------------------------------------------------------------------- decode step
+
+
+def test_state_update_mamba2_steps_equal_scan():
+    inputs, options = ssd_inputs(2, 2, 7, 2, 2, 3, 4, "hp", True, True, 1, True)
+    full, final = ssd_naive(**inputs, **options, return_final_states=True)
+    state = options["initial_states"].float().clone()
+    h, p, n = state.shape[1:]
+    A_expanded = inputs["A"].float()[:, None, None].expand(h, p, n)  # the layout transformers' Mamba2 passes
+    for t in range(7):
+        y = kernels.selective_state_update(
+            state, inputs["x"][:, t].float(), inputs["dt"][:, t].float()[..., None].expand(-1, -1, p),
+            A_expanded if t % 2 else inputs["A"].float(), inputs["B"][:, t].float(), inputs["C"][:, t].float(),
+            D=options["D"].float(), z=options["z"][:, t].float(), dt_bias=options["dt_bias"].float(), dt_softplus=True)
+        assert rel_err(y, full[:, t]) <= 1e-5
+    assert rel_err(state, final) <= 1e-5
+
+
+def test_state_update_mamba1_steps_equal_scan():
+    args = selective_inputs(4, 2, 6, 3, 5, 0, True, True, True)
+    full, last = selective_scan_naive(**args, return_last_state=True)
+    state = torch.zeros(2, 6, 3, dtype=torch.float64)
+    for t in range(5):
+        y = selective_state_update_torch(state, args["u"][..., t], args["delta"][..., t], args["A"], args["B"][..., t],
+                                         args["C"][..., t], args["D"], args["z"][..., t], args["delta_bias"], True)
+        torch.testing.assert_close(y, full[..., t])
+    torch.testing.assert_close(state, last)
+
+
+def test_state_update_bf16_state_stays_bf16():
+    state = torch.randn(1, 2, 3, 4).bfloat16()
+    y = kernels.selective_state_update(state, torch.randn(1, 2, 3).bfloat16(), torch.rand(1, 2).bfloat16(),
+                                       -torch.ones(2), torch.randn(1, 1, 4).bfloat16(), torch.randn(1, 1, 4).bfloat16())
+    assert y.dtype == state.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- gated RMSNorm
+
+
+def rmsnorm_reference(x, weight, z, eps, group_size, norm_before_gate):
+    """Written independently of rmsnorm.py: an explicit loop over groups in float64."""
+    x, z, weight = x.double(), z.double() if z is not None else None, weight.double()
+    gate = z * torch.sigmoid(z) if z is not None else None
+    if gate is not None and not norm_before_gate:
+        x = x * gate
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[-1], group_size):
+        part = x[..., start:start + group_size]
+        out[..., start:start + group_size] = part / torch.sqrt((part**2).mean(-1, keepdim=True) + eps)
+    out = out * weight
+    return out * gate if gate is not None and norm_before_gate else out
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("group_size", [None, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rmsnorm_gated(norm_before_gate, group_size, dtype, tol):
+    x, z, weight = torch.randn(3, 5, 12).to(dtype), torch.randn(3, 5, 12).to(dtype), torch.randn(12)
+    out = kernels.rmsnorm_fn(x, weight, z=z, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+    assert out.dtype == dtype
+    assert rel_err(out, rmsnorm_reference(x, weight, z, 1e-5, group_size or 12, norm_before_gate)) <= tol
+    assert rel_err(rmsnorm_torch(x, weight, eps=1e-5), rmsnorm_reference(x, weight, None, 1e-5, 12, False)) <= tol
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.rmsnorm_fn(x, weight, group_size=5)
+
+
+# ----------------------------------------------------------------------------- dispatcher and packaging
+
+
+def test_backend_selection(monkeypatch, caplog):
+    x = torch.randn(1, 5, 2, 3)
+    args = (x, torch.rand(1, 5, 2), -torch.ones(2), torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), 4)
+    monkeypatch.setenv("DISTILL_KERNELS", "naive")
+    assert kernels.resolve_backend(x) == "naive"
+    torch.testing.assert_close(kernels.mamba_chunk_scan_combined(*args), ssd_naive(*args))
+    monkeypatch.setenv("DISTILL_KERNELS", "fast")
+    with pytest.raises(ValueError, match="DISTILL_KERNELS='fast'.*one of auto"):
+        kernels.mamba_chunk_scan_combined(*args)
+    monkeypatch.setenv("DISTILL_KERNELS", "mamba_ssm")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kernels.mamba_chunk_scan_combined(*args)
+    monkeypatch.delenv("DISTILL_KERNELS")
+    kernels.set_backend("naive")
+    try:
+        assert kernels.get_backend() == "naive"
+    finally:
+        kernels.set_backend(None)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        kernels.set_backend("cuda")
+    monkeypatch.setattr(kernels.dispatch, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="distill.kernels.dispatch"):
+        assert kernels.resolve_backend(x) == "torch"  # auto on CPU
+        kernels.resolve_backend(x)
+    assert [r.getMessage() for r in caplog.records].count(
+        "distill.kernels: using the torch backend for the scan kernels") == 1
+
+
+def test_modules_are_flat_and_torch_only():
+    """Every module imports siblings relatively and optional packages only inside functions or try blocks."""
+    allowed = {"math", "os", "logging", "torch"}
+    for path in KERNELS_DIR.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                assert {a.name.split(".")[0] for a in node.names} <= allowed, path.name
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 1 or node.module.split(".")[0] in allowed, path.name
+
+
+def test_kernels_run_when_copied_next_to_a_checkpoint(tmp_path):
+    package = tmp_path / "remote_checkpoint"
+    package.mkdir()
+    for path in KERNELS_DIR.glob("*.py"):
+        (package / path.name).write_text(path.read_text())
+    code = ("import torch, sys; from remote_checkpoint import mamba_chunk_scan_combined as f; "
+            "assert 'distill' not in sys.modules; "
+            "y = f(torch.randn(1, 6, 2, 3), torch.rand(1, 6, 2), -torch.ones(2), torch.randn(1, 6, 1, 4), "
+            "torch.randn(1, 6, 1, 4), 4); print(tuple(y.shape))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 6, 2, 3)"
+
+
+def test_chunk_size_does_not_change_the_result():
+    inputs, options = ssd_inputs(9, 1, 50, 1, 2, 4, 4, "h", True, True, 3, False)
+    ys = [ssd_chunked(**inputs, **options, chunk_size=q) for q in (8, 16, 64)]
+    assert max(rel_err(y, ys[0]) for y in ys) < 1e-12
+    assert math.isfinite(ys[0].sum().item())

@@ -1,0 +1,203 @@
+"""The distillation losses against direct float64 references, token by token."""
+
+import math
+
+import pytest
+import torch
+
+from distill.losses import TopK, alignment_mse, distill_kl, loss_positions
+
+B, L, H, V = 2, 7, 8, 11
+
+
+def reference(t_logits, s_logits, labels, kind, temperature, beta=0.5, ce_weight=0.0):
+    """A naive loop over positions in float64: the mean over loss tokens of the divergence (times T^2)."""
+    total, count = 0.0, 0
+    for b in range(t_logits.shape[0]):
+        for i in range(t_logits.shape[1] - 1):
+            if labels[b, i + 1] == -100:
+                continue
+            pt = torch.softmax(t_logits[b, i].double() / temperature, -1)
+            ps = torch.softmax(s_logits[b, i].double() / temperature, -1)
+            if kind == "forward":
+                div = sum(pt[v] * math.log(pt[v] / ps[v]) for v in range(len(pt)))
+            elif kind == "reverse":
+                div = sum(ps[v] * math.log(ps[v] / pt[v]) for v in range(len(pt)))
+            else:
+                m = beta * pt + (1 - beta) * ps
+                div = sum(beta * pt[v] * math.log(pt[v] / m[v]) + (1 - beta) * ps[v] * math.log(ps[v] / m[v])
+                          for v in range(len(pt)))
+            loss = div * temperature**2
+            if ce_weight:
+                loss = loss - ce_weight * torch.log_softmax(s_logits[b, i].double(), -1)[labels[b, i + 1]]
+            total, count = total + loss, count + 1
+    return total / count
+
+
+def make_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s_hidden = torch.randn(B, L, H, generator=g)
+    t_hidden = torch.randn(B, L, H, generator=g)
+    s_head = torch.randn(V, H, generator=g)
+    t_head = torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[1, -2:] = -100  # padding
+    return s_hidden, t_hidden, s_head, t_head, labels
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_divergences_match_float64_loop(kind, temperature):
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs()
+    got = distill_kl(s_hidden, t_hidden, loss_positions(labels), student_head=s_head, teacher_head=t_head,
+                     kind=kind, temperature=temperature, jsd_beta=0.3, chunk=3)
+    want = reference(t_hidden @ t_head.T, s_hidden @ s_head.T, labels, kind, temperature, beta=0.3)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_cross_entropy_term_matches_reference():
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs(1)
+    got = distill_kl(s_hidden @ s_head.T, t_hidden @ t_head.T, loss_positions(labels), ce_weight=0.7, labels=labels)
+    want = reference(t_hidden @ t_head.T, s_hidden @ s_head.T, labels, "forward", 1.0, ce_weight=0.7)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_gradients_match_autograd_float64(kind):
+    """The eagerly computed chunk gradients equal autograd through a float64 full-vocabulary loss."""
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs(2)
+    mask = loss_positions(labels)
+    x, w = s_hidden.clone().requires_grad_(), s_head.clone().requires_grad_()
+    distill_kl(x, t_hidden, mask, student_head=w, teacher_head=t_head, kind=kind, temperature=1.5,
+               ce_weight=0.2, labels=labels, chunk=4).backward()
+
+    x64, w64 = s_hidden.double().requires_grad_(), s_head.double().requires_grad_()
+    s = torch.log_softmax((x64 @ w64.T)[mask] / 1.5, -1)
+    t = torch.log_softmax((t_hidden.double() @ t_head.double().T)[mask] / 1.5, -1)
+    if kind == "forward":
+        div = (t.exp() * (t - s)).sum(-1)
+    elif kind == "reverse":
+        div = (s.exp() * (s - t)).sum(-1)
+    else:
+        m = torch.logsumexp(torch.stack([t + math.log(0.5), s + math.log(0.5)]), 0)
+        div = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
+    ce = torch.nn.functional.cross_entropy((x64 @ w64.T)[mask], labels[:, 1:][mask[:, :-1]], reduction="none")
+    ((div * 1.5**2 + 0.2 * ce).mean()).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_equals_unchunked():
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs(3)
+    mask = loss_positions(labels)
+    results = []
+    for chunk in (1, 5, 10_000):
+        x = s_hidden.clone().requires_grad_()
+        loss = distill_kl(x, t_hidden, mask, student_head=s_head, teacher_head=t_head, chunk=chunk)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    # the unchunked path: plain (B, L, V) logits through the same loss
+    x = s_hidden.clone().requires_grad_()
+    loss = distill_kl(x @ s_head.T, t_hidden @ t_head.T, mask, chunk=10_000)
+    loss.backward()
+    results.append((loss.detach(), x.grad))
+    for got_loss, got_grad in results[1:]:
+        torch.testing.assert_close(got_loss, results[0][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got_grad, results[0][1], rtol=1e-5, atol=1e-7)
+
+
+def test_masked_positions_contribute_nothing():
+    """Changing the logits at pad/prompt positions changes neither the loss nor any gradient."""
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs(4)
+    mask = loss_positions(labels)
+    assert not mask[0, :2].any() and not mask[1, -3:].any() and mask[0, 3:].any()
+
+    def run(s, t):
+        x = s.clone().requires_grad_()
+        loss = distill_kl(x, t, mask, student_head=s_head, teacher_head=t_head, kind="jsd", chunk=2)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    loss, grad = run(s_hidden, t_hidden)
+    s2, t2 = s_hidden.clone(), t_hidden.clone()
+    s2[~mask] = 100 * torch.randn_like(s2[~mask])
+    t2[~mask] = -50.0
+    loss2, grad2 = run(s2, t2)
+    assert torch.equal(loss, loss2)
+    assert torch.equal(grad[mask], grad2[mask])
+    assert (grad[~mask] == 0).all()
+    # and the mean is over loss tokens only: the sum divided by the number of loss positions
+    total = distill_kl(s_hidden, t_hidden, mask, student_head=s_head, teacher_head=t_head, kind="jsd", reduction="sum")
+    torch.testing.assert_close(total / mask.sum(), loss)
+
+
+def test_no_loss_tokens_gives_zero():
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs(5)
+    labels[:] = -100
+    assert float(distill_kl(s_hidden, t_hidden, loss_positions(labels), student_head=s_head, teacher_head=t_head)) == 0
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_topk_is_the_divergence_of_the_distributions_coarsened_to_k_plus_tail(kind):
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs(6)
+    mask = loss_positions(labels)
+    t_logits, s_logits = t_hidden @ t_head.T, s_hidden @ s_head.T
+    temperature, k = 2.0, 4
+    t_logp = torch.log_softmax(t_logits / temperature, -1)
+    values, indices = t_logp.topk(k, -1)
+    got = distill_kl(s_logits, TopK(values, indices), mask, kind=kind, temperature=temperature, chunk=3)
+
+    # float64 reference: pool everything outside the teacher's top-k into one outcome, then the divergence
+    total = 0.0
+    for b, i in mask.nonzero().tolist():
+        pt = torch.softmax(t_logits[b, i].double() / temperature, -1)
+        ps = torch.softmax(s_logits[b, i].double() / temperature, -1)
+        top = indices[b, i]
+        p = torch.cat([pt[top], 1 - pt[top].sum(0, keepdim=True)])
+        q = torch.cat([ps[top], 1 - ps[top].sum(0, keepdim=True)])
+        if kind == "forward":
+            div = (p * (p / q).log()).sum()
+        elif kind == "reverse":
+            div = (q * (q / p).log()).sum()
+        else:
+            m = (p + q) / 2
+            div = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+        total += float(div) * temperature**2
+    assert float(got) == pytest.approx(total / int(mask.sum()), rel=1e-4)
+    # a lower bound on the full divergence, and exact when k covers the vocabulary
+    full = distill_kl(s_logits, t_logits, mask, kind=kind, temperature=temperature)
+    assert float(got) <= float(full) + 1e-6
+    values, indices = t_logp.topk(V, -1)
+    exact = distill_kl(s_logits, TopK(values, indices), mask, kind=kind, temperature=temperature)
+    assert float(exact) == pytest.approx(float(full), rel=1e-4)
+
+
+def test_bf16_inputs_give_an_fp32_loss():
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs(7)
+    x = s_hidden.bfloat16().requires_grad_()
+    loss = distill_kl(x, t_hidden.bfloat16(), loss_positions(labels), student_head=s_head.bfloat16(),
+                      teacher_head=t_head.bfloat16())
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_alignment_mse_matches_loop(normalize):
+    g = torch.Generator().manual_seed(8)
+    pred, target = torch.randn(B, L, H, generator=g), 3 * torch.randn(B, L, H, generator=g)
+    mask = torch.rand(B, L, generator=g) > 0.3
+    total = 0.0
+    for b, i in mask.nonzero().tolist():
+        err = sum((float(pred[b, i, h]) - float(target[b, i, h])) ** 2 for h in range(H)) / H
+        if normalize:
+            err /= sum(float(target[b, i, h]) ** 2 for h in range(H)) / H
+        total += err
+    got = alignment_mse(pred, target, mask, normalize=normalize)
+    assert float(got) == pytest.approx(total / int(mask.sum()), rel=1e-5)
+
+
+def test_unknown_kind_is_a_one_line_error():
+    s_hidden, t_hidden, s_head, t_head, labels = make_inputs()
+    with pytest.raises(ValueError, match="use one of forward, reverse, jsd"):
+        distill_kl(s_hidden, t_hidden, loss_positions(labels), student_head=s_head, teacher_head=t_head, kind="kl")

@@ -1,0 +1,295 @@
+"""The hybrid model: Mamba mixers against float64 naive loops, packing, padding, dtypes, save/load, remote code."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama_config
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoModelForCausalLM
+
+import distill  # noqa: F401  (registers the Auto classes)
+from distill.configuration_hybrid import HybridConfig
+from distill.init import hybrid_from_teacher
+from distill.modeling_hybrid import HybridForCausalLM
+from distill.recipe import StudentConfig
+
+MIXED = ["attention", "mamba2", "mamba1", "mamba2"]
+
+
+def hybrid_config(mixer_types=MIXED, **overrides):
+    fields = {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "chunk_size": 8, "attn_implementation": "sdpa",
+    }
+    fields.update(overrides)
+    return HybridConfig(num_hidden_layers=len(mixer_types), mixer_types=list(mixer_types), **fields)
+
+
+def random_model(mixer_types=MIXED, seed=0, **overrides):
+    """A hybrid whose D and gated-norm weights are random too, so every parameter shows in the output."""
+    torch.manual_seed(seed)
+    model = HybridForCausalLM(hybrid_config(mixer_types, **overrides)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.mixer_type != "attention":
+                layer.mamba.D.uniform_(0.5, 1.5)
+                if layer.mixer_type == "mamba2":
+                    layer.mamba.norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+# ----------------------------------------------------------------------------- naive float64 references
+
+
+def naive_conv_silu(x, weight, bias):
+    """Depthwise causal conv, one output position at a time. x (b, l, c), weight (c, w)."""
+    width = weight.shape[1]
+    out = torch.empty_like(x)
+    for t in range(x.shape[1]):
+        acc = bias.expand(x.shape[0], -1).clone()
+        for k in range(width):
+            s = t - (width - 1) + k
+            if s >= 0:
+                acc = acc + weight[:, k] * x[:, s]
+        out[:, t] = F.silu(acc)
+    return out
+
+
+def naive_mamba2(mixer, u):
+    """The Mamba-2 mixer written as its per-timestep recurrence, head by head (module docstring equations)."""
+    nh, nkv, hd = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    b, length, _ = u.shape
+    proj = u @ mixer.in_proj.weight.T
+    z, xbc, dt = proj.split([nh * hd, 2 * nkv * hd + nh * hd, nh], dim=-1)
+    xbc = naive_conv_silu(xbc, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
+    x, B, C = xbc.split([nkv * hd, nkv * hd, nh * hd], dim=-1)
+    y = torch.zeros(b, length, nh, hd, dtype=u.dtype)
+    state = torch.zeros(b, nh, hd, hd, dtype=u.dtype)
+    for t in range(length):
+        for h in range(nh):
+            g = h // (nh // nkv)
+            xh, Bh, Ch = x[:, t, g * hd : (g + 1) * hd], B[:, t, g * hd : (g + 1) * hd], C[:, t, h * hd : (h + 1) * hd]
+            step = F.softplus(dt[:, t, h] + mixer.dt_bias[h])
+            decay = torch.exp(step * -torch.exp(mixer.A_log[h]))
+            state[:, h] = decay[:, None, None] * state[:, h] + step[:, None, None] * xh[:, :, None] * Bh[:, None, :]
+            y[:, t, h] = torch.einsum("bpn,bn->bp", state[:, h], Ch) + mixer.D[h] * xh
+    gated = y * F.silu(z).view(b, length, nh, hd)
+    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + mixer.norm.variance_epsilon)
+    return (normed.reshape(b, length, nh * hd) * mixer.norm.weight) @ mixer.out_proj.weight.T
+
+
+def naive_mamba1(mixer, u):
+    """The Mamba-1 mixer as its per-timestep recurrence over channels."""
+    nh, nkv, hd, n = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim, mixer.d_state
+    b, length, _ = u.shape
+    z, x, B, C = (u @ mixer.in_proj.weight.T).split([nh * hd, nkv * hd, nkv * n, nh * n], dim=-1)
+    head_of_channel = torch.arange(nh * hd) // hd
+    kv_of_channel = head_of_channel // (nh // nkv)
+    x = x[..., kv_of_channel * hd + torch.arange(nh * hd) % hd]
+    x = naive_conv_silu(x, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
+    dt = F.softplus(x @ mixer.x_proj.weight.T @ mixer.dt_proj.weight.T + mixer.dt_proj.bias)
+    A = -torch.exp(mixer.A_log)
+    B = B.view(b, length, nkv, n)[:, :, kv_of_channel]  # (b, l, d_inner, n)
+    C = C.view(b, length, nh, n)[:, :, head_of_channel]
+    state = torch.zeros(b, nh * hd, n, dtype=u.dtype)
+    y = torch.zeros(b, length, nh * hd, dtype=u.dtype)
+    for t in range(length):
+        state = torch.exp(dt[:, t, :, None] * A) * state + dt[:, t, :, None] * B[:, t] * x[:, t, :, None]
+        y[:, t] = (state * C[:, t]).sum(-1) + mixer.D * x[:, t]
+    return (y * F.silu(z)) @ mixer.out_proj.weight.T
+
+
+NAIVE = {"mamba2": naive_mamba2, "mamba1": naive_mamba1}
+
+
+@pytest.mark.parametrize("mixer_type", ["mamba2", "mamba1"])
+def test_mixer_matches_naive_float64_loop(mixer_type):
+    model = random_model([mixer_type]).double()
+    mixer = model.model.layers[0].mamba
+    u = torch.randn(2, 19, 64, dtype=torch.float64)  # 19: more than two chunks of 8, not a multiple
+    with torch.no_grad():
+        got, want = mixer(u), NAIVE[mixer_type](mixer, u)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mixer_type", ["mamba2", "mamba1"])
+def test_packed_documents_reset_the_state(mixer_type):
+    """A row packing three documents (position_ids restart) equals the documents run one by one."""
+    mixer = random_model([mixer_type]).double().model.layers[0].mamba
+    lengths = [5, 9, 3]
+    u = torch.randn(1, sum(lengths), 64, dtype=torch.float64)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = mixer(u, position_ids=position_ids)
+        alone = torch.cat([NAIVE[mixer_type](mixer, part) for part in u.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-9, atol=1e-10)
+
+
+def test_packed_rows_match_documents_through_the_whole_model():
+    """Attention (transformers' packed mask, which needs use_cache=False) and both mixers see each document alone."""
+    model = random_model()
+    lengths = [6, 10]
+    ids = torch.randint(0, 128, (1, sum(lengths)))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([model(part).logits for part in ids.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_does_not_leak(side):
+    model = random_model()
+    ids = torch.randint(0, 128, (1, 9))
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    padded = torch.cat([pad, ids] if side == "left" else [ids, pad], dim=1)
+    mask = torch.cat([pad, torch.ones_like(ids)] if side == "left" else [torch.ones_like(ids), pad], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()[0]
+    with torch.no_grad():
+        want = model(ids).logits[0]
+        got = model(padded, attention_mask=mask, position_ids=position_ids).logits[0, real]
+        # Garbage in the padded slots must not change anything either.
+        garbage = padded.masked_fill(~mask.bool(), 77)
+        got2 = model(garbage, attention_mask=mask, position_ids=position_ids).logits[0, real]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got2, want, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_mamba_hybrid_equals_teacher(tiny_llama):
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(attention_fraction=1.0)).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            diff = (student(ids, **kwargs).logits - tiny_llama(ids, **kwargs).logits).abs().max().item()
+            assert diff <= 1e-5, kwargs
+
+
+def test_block_and_mixer_run_alone_on_teacher_inputs():
+    """The layerwise trainer calls a block or `layers[i].mamba` directly, without a cache."""
+    model = random_model()
+    hidden = torch.randn(2, 7, 64)
+    position_ids = torch.arange(7)[None]
+    layer = model.model.layers[1]
+    cos_sin = model.model.rotary_emb(hidden, position_ids)
+    with torch.no_grad():
+        block = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin)
+        mixer = layer.mamba(layer.input_layernorm(hidden), attention_mask=torch.ones(2, 7, dtype=torch.long))
+        whole = model.model.layers[1].mamba(layer.input_layernorm(hidden))
+    assert block.shape == hidden.shape
+    torch.testing.assert_close(mixer, whole)
+    with pytest.raises(ValueError, match="2D"):
+        layer.mamba(hidden, attention_mask=torch.zeros(2, 1, 7, 7))
+
+
+def test_backward_reaches_every_mixer_parameter():
+    model = random_model().train()
+    ids = torch.randint(0, 128, (2, 11))
+    packed = torch.cat([torch.arange(4), torch.arange(7)])[None].expand(2, -1)  # through the per-document path
+    model(ids, position_ids=packed, labels=ids, use_cache=False).loss.backward()
+    for name, param in model.named_parameters():
+        if ".mamba." in name:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+            assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precisions_run_and_stay_close(dtype):
+    model = random_model()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+        half = random_model().to(dtype)
+        got = half(ids).logits
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_save_load_round_trip_is_bit_exact_and_keeps_A_in_fp32(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "modeling_hybrid.py").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is HybridForCausalLM and loaded.config.mixer_types == MIXED
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert bf16.model.layers[1].mamba.A_log.dtype == torch.float32
+    assert bf16.model.layers[1].mamba.in_proj.weight.dtype == torch.bfloat16
+
+
+REMOTE = textwrap.dedent(
+    """
+    import sys
+
+    class NoDistill:  # mamba-distill is installed here; make it invisible, as on a machine without it
+        def find_spec(self, name, path=None, target=None):
+            if name == "distill" or name.startswith("distill."):
+                raise ModuleNotFoundError(name)
+
+    sys.meta_path.insert(0, NoDistill())
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    want = torch.load(sys.argv[2])
+    with torch.no_grad():
+        logits = model(want["ids"]).logits
+        tokens = model.generate(want["ids"], max_new_tokens=4, do_sample=False)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert not any(name.split(".")[0] == "distill" for name in sys.modules)
+    assert torch.equal(logits, want["logits"]), (logits - want["logits"]).abs().max()
+    assert torch.equal(tokens, want["tokens"])
+    print("remote ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_remote_code_loads_without_the_package(tmp_path):
+    model = random_model()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        want = {"ids": ids, "logits": model(ids).logits, "tokens": model.generate(ids, max_new_tokens=4, do_sample=False)}
+    torch.save(want, tmp_path / "want.pt")
+    script = tmp_path / "load.py"
+    script.write_text(REMOTE)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(checkpoint), str(tmp_path / "want.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote ok" in result.stdout
+
+
+def test_config_rejects_bad_layers():
+    with pytest.raises(StrictDataclassClassValidationError, match="mixer_types contains"):
+        hybrid_config(["attention", "mamba3"])
+    with pytest.raises(StrictDataclassClassValidationError, match="num_hidden_layers"):
+        HybridConfig(num_hidden_layers=3, mixer_types=["mamba2"])
+    config = hybrid_config()
+    assert config.layer_types == ["full_attention", "linear_attention", "linear_attention", "linear_attention"]
+    assert config.auto_map["AutoModelForCausalLM"] == "modeling_hybrid.HybridForCausalLM"
+
+
+def test_llama_fields_follow_the_teacher():
+    teacher = tiny_llama_config(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 64})
+    from distill.init import hybrid_config_from_teacher
+
+    config = hybrid_config_from_teacher(teacher, StudentConfig())
+    assert config.rope_parameters["rope_type"] == "llama3"
+    assert (config.head_dim, config.num_key_value_heads, config.tie_word_embeddings) == (16, 2, True)
