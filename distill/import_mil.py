@@ -157,7 +157,6 @@ def import_mil(mil_dir: str | Path, out_dir: str | Path) -> Path:
         _copy_tokenizer_and_generation_config,
         _replace_atomically,
         check_out_dir,
-        write_native,
     )
 
     folder, out = Path(mil_dir), Path(out_dir)
@@ -165,7 +164,7 @@ def import_mil(mil_dir: str | Path, out_dir: str | Path) -> Path:
     model = mil_to_native(folder)
 
     def build(tmp: Path) -> None:
-        write_native(model, tmp)
+        model.save_pretrained(tmp)  # safetensors, config with auto_map, and the modeling code
         has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
         _copy_tokenizer_and_generation_config(model, folder if has_tokenizer else None, tmp)
 

@@ -125,7 +125,8 @@ def hybrid_from_teacher(
     """A fp32 `HybridForCausalLM` initialised from `teacher` (a LlamaForCausalLM), on the teacher's device.
 
     `seed` draws every fresh parameter (without touching the global RNG). `calibration_input_ids`, a
-    (batch, seq) LongTensor of a few hundred tokens, is required by `norm_init: rms_ratio` and unused otherwise.
+    (batch, seq) or (seq,) LongTensor of a few hundred tokens of ordinary text (e.g. a training row), is
+    required by `norm_init: rms_ratio` and unused otherwise.
     """
     config = hybrid_config_from_teacher(teacher.config, student_cfg)
     if student_cfg.norm_init == "rms_ratio" and calibration_input_ids is None:
@@ -154,7 +155,8 @@ def hybrid_from_teacher(
             mixer.conv1d.weight[:, 0, -1] = 1.0
             mixer.conv1d.bias.zero_()
     if student_cfg.norm_init == "rms_ratio":
-        match_output_rms(teacher, student, calibration_input_ids.to(teacher.device))
+        ids = calibration_input_ids if calibration_input_ids.dim() == 2 else calibration_input_ids[None]
+        match_output_rms(teacher, student, ids.to(teacher.device))
     return student
 
 

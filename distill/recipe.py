@@ -194,7 +194,7 @@ class ExportConfig(_Section):
     """Formats written from the final checkpoint (`bamba` needs a Mamba-2 student) and an optional hub push."""
 
     formats: list[Literal["native", "bamba"]] = ["native"]
-    push_to_hub: str | None = None  # a repo id, e.g. "me/smollm2-hybrid50"
+    push_to_hub: str | None = None  # a repo id, e.g. "me/smollm2-hybrid50"; receives the first format
     max_shard_size: str = "2GB"  # largest safetensors file, as save_pretrained reads it
 
     @field_validator("formats")

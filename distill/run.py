@@ -105,8 +105,10 @@ def run(recipe, recipe_path: str | None = None) -> Path:
         if recipe.eval.enabled:
             evaluate(recipe.eval, student=student, teacher=teacher, tokenizer=tokenizer, held_out=held_out,
                      out_dir=out / "eval", run_info=run_info)
-        for fmt in recipe.export.formats:
-            export(out / "final", fmt, out / "export" / fmt, push_to_hub=recipe.export.push_to_hub)
+        for fmt in recipe.export.formats:  # the hub gets the first format only: one repo holds one model
+            push = recipe.export.push_to_hub if fmt == recipe.export.formats[0] else None
+            export(out / "final", fmt, out / "export" / fmt, push_to_hub=push,
+                   max_shard_size=recipe.export.max_shard_size)
         outputs = [("final checkpoint", out / "final")]
         outputs += [("eval report", out / "eval" / "report.md")] if recipe.eval.enabled else []
         outputs += [(f"{fmt} export", out / "export" / fmt) for fmt in recipe.export.formats]

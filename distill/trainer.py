@@ -267,9 +267,14 @@ def train(
         accelerator.print(f"{label}: resuming from {newest[0]} (step {state['step']}/{total_steps})")
     elif accelerator.is_main_process:
         shutil.rmtree(ckpt_root, ignore_errors=True)
+    if accelerator.is_main_process:  # checkpoints a kill interrupted while they were being written
+        for partial in ckpt_root.glob(".tmp-*"):
+            shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
 
-    log = MetricsLog(accelerator, stage_dir, label or stage_dir.name, state["step"])
+    root = Path(ctx.output_dir)
+    prefix = stage_dir.relative_to(root).as_posix() if stage_dir.is_relative_to(root) else stage_dir.name
+    log = MetricsLog(accelerator, stage_dir, prefix, state["step"])
     every = cfg.checkpoint_every_tokens
     bar = tqdm(
         total=sum(plan.step_tokens), initial=state["tokens"], unit="tok", unit_scale=True, desc=label,

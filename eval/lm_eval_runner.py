@@ -70,23 +70,23 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = _load_lm(model, tokenizer, batch_size, device, dtype)
     manager = TaskManager()
-    chat = getattr(lm.tokenizer, "chat_template", None) is not None
-    plain, generative = [], []
-    for name in tasks:
-        spec = _task_spec(name)
+    kinds = {}
+    for name in tasks:  # load the tasks first: a bad name fails before the model is read
         try:
-            loaded = manager.load([spec])["tasks"]
+            loaded = manager.load([_task_spec(name)])["tasks"]
         except (KeyError, ValueError, OSError) as err:  # unknown name; data not in the offline cache
             raise UserError(
                 f"lm-eval task {name!r} could not be loaded offline ({type(err).__name__}: {err}); use one of "
                 f"{', '.join(LOCAL_TASKS)} or a standard task whose data is in the local HF cache"
             ) from None
-        kinds = {task.get_config("output_type") for task in loaded.values()}
-        (generative if chat and kinds == {"generate_until"} else plain).append(spec)
+        kinds[name] = {task.get_config("output_type") for task in loaded.values()}
+    lm = _load_lm(model, tokenizer, batch_size, device, dtype)
+    chat = getattr(lm.tokenizer, "chat_template", None) is not None
+    templated = {name: chat and kinds[name] == {"generate_until"} for name in tasks}
     merged: dict = {"results": {}, "samples": {}}
-    for specs, use_template in ((plain, False), (generative, True)):
+    for use_template in (False, True):
+        specs = [_task_spec(name) for name in tasks if templated[name] == use_template]
         if not specs:
             continue
         out = lm_eval.simple_evaluate(

@@ -3,7 +3,8 @@
     python -m distill.eval.speed                 # SmolLM2 teacher vs 50%/25%/0%-attention hybrids
     python -m distill.eval.speed --quick         # a minute: shorter contexts, fewer steps
 
-For every (batch, context) all models are measured back to back, so a busy machine slows them alike.
+For every (batch, context) all models are measured back to back. With `--threads 1` on CPU the clock is
+the thread's CPU time, so other processes on a shared machine do not inflate the numbers (see `clock`).
 
 - prefill tokens/s: one forward over `batch x context` random tokens (skipped above `--prefill-max-tokens`).
 - decode tokens/s: greedy steps of one token per sequence on top of a cache holding `context` tokens (median
@@ -111,6 +112,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device: torch.device):
+    """Thread CPU time on a single-threaded CPU run (all work happens in this thread, and time spent preempted
+    by other processes on a shared machine does not count); wall time otherwise."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
 # ----------------------------------------------------------------------------- measurements
 
 
@@ -118,13 +127,14 @@ def _sync(device: torch.device) -> None:
 def measure_prefill(model, batch: int, context: int) -> float:
     """Tokens per second of one forward over `batch x context` tokens (after a small warm-up)."""
     device = next(model.parameters()).device
+    now = clock(device)
     model(input_ids=torch.randint(model.config.vocab_size, (batch, min(64, context)), device=device))
     ids = torch.randint(model.config.vocab_size, (batch, context), device=device)
     _sync(device)
-    start = time.perf_counter()
+    start = now()
     model(input_ids=ids, use_cache=True)
     _sync(device)
-    return batch * context / (time.perf_counter() - start)
+    return batch * context / (now() - start)
 
 
 @torch.no_grad()
@@ -134,18 +144,18 @@ def measure_decode(model, batch: int, context: int, steps: int) -> dict:
     The step time is the median over the timed steps, so a step preempted by another process does not count.
     """
     device = next(model.parameters()).device
-    times = []
+    now, times = clock(device), []
     with peak_memory(device) as peak:
         cache = build_cache(model, batch, context)
         sizes = cache_bytes(cache)
         token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
         for step in range(WARMUP_STEPS + steps):
             position = torch.full((batch, 1), context + step, device=device)
-            start = time.perf_counter()
+            start = now()
             logits = model(input_ids=token, position_ids=position, cache=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
             _sync(device)
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
     step_time = statistics.median(times[WARMUP_STEPS:])
     return {
         "decode_tok_s": batch / step_time,
@@ -264,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     teacher, _ = load_teacher(TeacherConfig(source=args.teacher), dtype=torch.float32)
     models = hybrids_of(teacher.to(args.device), args.fractions)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    timer = "thread CPU time" if clock(torch.device(args.device)) is time.thread_time else "wall time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, timed by {timer}")
     rows = benchmark(
         models, args.contexts, args.batch_sizes, args.steps, args.prefill_max_tokens, args.max_batch_tokens
     )

@@ -61,7 +61,7 @@ def run_variant(precision: str, teacher_fp32, student_cfg, batch: dict, args) ->
     total = sum(clock.values())
     tokens = int(batch["attention_mask"].sum()) * args.steps
     return {"precision": precision, "tok_s": tokens / total, "step_s": total / args.steps, "parts": clock,
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
     ids = torch.randint(0, teacher.config.vocab_size, shape, generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "position_ids": torch.arange(args.seq_len).expand(shape).contiguous(), "labels": ids.clone()}
-    student_cfg = StudentConfig(mixer="mamba2", attention_fraction=0.5)
+    student_cfg = StudentConfig(mixer="mamba2", attention_fraction=0.5, chunk_size=64)  # as the demo recipe
 
     print(f"SmolLM2-135M teacher -> 50% Mamba-2 student, trainable={args.trainable}, batch {args.batch_size} x "
           f"{args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, torch threads "

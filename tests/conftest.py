@@ -7,6 +7,10 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without CUDA, Triton kernels only run in its interpreter, which must be chosen before triton is first imported
+# (`import distill` imports it through transformers); tests/test_kernels_triton.py relies on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama_config(**overrides):

@@ -38,12 +38,28 @@ def _loglikelihood(model, tokens: list[int], first_scored: int) -> float:
     return sum(logp[t - 1, tokens[t]].item() for t in range(first_scored, len(tokens)))
 
 
+def _native_hybrid(tmp_path):
+    """The tiny Llama turned into a 50% hybrid and saved as a run's final/ folder (with its remote code)."""
+    from distill.init import hybrid_from_teacher
+    from distill.recipe import StudentConfig
+    from distill.run import save_final
+
+    teacher, tokenizer = save_tiny_checkpoint(tmp_path / "teacher")
+    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5), seed=0).eval()
+    save_final(student, tokenizer, tmp_path / "tiny")
+    return student, tokenizer
+
+
 @pytest.mark.slow
-def test_lm_eval_loglikelihoods_match_our_forward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["llama", "native_hybrid"])
+def test_lm_eval_loglikelihoods_match_our_forward(tmp_path, monkeypatch, kind):
     from distill.eval.lm_eval_runner import run_lm_eval, summarize
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, tokenizer = save_tiny_checkpoint(tmp_path / "tiny")
+    if kind == "llama":
+        model, tokenizer = save_tiny_checkpoint(tmp_path / "tiny")
+    else:
+        model, tokenizer = _native_hybrid(tmp_path)
     out = run_lm_eval(
         tmp_path / "tiny", ["sharegpt_next_sentence", "sharegpt_ppl"], limit=3, batch_size=2, log_samples=True
     )
@@ -68,9 +84,13 @@ def test_lm_eval_loglikelihoods_match_our_forward(tmp_path, monkeypatch):
     assert metrics["sharegpt_ppl"]["byte_perplexity"] > 1.0
 
 
+@pytest.mark.slow  # lm-eval indexes its few thousand task YAMLs first
 def test_unknown_task_and_missing_folder_are_one_line(tmp_path):
     from distill.eval.lm_eval_runner import run_lm_eval
 
+    with pytest.raises(ValueError, match="'no_such_task' could not be loaded offline") as err:
+        run_lm_eval(tmp_path / "nope", ["no_such_task"])
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         run_lm_eval(tmp_path / "nope", ["sharegpt_ppl"])
     with pytest.raises(ValueError, match="no lm-eval tasks"):

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama_config
 from distill.eval.speed import benchmark, build_cache, cache_bytes, markdown, measure_decode, peak_memory
-from transformers import LlamaForCausalLM
 
 
 def _hybrid(teacher, fraction):

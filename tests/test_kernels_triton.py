@@ -6,22 +6,22 @@ every program in numpy.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (ssd_triton is imported lazily below)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py sets it before triton's first import
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import pytest
+import torch
+from distill.kernels.selective_scan_naive import selective_scan_naive
+from distill.kernels.ssd_naive import ssd_naive
+from distill.kernels.state_update import selective_state_update_torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from distill import kernels  # noqa: E402
-from distill.kernels.selective_scan_naive import selective_scan_naive  # noqa: E402
-from distill.kernels.ssd_naive import ssd_naive  # noqa: E402
-from distill.kernels.state_update import selective_state_update_torch  # noqa: E402
+from distill import kernels
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
-from test_kernels import cast, rel_err, selective_inputs, ssd_inputs  # noqa: E402
+from test_kernels import cast, rel_err, selective_inputs, ssd_inputs
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def triton_kernels():
 
     jitted = ssd_triton._ssd_fwd_kernel
     if type(jitted).__name__ != "InterpretedFunction":
-        pytest.skip("triton was set up without TRITON_INTERPRET=1 earlier in this session; run this file alone")
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (set it, or run on a CUDA machine)")
     return ssd_triton, state_update_triton
 
 
@@ -78,12 +78,12 @@ def test_state_update_triton_matches_torch(triton_kernels, mamba1):
         args = selective_inputs(1, 2, 6, 5, 1, 0, True, True, True, dtype=torch.float32)
         state = torch.randn(2, 6, 5)
         call = (args["u"][..., 0], args["delta"][..., 0], args["A"], args["B"][..., 0], args["C"][..., 0])
-        kw = dict(D=args["D"], z=args["z"][..., 0], dt_bias=args["delta_bias"], dt_softplus=True)
+        kw = {"D": args["D"], "z": args["z"][..., 0], "dt_bias": args["delta_bias"], "dt_softplus": True}
     else:
         inputs, options = ssd_inputs(3, 2, 1, 2, 2, 3, 4, "hp", True, True, 1, True, dtype=torch.float32)
         state = options["initial_states"].clone()
         call = (inputs["x"][:, 0], inputs["dt"][:, 0], inputs["A"], inputs["B"][:, 0], inputs["C"][:, 0])
-        kw = dict(D=options["D"], z=options["z"][:, 0], dt_bias=options["dt_bias"], dt_softplus=True)
+        kw = {"D": options["D"], "z": options["z"][:, 0], "dt_bias": options["dt_bias"], "dt_softplus": True}
     expected_state = state.double().clone()
     expected = selective_state_update_torch(expected_state, *cast(dict(enumerate(call)), torch.float64).values(),
                                             **cast(kw, torch.float64))

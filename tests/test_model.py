@@ -107,8 +107,17 @@ NAIVE = {"mamba2": naive_mamba2, "mamba1": naive_mamba1}
 
 
 @pytest.mark.parametrize("mixer_type", ["mamba2", "mamba1"])
-def test_mixer_matches_naive_float64_loop(mixer_type):
-    model = random_model([mixer_type]).double()
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},  # 4 heads on 2 kv-heads of 16, conv 4
+        {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8, "d_conv": 2},  # SmolLM2's 3:1 GQA
+        {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "d_conv": 3, "mamba1_d_state": 5},
+    ],
+    ids=["gqa2", "gqa3", "mha"],
+)
+def test_mixer_matches_naive_float64_loop(mixer_type, shape):
+    model = random_model([mixer_type], **shape).double()
     mixer = model.model.layers[0].mamba
     u = torch.randn(2, 19, 64, dtype=torch.float64)  # 19: more than two chunks of 8, not a multiple
     with torch.no_grad():

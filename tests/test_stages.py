@@ -95,6 +95,7 @@ def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_ll
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_end_to_end_mixers_only_reduces_kl(tmp_path, tiny_llama):
     student = tiny_hybrid(tiny_llama)
     before_weights = {k: v.clone() for k, v in student.state_dict().items()}
@@ -123,13 +124,14 @@ def test_end_to_end_lora_merges_back_into_a_plain_student(tmp_path, tiny_llama):
     assert summary["held_out_after"]["loss"] < summary["held_out_before"]["loss"]
 
 
+@pytest.mark.slow
 def test_topk_teacher_cache_is_filled_once_and_reused(tmp_path, tiny_llama, monkeypatch):
     import numpy as np
 
     monkeypatch.setenv("MAMBA_DISTILL_CACHE", str(tmp_path / "cache"))
     stage = {"name": "end_to_end", "max_tokens": 3000, "lr": 1e-2, "teacher_logits": "topk", "topk": 8,
              "temperature": 2.0}
-    student, summary, ctx = run(tmp_path / "a", tiny_llama, tiny_hybrid(tiny_llama), stage)
+    _, summary, ctx = run(tmp_path / "a", tiny_llama, tiny_hybrid(tiny_llama), stage)
     assert summary["held_out_after"]["loss"] < summary["held_out_before"]["loss"]  # the exact, full KL
     [cache] = list((tmp_path / "cache" / "teacher_topk").iterdir())
     done = np.load(cache / "done.npy")
@@ -207,6 +209,7 @@ def test_partial_student_is_the_teacher_with_nothing_switched_on_and_the_student
         torch.testing.assert_close(full(**model_inputs(batch)).logits, student(**model_inputs(batch)).logits)
 
 
+@pytest.mark.slow
 def test_stepwise_switches_layers_on_and_reduces_kl(tmp_path, tiny_llama):
     student = tiny_hybrid(tiny_llama, attention_fraction=0.25)
     before = held_out_kl(student, tiny_llama)

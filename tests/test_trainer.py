@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_llama_config  # noqa: E402
+from conftest import tiny_llama_config  # tests/ is on sys.path under pytest and when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
@@ -113,6 +111,7 @@ def run_e2e(out, precision="fp32", **overrides):
 # ----------------------------------------------------------------------------- in-process tests
 
 
+@pytest.mark.slow
 def test_grad_accumulation_1x8_equals_8x1(tmp_path):
     """Rows carry different numbers of loss tokens, so only per-token normalisation over the whole step
     (not a mean per micro-batch) makes 1 micro-batch of 8 and 8 micro-batches of 1 the same update."""
@@ -254,7 +253,7 @@ def launch(spec: dict, *, processes: int = 1, check=True) -> subprocess.Complete
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(29500 + random.randrange(1000)), __file__, json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

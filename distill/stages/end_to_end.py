@@ -160,7 +160,7 @@ def train_kl(ctx, stage_dir: Path, cfg, student, *, max_tokens: int, seed: int, 
     set_trainable(student, "all" if trainable == "all" else "mixers")
     model = with_lora(student, cfg.lora) if trainable == "lora" else student
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     objective = KLObjective(model, cfg)
     step = teacher_step
     if getattr(cfg, "teacher_logits", "online") == "topk":
@@ -177,7 +177,7 @@ def train_kl(ctx, stage_dir: Path, cfg, student, *, max_tokens: int, seed: int, 
     if trainable == "lora":
         student = model.merge_and_unload()
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        student.activation_checkpointing_disable()
     student.requires_grad_(False)
     return student, summary
 

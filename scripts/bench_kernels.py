@@ -1,0 +1,287 @@
+"""Benchmark the scan kernels side by side, in one run, and print markdown tables with ratios.
+
+Mamba-2 (SSD) scan: our chunked PyTorch path vs transformers' own pure-torch fallback
+(`transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan`, what Mamba2/Bamba run without mamba-ssm)
+vs the sequential reference loop. Mamba-1 selective scan: our chunked path vs mambapy's parallel scan
+(`mambapy.mamba.MambaBlock.selective_scan`) vs the loop.
+
+For each row: wall time (best of --reps), effective GFLOP/s, the ratio to the matmul-bound floor, the peak
+memory the call adds on top of its inputs, and time / memory ratios against ours. GFLOP/s use one FLOP count
+per problem for every variant (so they compare like speeds): for SSD the matmul work of the chunked algorithm
+at our chunk size Q, 2 b L (Q g n + Q h p + 2 h p n) forward and 3x that forward+backward; the floor is that
+count at this machine's measured fp32 matmul rate. For the Mamba-1 scan (elementwise work, no matmuls) it is
+6 b L d n per forward. "fwd" runs under no_grad; "fwd+bwd" backpropagates a random output gradient into every
+input. bf16 inputs are computed in fp32 inside every variant.
+
+Peak memory: the script re-executes itself with a fixed glibc mmap threshold, so every large tensor is its own
+mapping, returned to the OS when freed; the peak is then VmHWM (reset through /proc/self/clear_refs) minus the
+resident size before the call.
+
+    python scripts/bench_kernels.py            # the full table (several minutes on 2 cores)
+    python scripts/bench_kernels.py --quick    # a small subset, about a minute
+    python scripts/bench_kernels.py --tune     # our SSD time per chunk size, to pick DEFAULT_CHUNK_SIZE
+"""
+
+import argparse
+import functools
+import gc
+import os
+import sys
+import time
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the docstring: exact peak memory needs this
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch
+from distill.kernels.selective_scan import selective_scan_chunked
+from distill.kernels.selective_scan_naive import selective_scan_naive
+from distill.kernels.ssd_chunked import DEFAULT_CHUNK_SIZE, ssd_chunked
+from distill.kernels.ssd_naive import ssd_naive
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def memory_status():
+    status = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            if key in ("VmRSS", "VmHWM"):
+                status[key] = int(value.split()[0]) * 1024
+    return status
+
+
+def measure(fn, reps):
+    """(best seconds, peak extra bytes) of fn(); the first call also measures memory."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = memory_status()["VmRSS"]
+    start = time.perf_counter()
+    fn()
+    best = time.perf_counter() - start
+    peak = memory_status()["VmHWM"] - before
+    for _ in range(reps - 1 if best < 20 else 0):  # one run is enough for the slowest rows
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best, peak
+
+
+def matmul_rate(size=2048, reps=5):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * size**3 / best
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_case(fn, inputs, backward, reps):
+    """Times fn(**inputs) (forward under no_grad, or forward + backward into every floating input)."""
+    leaves = {k: v for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point()}
+
+    def call():
+        if not backward:
+            with torch.no_grad():
+                fn(**inputs)
+            return
+        args = {**inputs, **{k: v.detach().requires_grad_(True) for k, v in leaves.items()}}
+        y = fn(**args)
+        y.backward(grad)
+
+    grad = None
+    if backward:
+        with torch.no_grad():
+            grad = torch.randn_like(fn(**inputs))
+    return measure(call, reps)
+
+
+# ----------------------------------------------------------------------------- Mamba-2
+
+
+def hf_mamba2_scan():
+    """transformers' pure-torch Mamba-2 scan, unwrapped from its hub-kernel / mamba-ssm dispatch decorator."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    scan = modeling_mamba2.mamba2_chunk_scan
+    return getattr(scan, "__wrapped__", scan)
+
+
+def ssd_inputs(b, L, h, p, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(b, L, h, p, generator=gen).to(dtype),
+        "dt": (torch.rand(b, L, h, generator=gen) * 4 - 6).to(dtype),  # softplus -> dt in ~[2e-3, 0.12]
+        "A": -torch.linspace(1, 16, h),
+        "B": torch.randn(b, L, 1, n, generator=gen).to(dtype),
+        "C": torch.randn(b, L, 1, n, generator=gen).to(dtype),
+        "D": torch.randn(h),
+        "dt_bias": torch.randn(h, generator=gen) * 0.1,
+    }
+
+
+def ssd_flops(b, L, h, p, n, chunk, g=1):
+    return 2 * b * L * (chunk * g * n + chunk * h * p + 2 * h * p * n)
+
+
+def bench_mamba2(args, rate, rows):
+    hf = hf_mamba2_scan()
+    variants = {
+        "ours (chunked torch)": lambda **kw: ssd_chunked(chunk_size=args.chunk, dt_softplus=True, **kw),
+        f"transformers fallback (chunk {args.hf_chunk})": lambda **kw: hf(
+            kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), args.hf_chunk, dt_softplus=True, **kw),
+        "naive loop": lambda **kw: ssd_naive(dt_softplus=True, **kw),
+    }
+    for n in args.dstate:
+        for dtype_name in args.dtypes:
+            for backward in args.modes:
+                for b in args.batch:
+                    for L in args.lengths:
+                        inputs = ssd_inputs(b, L, args.heads, args.headdim, n, DTYPES[dtype_name])
+                        flops = ssd_flops(b, L, args.heads, args.headdim, n, args.chunk) * (3 if backward else 1)
+                        results = {}
+                        for name, fn in variants.items():
+                            if name == "naive loop" and L > args.naive_max_len:
+                                continue
+                            results[name] = run_case(fn, inputs, backward, args.reps)
+                        add_rows(rows, "mamba2", dtype_name, backward, b, L, n, results, flops, rate)
+                        print_row_block(rows[-len(results):])
+
+
+# ----------------------------------------------------------------------------- Mamba-1
+
+
+def mambapy_scan(u, delta, A, B, C, D):
+    """mambapy's own selective scan (pscan), in its (b, l, d) layout."""
+    from mambapy.mamba import MambaBlock
+
+    y = MambaBlock.selective_scan(None, u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+                                  C.transpose(1, 2), D)
+    return y.transpose(1, 2)
+
+
+def bench_mamba1(args, rate, rows):
+    variants = {
+        "ours (chunked torch)": lambda **kw: selective_scan_chunked(**kw),
+        "mambapy pscan": lambda **kw: mambapy_scan(**kw),
+        "naive loop": lambda **kw: selective_scan_naive(**kw),
+    }
+    d, n = args.d_inner, args.m1_dstate
+    for dtype_name in args.dtypes:
+        for backward in args.modes:
+            for b in args.batch:
+                for L in args.m1_lengths:
+                    gen = torch.Generator().manual_seed(0)
+                    dtype = DTYPES[dtype_name]
+                    inputs = {
+                        "u": torch.randn(b, d, L, generator=gen).to(dtype),
+                        "delta": (torch.rand(b, d, L, generator=gen) * 0.1 + 1e-3).to(dtype),
+                        "A": -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1),  # S4D-real init
+                        "B": torch.randn(b, n, L, generator=gen).to(dtype),
+                        "C": torch.randn(b, n, L, generator=gen).to(dtype),
+                        "D": torch.randn(d),
+                    }
+                    flops = 6 * b * L * d * n * (3 if backward else 1)
+                    results = {}
+                    for name, fn in variants.items():
+                        if name == "naive loop" and L > args.naive_max_len:
+                            continue
+                        if name == "mambapy pscan" and dtype != torch.float32:
+                            continue  # mambapy computes in the input dtype; a bf16 scan is not comparable
+                        results[name] = run_case(fn, inputs, backward, args.reps)
+                    add_rows(rows, "mamba1", dtype_name, backward, b, L, n, results, flops, rate)
+                    print_row_block(rows[-len(results):])
+
+
+# ----------------------------------------------------------------------------- output
+
+
+HEADER = ("| scan | dtype | mode | b | L | n | variant | ms | GFLOP/s | x floor | peak MiB | time / ours "
+          "| memory / ours |")
+
+
+def add_rows(rows, op, dtype, backward, b, L, n, results, flops, rate):
+    ours_time, ours_mem = results["ours (chunked torch)"]
+    for name, (seconds, peak) in results.items():
+        rows.append(
+            f"| {op} | {dtype} | {'fwd+bwd' if backward else 'fwd'} | {b} | {L} | {n} | {name} | {seconds * 1e3:.1f} "
+            f"| {flops / seconds / 1e9:.1f} | {seconds / (flops / rate):.1f} | {peak / 2**20:.0f} "
+            f"| {seconds / ours_time:.2f} | {peak / max(ours_mem, 1):.2f} |"
+        )
+
+
+def print_row_block(block):
+    for row in block:
+        print(row, flush=True)
+
+
+def tune(args, rate):
+    b, L = args.batch[-1], args.lengths[-1]
+    n = args.dstate[0]
+    inputs = ssd_inputs(b, L, args.heads, args.headdim, n, torch.float32)
+    print(f"tuning chunk size: b={b} L={L} h={args.heads} p={args.headdim} n={n} fp32")
+    print("| chunk | fwd ms | fwd+bwd ms | fwd x floor |")
+    print("|---|---|---|---|")
+    for chunk in args.tune_chunks:
+        fn = functools.partial(ssd_chunked, chunk_size=chunk, dt_softplus=True)
+        fwd, _ = run_case(fn, inputs, False, args.reps)
+        fwd_bwd, _ = run_case(fn, inputs, True, args.reps)
+        floor = ssd_flops(b, L, args.heads, args.headdim, n, chunk) / rate
+        print(f"| {chunk} | {fwd * 1e3:.1f} | {fwd_bwd * 1e3:.1f} | {fwd / floor:.1f} |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="b=1, L in {512, 2048}, n=64, fp32, one rep")
+    parser.add_argument("--tune", action="store_true", help="time our SSD scan per chunk size and exit")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--headdim", type=int, default=64)
+    parser.add_argument("--dstate", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="our chunk size")
+    parser.add_argument("--hf-chunk", type=int, default=256, help="transformers' chunk size (Mamba2Config default)")
+    parser.add_argument("--naive-max-len", type=int, default=512, help="run the sequential loop only up to this L")
+    parser.add_argument("--d-inner", type=int, default=1024)
+    parser.add_argument("--m1-dstate", type=int, default=16)
+    parser.add_argument("--m1-lengths", type=int, nargs="+", default=[512, 2048],
+                        help="Mamba-1 lengths (every variant holds several (b, d, n, L) fp32 tensors)")
+    parser.add_argument("--no-mamba1", action="store_true")
+    parser.add_argument("--no-mamba2", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--tune-chunks", type=int, nargs="+", default=[32, 64, 128, 256])
+    args = parser.parse_args()
+    args.modes = [mode == "fwd+bwd" for mode in args.modes]
+    if args.quick:
+        args.batch, args.lengths, args.dstate, args.dtypes = [1], [512, 2048], [64], ["fp32"]
+        args.m1_lengths, args.reps = [512], 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rate = matmul_rate()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul rate "
+          f"{rate / 1e9:.1f} GFLOP/s (2048^3 GEMM); our chunk size {args.chunk}")
+    if args.tune:
+        tune(args, rate)
+        return
+    rows = []
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count("|") - 1))
+    if not args.no_mamba2:
+        bench_mamba2(args, rate, rows)
+    if not args.no_mamba1:
+        bench_mamba1(args, rate, rows)
+
+
+if __name__ == "__main__":
+    main()
