@@ -360,9 +360,9 @@ def export(
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     folder, out = Path(checkpoint_dir), Path(out_dir)
-    check_out_dir(out)
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise UserError(f"--out {out} would replace the checkpoint being exported; choose another folder")
+    check_out_dir(out)
     model = load_checkpoint(folder)
     if fmt == "bamba":
         bamba_config(model.config)  # refuse before writing anything

@@ -116,7 +116,8 @@ def run(recipe, recipe_path: str | None = None) -> Path:
         print(f"\ndone in {time.time() - started:.0f}s; outputs in {out.resolve()}:")
         for label, path in outputs:
             print(f"  {label:<18}{path}")
-    accelerator.wait_for_everyone()
+    # no barrier here: the other processes may finish while the main one evaluates (which can outlast
+    # the process group's timeout when lm-eval tasks run)
     accelerator.end_training()
     return out
 

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullLocator
 
 MiB = 2**20
 
@@ -128,6 +129,9 @@ def _per_batch_plot(rows: list[dict], value, ylabel: str, title: str, path: Path
             points = sorted((r["context"], value(r)) for r in rows if r["model"] == model and r["batch"] == batch)
             ax.plot(*zip(*points), marker="o", label=model)
         ax.set_xscale("log", base=2)
+        contexts = sorted({r["context"] for r in rows if r["batch"] == batch})
+        ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
+        ax.xaxis.set_minor_locator(NullLocator())
         if log_y:
             ax.set_yscale("log")
         ax.set_title(f"batch {batch}")

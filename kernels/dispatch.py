@@ -15,7 +15,7 @@ import os
 from .conv1d import causal_conv1d_naive, causal_conv1d_torch
 from .conv1d import causal_conv1d_update as causal_conv1d_update_torch
 from .rmsnorm import rmsnorm_torch
-from .selective_scan import selective_scan_chunked
+from .selective_scan import selective_scan_torch
 from .selective_scan_naive import selective_scan_naive
 from .ssd_chunked import DEFAULT_CHUNK_SIZE, ssd_chunked
 from .ssd_naive import ssd_naive
@@ -112,7 +112,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if backend == "mamba_ssm":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as scan
     else:
-        scan = selective_scan_naive if backend == "naive" else selective_scan_chunked
+        scan = selective_scan_naive if backend == "naive" else selective_scan_torch
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 

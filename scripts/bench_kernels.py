@@ -2,7 +2,7 @@
 
 Mamba-2 (SSD) scan: our chunked PyTorch path vs transformers' own pure-torch fallback
 (`transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan`, what Mamba2/Bamba run without mamba-ssm)
-vs the sequential reference loop. Mamba-1 selective scan: our chunked path vs mambapy's parallel scan
+vs the sequential reference loop. Mamba-1 selective scan: our PyTorch path vs mambapy's parallel scan
 (`mambapy.mamba.MambaBlock.selective_scan`) vs the loop.
 
 For each row: wall time (best of --reps), effective GFLOP/s, the ratio to the matmul-bound floor, the peak
@@ -34,7 +34,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the docstring: exact
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
-from distill.kernels.selective_scan import selective_scan_chunked
+from distill.kernels.selective_scan import selective_scan_torch
 from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_chunked import DEFAULT_CHUNK_SIZE, ssd_chunked
 from distill.kernels.ssd_naive import ssd_naive
@@ -134,7 +134,7 @@ def ssd_flops(b, L, h, p, n, chunk, g=1):
 def bench_mamba2(args, rate, rows):
     hf = hf_mamba2_scan()
     variants = {
-        "ours (chunked torch)": lambda **kw: ssd_chunked(chunk_size=args.chunk, dt_softplus=True, **kw),
+        "ours (torch)": lambda **kw: ssd_chunked(chunk_size=args.chunk, dt_softplus=True, **kw),
         f"transformers fallback (chunk {args.hf_chunk})": lambda **kw: hf(
             kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), args.hf_chunk, dt_softplus=True, **kw),
         "naive loop": lambda **kw: ssd_naive(dt_softplus=True, **kw),
@@ -169,7 +169,7 @@ def mambapy_scan(u, delta, A, B, C, D):
 
 def bench_mamba1(args, rate, rows):
     variants = {
-        "ours (chunked torch)": lambda **kw: selective_scan_chunked(**kw),
+        "ours (torch)": lambda **kw: selective_scan_torch(**kw),
         "mambapy pscan": lambda **kw: mambapy_scan(**kw),
         "naive loop": lambda **kw: selective_scan_naive(**kw),
     }
@@ -208,7 +208,7 @@ HEADER = ("| scan | dtype | mode | b | L | n | variant | ms | GFLOP/s | x floor 
 
 
 def add_rows(rows, op, dtype, backward, b, L, n, results, flops, rate):
-    ours_time, ours_mem = results["ours (chunked torch)"]
+    ours_time, ours_mem = results["ours (torch)"]
     for name, (seconds, peak) in results.items():
         rows.append(
             f"| {op} | {dtype} | {'fwd+bwd' if backward else 'fwd'} | {b} | {L} | {n} | {name} | {seconds * 1e3:.1f} "

@@ -117,7 +117,7 @@ def test_tiling_instead_of_repeat_interleave_is_caught(checkpoint, tmp_path, mon
     monkeypatch.setattr(export_module, "_repeat_kv_rows", tile)
     with pytest.raises(RuntimeError, match="does not reproduce"):
         export(checkpoint[0], "bamba", tmp_path / "bamba")
-    assert not (tmp_path / "bamba").exists()
+    assert not (tmp_path / "bamba").exists() and not list(tmp_path.glob(".bamba*"))  # no half-written folder
 
 
 def test_native_export_folder(checkpoint, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from distill.kernels.conv1d import causal_conv1d_naive, causal_conv1d_torch
 from distill.kernels.rmsnorm import rmsnorm_torch
-from distill.kernels.selective_scan import selective_scan_chunked
+from distill.kernels.selective_scan import selective_scan_torch
 from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_chunked import ssd_chunked
 from distill.kernels.ssd_naive import ssd_naive
@@ -217,10 +217,10 @@ def selective_inputs(seed, b, d, n, l, groups, D, z, bias, dtype=torch.float64, 
 def test_selective_scan_matches_naive(seed, b, d, n, l, groups, D, z, bias, a_scale):
     args = selective_inputs(seed, b, d, n, l, groups, D, z, bias, a_scale=a_scale)
     y_ref, s_ref = selective_scan_naive(**args, return_last_state=True)
-    y, s = selective_scan_chunked(**cast(args, torch.float32), return_last_state=True)
+    y, s = selective_scan_torch(**cast(args, torch.float32), return_last_state=True)
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
     bf16 = cast(args, torch.bfloat16)
-    y16 = selective_scan_chunked(**bf16)
+    y16 = selective_scan_torch(**bf16)
     assert y16.dtype == torch.bfloat16
     assert rel_err(y16, selective_scan_naive(**cast(bf16, torch.float64))) <= 1e-2
 
@@ -231,7 +231,7 @@ def test_selective_scan_gradcheck():
     tensors = tuple(args[k].requires_grad_(True) for k in names)
 
     def f(*ts):
-        return selective_scan_chunked(**dict(zip(names, ts)), delta_softplus=True, return_last_state=True)
+        return selective_scan_torch(**dict(zip(names, ts)), delta_softplus=True, return_last_state=True)
 
     assert torch.autograd.gradcheck(f, tensors)
 
