@@ -51,7 +51,7 @@ def iter_json_array(path: str | Path, stats: ParseStats, chunk_chars: int = 1 <<
     in `stats.bytes_dropped` instead of raising.
     """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         buf, pos, eof = f.read(chunk_chars).lstrip(), 1, False
         if not buf.startswith("["):
             raise RecipeError(f"data.source = {str(path)!r}: expected a JSON array of records")
@@ -98,7 +98,7 @@ def _read_records(cfg: DataConfig, stats: ParseStats) -> Iterator[dict]:
         return
     path = Path(cfg.source).expanduser()
     if path.suffix == ".json":
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             if f.read(4096).lstrip().startswith("["):
                 yield from iter_json_array(path, stats)
                 return

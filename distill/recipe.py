@@ -102,10 +102,10 @@ class DataConfig(_Section):
     source: str = "sharegpt"
     split: str = "train"
     max_length: int = Field(default=512, ge=16)
-    packing: bool = True
-    loss_on: Literal["assistant", "all"] = "assistant"
-    held_out_size: int = Field(default=64, ge=1)
-    max_conversations: int | None = Field(default=None, ge=1)
+    packing: bool = True  # several documents per row (position_ids restart); False: one per row, padded
+    loss_on: Literal["assistant", "all"] = "assistant"  # plain-text sources always train on every token
+    held_out_size: int = Field(default=64, ge=1)  # conversations held out (one per row), never trained on
+    max_conversations: int | None = Field(default=None, ge=1)  # training conversations; None: all
 
 
 class _StageBase(_Section):

@@ -162,7 +162,7 @@ def teacher_config(cfg: TeacherConfig):
 
 
 def teacher_num_layers(cfg: TeacherConfig) -> int:
-    """The teacher's layer count, read from config.json or GGUF metadata without importing torch.
+    """The teacher's layer count from config.json or GGUF metadata: no weights loaded, nothing converted.
 
     `distill validate` uses it so checking a recipe stays fast; hub ids fall back to `teacher_config`.
     """

@@ -15,15 +15,29 @@ from distill.errors import UserError
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="distill eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--student", required=True, type=Path, help="checkpoint folder (native hybrid or any HF LM)")
-    parser.add_argument("--teacher", default=None,
-                        help="teacher folder, hub id, GGUF or 'smollm2-135m-instruct' (default: the run's teacher)")
-    parser.add_argument("--data", default=None,
-                        help="held-out source: json/jsonl/parquet file or datasets name (default: the run's data, "
-                             "else the built-in ShareGPT held-out split)")
-    parser.add_argument("--max-length", type=int, default=None, help="held-out row length (default: the run's)")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default: <run>/eval or ./eval-report)")
-    parser.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks, e.g. sharegpt_ppl sharegpt_next_sentence")
+    parser.add_argument(
+        "--student", required=True, type=Path, help="checkpoint folder (native hybrid or any HF LM)"
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher folder, hub id, GGUF or 'smollm2-135m-instruct' (default: the run's teacher)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="held-out source: json/jsonl/parquet file or datasets name (default: the run's data, "
+        "else the built-in ShareGPT held-out split)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="held-out row length (default: the run's)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="report folder (default: <run>/eval or ./eval-report)"
+    )
+    parser.add_argument(
+        "--tasks", nargs="*", default=[], help="lm-eval tasks, e.g. sharegpt_ppl sharegpt_next_sentence"
+    )
     parser.add_argument("--limit", type=int, default=None, help="lm-eval examples per task")
     parser.add_argument("--max-sequences", type=int, default=64, help="held-out rows to score")
     parser.add_argument("--speed", action="store_true", help="also run the decode speed/memory benchmark")
@@ -60,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parse(argv)
     if not (args.student / "config.json").is_file():
-        raise UserError(f"--student {args.student}: not a checkpoint folder (no config.json); pass e.g. outputs/run/final")
+        raise UserError(
+            f"--student {args.student}: not a checkpoint folder (no config.json); pass e.g. outputs/run/final"
+        )
     run_dir = _run_dir(args.student)
     recipe: Recipe | None = load_recipe(run_dir / "recipe.yaml") if run_dir else None
     if args.teacher is None and recipe is None:
-        raise UserError("--teacher is required when --student is not a run's final/ folder; pass the teacher folder")
+        raise UserError(
+            "--teacher is required when --student is not a run's final/ folder; pass the teacher folder"
+        )
     teacher_cfg = TeacherConfig(source=args.teacher) if args.teacher else recipe.teacher
     data_cfg = recipe.data if recipe else DataConfig(held_out_size=args.max_sequences)
     updates = {k: v for k, v in (("source", args.data), ("max_length", args.max_length)) if v is not None}
@@ -78,14 +96,28 @@ def main(argv: list[str] | None = None) -> int:
     student.to(args.device)
     _, held_out = build_datasets(data_cfg, tokenizer, seed=recipe.seed if recipe else 0)
 
-    cfg = EvalConfig(max_sequences=args.max_sequences, lm_eval_tasks=args.tasks, lm_eval_limit=args.limit,
-                     speed=args.speed, needle=args.needle)
-    run_info = {"recipe": str(run_dir / "recipe.yaml") if run_dir else None,
-                "output_dir": str(run_dir) if run_dir else None,
-                "stages": _stage_summaries(run_dir, recipe) if recipe else []}
+    cfg = EvalConfig(
+        max_sequences=args.max_sequences,
+        lm_eval_tasks=args.tasks,
+        lm_eval_limit=args.limit,
+        speed=args.speed,
+        needle=args.needle,
+    )
+    run_info = {
+        "recipe": str(run_dir / "recipe.yaml") if run_dir else None,
+        "output_dir": str(run_dir) if run_dir else None,
+        "stages": _stage_summaries(run_dir, recipe) if recipe else [],
+    }
     out = args.out or (run_dir / "eval" if run_dir else Path("eval-report"))
-    report = evaluate(cfg, student=student, teacher=teacher, tokenizer=tokenizer, held_out=held_out,
-                      out_dir=out, run_info=run_info)
+    report = evaluate(
+        cfg,
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        held_out=held_out,
+        out_dir=out,
+        run_info=run_info,
+    )
     from distill.eval.report import markdown_table
 
     print(markdown_table(report))

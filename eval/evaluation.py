@@ -26,7 +26,9 @@ def _stage_logs(run_info: dict) -> dict[str, list[dict]]:
     if not output_dir:
         return {}
     return {
-        f"stage {i}: {stage.get('name', '?')}": rep.read_metrics_log(Path(output_dir) / f"stage{i}-{stage.get('name')}")
+        f"stage {i}: {stage.get('name', '?')}": rep.read_metrics_log(
+            Path(output_dir) / f"stage{i}-{stage.get('name')}"
+        )
         for i, stage in enumerate(run_info.get("stages", []))
     }
 
@@ -38,11 +40,16 @@ def evaluate(cfg, *, student, teacher, tokenizer, held_out, out_dir: Path, run_i
     student.eval()
     teacher.eval()
     started = time.time()
-    quality = compare_on_held_out(student, teacher, held_out, max_sequences=cfg.max_sequences,
-                                  batch_size=cfg.batch_size)
-    logger.info("held-out: teacher ppl %.3f, student ppl %.3f, KL %.4f, top-1 agreement %.3f",
-                quality["teacher"]["perplexity"], quality["student"]["perplexity"],
-                quality["student"]["kl_to_teacher"], quality["student"]["top1_agreement"])
+    quality = compare_on_held_out(
+        student, teacher, held_out, max_sequences=cfg.max_sequences, batch_size=cfg.batch_size
+    )
+    logger.info(
+        "held-out: teacher ppl %.3f, student ppl %.3f, KL %.4f, top-1 agreement %.3f",
+        quality["teacher"]["perplexity"],
+        quality["student"]["perplexity"],
+        quality["student"]["kl_to_teacher"],
+        quality["student"]["top1_agreement"],
+    )
     recipe = _recipe_of(run_info)
     report = {
         "teacher": quality["teacher"],
@@ -64,8 +71,14 @@ def evaluate(cfg, *, student, teacher, tokenizer, held_out, out_dir: Path, run_i
     if cfg.speed:
         from distill.eval.speed import benchmark
 
-        report["speed"] = benchmark(models, cfg.speed_contexts, cfg.speed_batch_sizes, cfg.speed_steps,
-                                    prefill_max_tokens=2048, log=logger.info)
+        report["speed"] = benchmark(
+            models,
+            cfg.speed_contexts,
+            cfg.speed_batch_sizes,
+            cfg.speed_steps,
+            prefill_max_tokens=2048,
+            log=logger.info,
+        )
         report["speed_note"] = (
             "Speed: decode on top of a cache holding `context` tokens, all models measured back to back on "
             "the same machine (see distill.eval.speed)."
@@ -78,8 +91,9 @@ def evaluate(cfg, *, student, teacher, tokenizer, held_out, out_dir: Path, run_i
         train_length = (recipe or {}).get("data", {}).get("max_length") if isinstance(recipe, dict) else None
         report["needle"] = {}
         for name, model in models.items():
-            grid = passkey_accuracy(model, tokenizer, filler, cfg.needle_lengths, cfg.needle_depths,
-                                    trials=cfg.needle_trials)
+            grid = passkey_accuracy(
+                model, tokenizer, filler, cfg.needle_lengths, cfg.needle_depths, trials=cfg.needle_trials
+            )
             grid["train_length"] = train_length
             report["needle"][name] = grid
             report[name]["needle_accuracy"] = mean_accuracy(grid)

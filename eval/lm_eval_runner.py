@@ -41,7 +41,9 @@ def _load_lm(model, tokenizer, batch_size: int, device: str, dtype: str):
     if isinstance(model, (str, Path)):
         folder = Path(model)
         if not (folder / "config.json").is_file():
-            raise UserError(f"{folder} is not a checkpoint folder (no config.json); pass a save_pretrained folder")
+            raise UserError(
+                f"{folder} is not a checkpoint folder (no config.json); pass a save_pretrained folder"
+            )
         return HFLM(
             pretrained=str(folder), dtype=dtype, device=device, batch_size=batch_size, trust_remote_code=True
         )
@@ -77,7 +79,8 @@ def run_lm_eval(
             loaded = manager.load([_task_spec(name)])["tasks"]
         except (KeyError, ValueError, OSError) as err:  # unknown name; data not in the offline cache
             raise UserError(
-                f"lm-eval task {name!r} could not be loaded offline ({type(err).__name__}: {err}); use one of "
+                f"lm-eval task {name!r} could not be loaded offline ({type(err).__name__}: {err}); "
+                f"use one of "
                 f"{', '.join(LOCAL_TASKS)} or a standard task whose data is in the local HF cache"
             ) from None
         kinds[name] = {task.get_config("output_type") for task in loaded.values()}
@@ -119,7 +122,9 @@ def summarize(results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run lm-eval on a checkpoint folder, offline.")
-    parser.add_argument("checkpoint", help="a save_pretrained folder (teacher, native hybrid or Bamba export)")
+    parser.add_argument(
+        "checkpoint", help="a save_pretrained folder (teacher, native hybrid or Bamba export)"
+    )
     parser.add_argument("--tasks", nargs="+", default=LOCAL_TASKS)
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -127,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the summary as JSON here")
     args = parser.parse_args(argv)
     results = summarize(
-        run_lm_eval(args.checkpoint, args.tasks, limit=args.limit, batch_size=args.batch_size, device=args.device)[
-            "results"
-        ]
+        run_lm_eval(
+            args.checkpoint, args.tasks, limit=args.limit, batch_size=args.batch_size, device=args.device
+        )["results"]
     )
     text = json.dumps(results, indent=2)
     if args.out:

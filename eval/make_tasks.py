@@ -5,7 +5,8 @@
 Both tasks use the assistant replies of the *last* `--conversations` conversations of the file (their ids are
 kept in every row so a data split can exclude them):
 
-- `sharegpt_ppl.jsonl`: one reply per row (`text`, the first `--ppl-rows` replies), for the loglikelihood_rolling perplexity task.
+- `sharegpt_ppl.jsonl`: one reply per row (`text`, the first `--ppl-rows` replies), for the
+  loglikelihood_rolling perplexity task.
 - `sharegpt_next_sentence.jsonl`: a 4-way multiple-choice task. `context` is the start of a reply cut at
   a sentence end; the choices are the sentence that really follows and three sentences of similar length
   drawn from other replies. A model that follows the discourse beats the 25% chance level; nothing in the
@@ -69,13 +70,22 @@ def build(
             continue
         choices = rng.sample(similar, 3) + [answer]
         rng.shuffle(choices)
-        mc.append({"id": rid, "context": " ".join(sentences[:cut]), "choices": choices, "label": choices.index(answer)})
+        mc.append(
+            {
+                "id": rid,
+                "context": " ".join(sentences[:cut]),
+                "choices": choices,
+                "label": choices.index(answer),
+            }
+        )
     return ppl, mc
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", type=Path, required=True, help="ShareGPT_V3_unfiltered_cleaned_split.json")
+    parser.add_argument(
+        "--source", type=Path, required=True, help="ShareGPT_V3_unfiltered_cleaned_split.json"
+    )
     parser.add_argument("--conversations", type=int, default=300)
     parser.add_argument("--max-chars", type=int, default=1500, help="perplexity text per row is cut here")
     parser.add_argument("--ppl-rows", type=int, default=200)

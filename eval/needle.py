@@ -34,14 +34,18 @@ def haystack_tokens(held_out, tokenizer) -> list[int]:
         if keep and token not in special
     ]
     if len(tokens) < 256:
-        raise UserError(f"the held-out set has only {len(tokens)} text tokens; the passkey test needs at least 256")
+        raise UserError(
+            f"the held-out set has only {len(tokens)} text tokens; the passkey test needs at least 256"
+        )
     return tokens
 
 
 def _chat_wrap(tokenizer, user: str) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         return f"{user}\n{ANSWER_START}"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
     return prompt + ANSWER_START
 
 
@@ -51,7 +55,9 @@ def make_prompt(tokenizer, filler: list[int], length: int, depth: float, key: in
     overhead = len(tokenizer(_chat_wrap(tokenizer, f"{INTRO}\n\n\n{needle}\n\n{QUESTION}")).input_ids)
     n_fill = length - overhead
     if n_fill < 16:
-        raise UserError(f"passkey length {length} is too short for the prompt ({overhead} tokens); use >= {overhead + 16}")
+        raise UserError(
+            f"passkey length {length} is too short for the prompt ({overhead} tokens); use >= {overhead + 16}"
+        )
     window = [filler[(offset + i) % len(filler)] for i in range(n_fill)]
     cut = round(depth * n_fill)
     before, after = tokenizer.decode(window[:cut]), tokenizer.decode(window[cut:])
@@ -66,9 +72,15 @@ def _answer(text: str) -> str | None:
 
 @torch.no_grad()
 def passkey_accuracy(
-    model, tokenizer, filler: list[int], lengths: list[int], depths: list[float], trials: int = 3, seed: int = 0
+    model,
+    tokenizer,
+    filler: list[int],
+    lengths: list[int],
+    depths: list[float],
+    trials: int = 3,
+    seed: int = 0,
 ) -> dict:
-    """Accuracy per (depth, length): `{"lengths", "depths", "accuracy": [[...] per depth], "prompt_tokens"}`."""
+    """Accuracy per (depth, length): `{"lengths", "depths", "accuracy": [[...] per depth], ...}`."""
     rng = random.Random(seed)
     device = next(model.parameters()).device
     accuracy, prompt_tokens = [], {}
@@ -90,8 +102,13 @@ def passkey_accuracy(
                 correct += _answer(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)) == str(key)
             row.append(correct / trials)
         accuracy.append(row)
-    return {"lengths": list(lengths), "depths": list(depths), "accuracy": accuracy, "trials": trials,
-            "prompt_tokens": prompt_tokens}
+    return {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "accuracy": accuracy,
+        "trials": trials,
+        "prompt_tokens": prompt_tokens,
+    }
 
 
 def mean_accuracy(grid: dict) -> float:

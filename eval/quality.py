@@ -22,9 +22,11 @@ def _device(model) -> torch.device:
 
 def _final_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Last hidden states (after the final norm). No attention mask: transformers then derives the
-    block-diagonal causal mask from `position_ids` (packed rows); right padding cannot leak into real tokens."""
+    block-diagonal causal mask from `position_ids` (packed rows); right padding cannot reach real tokens."""
     device = _device(model)
-    out = model.get_decoder()(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
+    out = model.get_decoder()(
+        input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False
+    )
     return out.last_hidden_state
 
 
@@ -60,8 +62,12 @@ def compare_on_held_out(
         keep = targets != -100
         if not keep.any():
             continue
-        t_hidden = _final_hidden(teacher, batch["input_ids"], batch["position_ids"])[:, :-1][keep.to(t_weight.device)]
-        s_hidden = _final_hidden(student, batch["input_ids"], batch["position_ids"])[:, :-1][keep.to(s_weight.device)]
+        t_hidden = _final_hidden(teacher, batch["input_ids"], batch["position_ids"])[:, :-1][
+            keep.to(t_weight.device)
+        ]
+        s_hidden = _final_hidden(student, batch["input_ids"], batch["position_ids"])[:, :-1][
+            keep.to(s_weight.device)
+        ]
         targets = targets[keep]
         for i in range(0, targets.numel(), chunk_tokens):
             target = targets[i : i + chunk_tokens].to(t_weight.device)
@@ -83,7 +89,12 @@ def compare_on_held_out(
     t_nll, s_nll, kl, agree = (totals / tokens).tolist()
     return {
         "teacher": {"perplexity": math.exp(t_nll), "nll": t_nll},
-        "student": {"perplexity": math.exp(s_nll), "nll": s_nll, "kl_to_teacher": kl, "top1_agreement": agree},
+        "student": {
+            "perplexity": math.exp(s_nll),
+            "nll": s_nll,
+            "kl_to_teacher": kl,
+            "top1_agreement": agree,
+        },
         "tokens": tokens,
         "sequences": len(rows),
     }

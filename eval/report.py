@@ -37,19 +37,32 @@ def _metric_rows(report: dict) -> list[tuple[str, object, object]]:
     ]
     for task, metrics in student.get("lm_eval", {}).items():
         for metric, value in metrics.items():
-            rows.append((f"lm-eval {task} {metric}", teacher.get("lm_eval", {}).get(task, {}).get(metric), value))
+            rows.append(
+                (f"lm-eval {task} {metric}", teacher.get("lm_eval", {}).get(task, {}).get(metric), value)
+            )
     if "needle_accuracy" in student:
-        rows.append(("passkey retrieval accuracy (all lengths/depths)", teacher["needle_accuracy"],
-                     student["needle_accuracy"]))
+        rows.append(
+            (
+                "passkey retrieval accuracy (all lengths/depths)",
+                teacher["needle_accuracy"],
+                student["needle_accuracy"],
+            )
+        )
     speed = {(r["model"], r["batch"], r["context"]): r for r in report.get("speed", [])}
     for (model, batch, context), row in speed.items():
         if model != "student":
             continue
         base = speed[("teacher", batch, context)]
-        rows.append((f"decode tok/s, batch {batch}, context {context}", base["decode_tok_s"], row["decode_tok_s"]))
-        rows.append((f"decode state MiB (KV + SSM), batch {batch}, context {context}",
-                     (base["kv_cache_bytes"] + base["ssm_state_bytes"]) / MiB,
-                     (row["kv_cache_bytes"] + row["ssm_state_bytes"]) / MiB))
+        rows.append(
+            (f"decode tok/s, batch {batch}, context {context}", base["decode_tok_s"], row["decode_tok_s"])
+        )
+        rows.append(
+            (
+                f"decode state MiB (KV + SSM), batch {batch}, context {context}",
+                (base["kv_cache_bytes"] + base["ssm_state_bytes"]) / MiB,
+                (row["kv_cache_bytes"] + row["ssm_state_bytes"]) / MiB,
+            )
+        )
     return rows
 
 
@@ -64,7 +77,8 @@ def _stages_table(stages: list[dict]) -> str:
     lines = ["| # | stage | tokens | steps | wall time (s) | final loss |", "|---:|---|---:|---:|---:|---:|"]
     for index, stage in enumerate(stages):
         lines.append(
-            f"| {index} | {stage.get('name', '?')} | {_fmt(stage.get('tokens'))} | {_fmt(stage.get('steps'))} | "
+            f"| {index} | {stage.get('name', '?')} | {_fmt(stage.get('tokens'))} | "
+            f"{_fmt(stage.get('steps'))} | "
             f"{_fmt(stage.get('wall_time_s'))} | {_fmt(stage.get('final_loss'), 4)} |"
         )
     return "\n".join(lines)
@@ -74,8 +88,10 @@ def to_markdown(report: dict) -> str:
     held_out = report.get("held_out", {})
     parts = [
         "# Evaluation: student vs teacher",
-        (f"Held-out set: {held_out.get('sequences')} sequences, {held_out.get('tokens')} loss tokens; "
-        "both models read the same rows in one pass (fp32)."),
+        (
+            f"Held-out set: {held_out.get('sequences')} sequences, {held_out.get('tokens')} loss tokens; "
+            "both models read the same rows in one pass (fp32)."
+        ),
         markdown_table(report),
     ]
     if report.get("stages"):
@@ -109,7 +125,8 @@ def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(logs), figsize=(4.5 * len(logs), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], logs.items()):
-        ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], color="tab:blue")
+        marker = "o" if len(rows) <= 50 else None  # a short stage may log a single step
+        ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], color="tab:blue", marker=marker)
         ax.set_title(name)
         ax.set_xlabel("tokens seen in this stage")
         ax.set_ylabel("training loss")
@@ -126,7 +143,9 @@ def _per_batch_plot(rows: list[dict], value, ylabel: str, title: str, path: Path
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.8), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for model in dict.fromkeys(r["model"] for r in rows):
-            points = sorted((r["context"], value(r)) for r in rows if r["model"] == model and r["batch"] == batch)
+            points = sorted(
+                (r["context"], value(r)) for r in rows if r["model"] == model and r["batch"] == batch
+            )
             ax.plot(*zip(*points), marker="o", label=model)
         ax.set_xscale("log", base=2)
         contexts = sorted({r["context"] for r in rows if r["batch"] == batch})
@@ -151,11 +170,22 @@ def plot_speed(rows: list[dict], out_dir: Path) -> list[Path]:
     if not rows:
         return []
     return [
-        _per_batch_plot(rows, lambda r: r["decode_tok_s"], "decode tokens/s (all sequences)",
-                        "Decode speed vs context length", out_dir / "decode_speed.png", log_y=False),
-        _per_batch_plot(rows, lambda r: max((r["kv_cache_bytes"] + r["ssm_state_bytes"]) / MiB, 1e-3),
-                        "KV cache + SSM state (MiB)", "Decode-time memory vs context length",
-                        out_dir / "decode_memory.png", log_y=True),
+        _per_batch_plot(
+            rows,
+            lambda r: r["decode_tok_s"],
+            "decode tokens/s (all sequences)",
+            "Decode speed vs context length",
+            out_dir / "decode_speed.png",
+            log_y=False,
+        ),
+        _per_batch_plot(
+            rows,
+            lambda r: max((r["kv_cache_bytes"] + r["ssm_state_bytes"]) / MiB, 1e-3),
+            "KV cache + SSM state (MiB)",
+            "Decode-time memory vs context length",
+            out_dir / "decode_memory.png",
+            log_y=True,
+        ),
     ]
 
 
@@ -163,8 +193,9 @@ def plot_needle(needle: dict[str, dict], path: Path) -> Path | None:
     """Passkey accuracy heatmap (depth x length), one panel per model."""
     if not needle:
         return None
-    fig, axes = plt.subplots(1, len(needle), figsize=(4.2 * len(needle) + 1, 3.8), squeeze=False,
-                             sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(needle), figsize=(4.2 * len(needle) + 1, 3.8), squeeze=False, sharey=True, layout="constrained"
+    )
     for ax, (model, grid) in zip(axes[0], needle.items()):
         lengths, depths = grid["lengths"], grid["depths"]
         image = ax.imshow(grid["accuracy"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -186,7 +217,7 @@ def plot_needle(needle: dict[str, dict], path: Path) -> Path | None:
 
 
 def read_metrics_log(stage_dir: Path) -> list[dict]:
-    """The stage's `metrics.jsonl` rows that have `tokens` and `loss`; [] when the log is missing or unreadable."""
+    """The stage's `metrics.jsonl` rows with `tokens` and `loss`; [] when the log is missing."""
     path = Path(stage_dir) / "metrics.jsonl"
     rows = []
     if not path.is_file():
@@ -196,8 +227,10 @@ def read_metrics_log(stage_dir: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut off by an interrupted run
-        if isinstance(row, dict) and isinstance(row.get("tokens"), (int, float)) and isinstance(
-            row.get("loss"), (int, float)
+        if (
+            isinstance(row, dict)
+            and isinstance(row.get("tokens"), (int, float))
+            and isinstance(row.get("loss"), (int, float))
         ):
             rows.append(row)
     return rows

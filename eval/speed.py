@@ -8,10 +8,10 @@ the thread's CPU time, so other processes on a shared machine do not inflate the
 
 - prefill tokens/s: one forward over `batch x context` random tokens (skipped above `--prefill-max-tokens`).
 - decode tokens/s: greedy steps of one token per sequence on top of a cache holding `context` tokens (median
-  step time). The
-  cache comes from a short real prefill (which gives its structure: KV for attention layers, conv + SSM
-  state for Mamba layers) whose attention KV is then grown to `context` random entries. Decode time depends
-  on the cache's shapes, not its values, so this measures decoding at 8k x 8 without minutes of prefill.
+  step time). The cache comes from a short real prefill (which gives its structure: KV for attention layers,
+  conv + SSM state for Mamba layers) whose attention KV is then grown to `context` random entries. Decode
+  time depends on the cache's shapes, not its values, so this measures decoding at 8k x 8 without minutes
+  of prefill. The teacher and the hybrids' attention layers use transformers' stock `DynamicCache`.
 - memory: the KV cache bytes vs the SSM state bytes, and the peak memory above the loaded weights while the
   cache exists and decoding runs (process RSS on CPU, the allocator's peak on CUDA).
 
@@ -47,7 +47,9 @@ def cache_bytes(cache) -> dict:
             if isinstance(tensor, torch.Tensor):
                 kv += tensor.nbytes
         for name in ("conv_states", "recurrent_states"):
-            ssm += sum(t.nbytes for t in (getattr(layer, name, None) or {}).values() if isinstance(t, torch.Tensor))
+            ssm += sum(
+                t.nbytes for t in (getattr(layer, name, None) or {}).values() if isinstance(t, torch.Tensor)
+            )
     return {"kv_cache_bytes": kv, "ssm_state_bytes": ssm}
 
 
@@ -139,7 +141,7 @@ def measure_prefill(model, batch: int, context: int) -> float:
 
 @torch.no_grad()
 def measure_decode(model, batch: int, context: int, steps: int) -> dict:
-    """Greedy decode `steps` tokens per sequence after `context` cached tokens: speed, state sizes, peak memory.
+    """Greedy decode `steps` tokens per sequence after `context` cached tokens: speed, state, peak memory.
 
     The step time is the median over the timed steps, so a step preempted by another process does not count.
     """
@@ -220,15 +222,18 @@ def format_row(row: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     """The side-by-side table: one line per (batch, context, model) with the decode ratio to the baseline."""
     lines = [
-        ("| batch | context | model | prefill tok/s | decode tok/s | ms/token step | decode speedup | "
-        "KV cache MiB | SSM state MiB | peak MiB |"),
+        (
+            "| batch | context | model | prefill tok/s | decode tok/s | ms/token step | decode speedup | "
+            "KV cache MiB | SSM state MiB | peak MiB |"
+        ),
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         prefill = f"{row['prefill_tok_s']:.0f}" if row.get("prefill_tok_s") else "-"
         lines.append(
             f"| {row['batch']} | {row['context']} | {row['model']} | {prefill} | {row['decode_tok_s']:.1f} | "
-            f"{row['decode_ms_per_step']:.1f} | {row['decode_speedup']:.2f}x | {_mib(row['kv_cache_bytes'])} | "
+            f"{row['decode_ms_per_step']:.1f} | {row['decode_speedup']:.2f}x | "
+            f"{_mib(row['kv_cache_bytes'])} | "
             f"{_mib(row['ssm_state_bytes'])} | {_mib(row['peak_memory_bytes'])} |"
         )
     return "\n".join(lines)
@@ -238,7 +243,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def hybrids_of(teacher, fractions: list[float], seed: int = 0) -> dict:
-    """The teacher plus one freshly initialised hybrid per attention fraction (decode speed needs no training)."""
+    """The teacher plus one freshly initialised hybrid per attention fraction (speed needs no training)."""
     from distill.init import hybrid_from_teacher
     from distill.recipe import StudentConfig
 
@@ -251,15 +256,23 @@ def hybrids_of(teacher, fractions: list[float], seed: int = 0) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Decode/prefill speed and memory: teacher vs hybrids.")
-    parser.add_argument("--teacher", default="smollm2-135m-instruct", help="teacher.source (builtin, folder, hub id)")
+    parser.add_argument(
+        "--teacher", default="smollm2-135m-instruct", help="teacher.source (builtin, folder, hub id)"
+    )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=6, help="timed decode steps per measurement (median)")
-    parser.add_argument("--prefill-max-tokens", type=int, default=2048, help="skip prefill above batch x context")
-    parser.add_argument("--max-batch-tokens", type=int, default=8 * 8192, help="skip batch x context above this")
+    parser.add_argument(
+        "--prefill-max-tokens", type=int, default=2048, help="skip prefill above batch x context"
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=8 * 8192, help="skip batch x context above this"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="contexts 256/1024, 4 steps, prefill <= 1024 tokens")
+    parser.add_argument(
+        "--quick", action="store_true", help="contexts 256/1024, 4 steps, prefill <= 1024 tokens"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("outputs/speed"))
     args = parser.parse_args(argv)
@@ -275,13 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     teacher, _ = load_teacher(TeacherConfig(source=args.teacher), dtype=torch.float32)
     models = hybrids_of(teacher.to(args.device), args.fractions)
     timer = "thread CPU time" if clock(torch.device(args.device)) is time.thread_time else "wall time"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, timed by {timer}")
+    note = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, timed by {timer}."
+    print(note)
     rows = benchmark(
         models, args.contexts, args.batch_sizes, args.steps, args.prefill_max_tokens, args.max_batch_tokens
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "speed.md").write_text(markdown(rows) + "\n")
+    (args.out / "speed.md").write_text(f"{note}\n\n{markdown(rows)}\n")
     from distill.eval.report import plot_speed
 
     plots = plot_speed(rows, args.out)

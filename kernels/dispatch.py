@@ -121,6 +121,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     backend = resolve_backend(x)
     if backend == "mamba_ssm":
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update as step
+
+        if state.dim() == 4:  # mamba-ssm wants the per-channel layouts; ours also accepts per-head A/dt/D/dt_bias
+            h, p, n = state.shape[1:]
+            dt = dt[..., None].expand(-1, h, p) if dt.dim() == 2 else dt
+            A = A[:, None, None].expand(h, p, n) if A.dim() == 1 else A
+            D = D[:, None].expand(h, p) if D is not None and D.dim() == 1 else D
+            dt_bias = dt_bias[:, None].expand(h, p) if dt_bias is not None and dt_bias.dim() == 1 else dt_bias
     elif backend == "triton":
         from .state_update_triton import selective_state_update_triton as step
     else:

@@ -1,28 +1,43 @@
 """Mamba-1 selective scan with PyTorch ops: the fast path without mamba-ssm.
 
-A is a (d, n) matrix, so Mamba-2's matmul form does not apply and the work is elementwise. The cheapest exact
-form on a CPU is the recurrence itself, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, with everything that does
-not depend on h computed for all steps at once, time as the leading (contiguous) axis, and the loop over time
-run as one autograd node (`StatePassing`: in-place updates forward and backward, no per-step graph). Memory is
-O(b d n l), like mambapy's parallel scan.
+A is a (d, n) matrix, so Mamba-2's matmul form does not apply and the work is elementwise: on a CPU the
+recurrence stepped in time on cache-sized (b, d, n) tensors is the cheapest exact form (the parallel scans of
+mambapy and friends materialise several (b, l, d, n) tensors and stream them through memory). What this path adds
+over the plain loop of `selective_scan_naive` is memory: time is cut into segments of SEGMENT steps and each
+segment is recomputed in the backward (activation checkpointing), so training keeps O(b d l) activations plus one
+(b, d, n) state per segment instead of O(b d n l).
 """
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .selective_scan_naive import finish_selective_scan, prepare_selective_scan
-from .ssd_chunked import StatePassing, decay_exp
+
+SEGMENT = 64
+
+
+def scan_segment(state, A, delta, delta_u, B, C):
+    """The recurrence over one segment: delta, delta_u (b, d, k); B, C (b, d, n, k). Returns y (b, d, k), state."""
+    ys = []
+    for delta_t, delta_u_t, B_t, C_t in zip(delta.unbind(-1), delta_u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        state = torch.exp(delta_t[..., None] * A) * state + delta_u_t[..., None] * B_t
+        ys.append((state * C_t).sum(-1))
+    return torch.stack(ys, dim=-1), state
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
     delta, B, C = prepare_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus)
     f = delta.dtype
-    b, d, _ = u.shape
-    steps = delta.permute(2, 0, 1)[..., None]  # (l, b, d, 1)
-    decay = decay_exp(steps * A.to(f))  # (l, b, d, n)
-    inputs = (steps * u.to(f).permute(2, 0, 1)[..., None]) * B.permute(3, 0, 1, 2)
-    incoming, state = StatePassing.apply(inputs, decay, u.new_zeros(b, d, A.shape[1], dtype=f))
-    states = torch.cat([incoming[1:], state[None]])  # the state after each step
-    y = (states * C.permute(3, 0, 1, 2)).sum(-1).permute(1, 2, 0)
-    out = finish_selective_scan(y, u, D, z, f)
+    A = A.to(f)
+    state = u.new_zeros(*u.shape[:2], A.shape[1], dtype=f)
+    pieces = zip(*(t.split(SEGMENT, dim=-1) for t in (delta, delta * u.to(f), B, C)))
+    ys = []
+    for segment in pieces:
+        if torch.is_grad_enabled():
+            y, state = checkpoint(scan_segment, state, A, *segment, use_reentrant=False)
+        else:
+            y, state = scan_segment(state, A, *segment)
+        ys.append(y)
+    out = finish_selective_scan(torch.cat(ys, dim=-1), u, D, z, f)
     return (out, state.to(u.dtype)) if return_last_state else out

@@ -51,8 +51,9 @@ def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     uf, A = u.to(f), A.to(f)
     state = u.new_zeros(*u.shape[:2], A.shape[1], dtype=f)
     ys = []
-    for t in range(u.shape[-1]):
-        state = torch.exp(delta[..., t, None] * A) * state + (delta[..., t] * uf[..., t])[..., None] * B[..., t]
-        ys.append((state * C[..., t]).sum(-1))
+    # unbind, not indexing: one autograd node for all steps instead of a full-size gradient buffer per step
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), uf.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        state = torch.exp(delta_t[..., None] * A) * state + (delta_t * u_t)[..., None] * B_t
+        ys.append((state * C_t).sum(-1))
     out = finish_selective_scan(torch.stack(ys, dim=-1), u, D, z, f)
     return (out, state.to(u.dtype)) if return_last_state else out

@@ -36,9 +36,10 @@ def decay_exp(log_decay, mask=None):
     The flush keeps subnormal floats (~100x slower on x86, and what GPUs flush anyway) out of the matmuls;
     a decay under e^-67 in fp32 (e^-688 in float64) is far below the resolution of any sum it enters.
     """
-    floor = math.log(torch.finfo(log_decay.dtype).tiny) + 20
-    drop = log_decay < floor if mask is None else (log_decay < floor) | ~mask
-    return log_decay.masked_fill(drop, -math.inf).exp()
+    keep = log_decay >= math.log(torch.finfo(log_decay.dtype).tiny) + 20
+    if mask is not None:
+        keep = keep & mask
+    return torch.where(keep, log_decay, -math.inf).exp_()
 
 
 class StatePassing(torch.autograd.Function):
@@ -86,16 +87,16 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
     doc = document_index(seq_idx) if seq_idx is not None else None
     state = x.new_zeros(b, h, p, n, dtype=f) if initial_states is None else initial_states.to(f)
     block = chunk_size * BLOCK_CHUNKS
+    # split, not slicing: its backward concatenates the block gradients once instead of padding each to full size
+    pieces = zip(*(t.split(block, dim=1) for t in (xdt, dt, B, C)))
     ys = []
-    for start in range(0, l, block):
-        stop = min(start + block, l)
+    for start, (block_xdt, block_dt, block_B, block_C) in zip(range(0, l, block), pieces):
         block_doc = None
         if doc is not None:
-            block_doc = doc[:, start:stop]
+            block_doc = doc[:, start:start + block]
             if start:  # a document that starts exactly at the block boundary does not see the carried state
                 state = state * (doc[:, start] == doc[:, start - 1]).to(f)[:, None, None, None]
-        y, state = ssd_block(xdt[:, start:stop], dt[:, start:stop], A, B[:, start:stop], C[:, start:stop], state,
-                             block_doc, chunk_size)
+        y, state = ssd_block(block_xdt, block_dt, A, block_B, block_C, state, block_doc, chunk_size)
         ys.append(y)
     y = skip_and_gate(torch.cat(ys, dim=1), x.to(f), D, z).to(x.dtype)
     return (y, state.to(x.dtype)) if return_final_states else y

@@ -70,7 +70,7 @@ def ssd_naive(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, ini
               dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False):
     """Sequential SSD scan; `chunk_size` is accepted for signature compatibility and ignored."""
     check_ssd_shapes(x, dt, A, B, C, D, z, initial_states, seq_idx)
-    b, l, h, p = x.shape
+    b, _, h, p = x.shape
     f = compute_dtype(x.dtype)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, f)
     heads_per_group = h // B.shape[2]
@@ -80,12 +80,13 @@ def ssd_naive(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, ini
     A = A.to(f)
     state = x.new_zeros(b, h, p, B.shape[-1], dtype=f) if initial_states is None else initial_states.to(f)
     ys = []
-    for t in range(l):
+    # unbind, not indexing: one autograd node for all steps instead of a full-size gradient buffer per step
+    for t, (dt_t, x_t, B_t, C_t) in enumerate(zip(dt.unbind(1), xf.unbind(1), B.unbind(1), C.unbind(1))):
         if seq_idx is not None and t > 0:
             same_doc = (seq_idx[:, t] == seq_idx[:, t - 1]).to(f)
             state = state * same_doc[:, None, None, None]
-        decay = torch.exp(dt[:, t] * A)  # (b, h)
-        state = decay[:, :, None, None] * state + (dt[:, t, :, None] * xf[:, t])[..., None] * B[:, t, :, None, :]
-        ys.append((state * C[:, t, :, None, :]).sum(-1))
+        decay = torch.exp(dt_t * A)  # (b, h)
+        state = decay[:, :, None, None] * state + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
+        ys.append((state * C_t[:, :, None, :]).sum(-1))
     y = skip_and_gate(torch.stack(ys, dim=1), xf, D, z).to(x.dtype)
     return (y, state.to(x.dtype)) if return_final_states else y

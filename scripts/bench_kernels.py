@@ -9,7 +9,8 @@ For each row: wall time (best of --reps), effective GFLOP/s, the ratio to the ma
 memory the call adds on top of its inputs, and time / memory ratios against ours. GFLOP/s use one FLOP count
 per problem for every variant (so they compare like speeds): for SSD the matmul work of the chunked algorithm
 at our chunk size Q, 2 b L (Q g n + Q h p + 2 h p n) forward and 3x that forward+backward; the floor is that
-count at this machine's measured fp32 matmul rate. For the Mamba-1 scan (elementwise work, no matmuls) it is
+count at this machine's fp32 matmul rate, re-measured before each block of rows (the load on a shared machine
+drifts). For the Mamba-1 scan (elementwise work, no matmuls) it is
 6 b L d n per forward. "fwd" runs under no_grad; "fwd+bwd" backpropagates a random output gradient into every
 input. bf16 inputs are computed in fp32 inside every variant.
 
@@ -70,7 +71,7 @@ def measure(fn, reps):
     return best, peak
 
 
-def matmul_rate(size=2048, reps=5):
+def matmul_rate(size=1024, reps=5):
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(reps))
@@ -131,7 +132,7 @@ def ssd_flops(b, L, h, p, n, chunk, g=1):
     return 2 * b * L * (chunk * g * n + chunk * h * p + 2 * h * p * n)
 
 
-def bench_mamba2(args, rate, rows):
+def bench_mamba2(args, rows):
     hf = hf_mamba2_scan()
     variants = {
         "ours (torch)": lambda **kw: ssd_chunked(chunk_size=args.chunk, dt_softplus=True, **kw),
@@ -146,6 +147,7 @@ def bench_mamba2(args, rate, rows):
                     for L in args.lengths:
                         inputs = ssd_inputs(b, L, args.heads, args.headdim, n, DTYPES[dtype_name])
                         flops = ssd_flops(b, L, args.heads, args.headdim, n, args.chunk) * (3 if backward else 1)
+                        rate = matmul_rate()  # re-measured per row block: the machine's load drifts
                         results = {}
                         for name, fn in variants.items():
                             if name == "naive loop" and L > args.naive_max_len:
@@ -167,7 +169,7 @@ def mambapy_scan(u, delta, A, B, C, D):
     return y.transpose(1, 2)
 
 
-def bench_mamba1(args, rate, rows):
+def bench_mamba1(args, rows):
     variants = {
         "ours (torch)": lambda **kw: selective_scan_torch(**kw),
         "mambapy pscan": lambda **kw: mambapy_scan(**kw),
@@ -189,6 +191,7 @@ def bench_mamba1(args, rate, rows):
                         "D": torch.randn(d),
                     }
                     flops = 6 * b * L * d * n * (3 if backward else 1)
+                    rate = matmul_rate()
                     results = {}
                     for name, fn in variants.items():
                         if name == "naive loop" and L > args.naive_max_len:
@@ -203,8 +206,8 @@ def bench_mamba1(args, rate, rows):
 # ----------------------------------------------------------------------------- output
 
 
-HEADER = ("| scan | dtype | mode | b | L | n | variant | ms | GFLOP/s | x floor | peak MiB | time / ours "
-          "| memory / ours |")
+HEADER = ("| scan | dtype | mode | b | L | n | variant | ms | GFLOP/s | matmul GFLOP/s | x floor | peak MiB "
+          "| time / ours | memory / ours |")
 
 
 def add_rows(rows, op, dtype, backward, b, L, n, results, flops, rate):
@@ -212,7 +215,7 @@ def add_rows(rows, op, dtype, backward, b, L, n, results, flops, rate):
     for name, (seconds, peak) in results.items():
         rows.append(
             f"| {op} | {dtype} | {'fwd+bwd' if backward else 'fwd'} | {b} | {L} | {n} | {name} | {seconds * 1e3:.1f} "
-            f"| {flops / seconds / 1e9:.1f} | {seconds / (flops / rate):.1f} | {peak / 2**20:.0f} "
+            f"| {flops / seconds / 1e9:.1f} | {rate / 1e9:.0f} | {seconds / (flops / rate):.1f} | {peak / 2**20:.0f} "
             f"| {seconds / ours_time:.2f} | {peak / max(ours_mem, 1):.2f} |"
         )
 
@@ -268,19 +271,18 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rate = matmul_rate()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul rate "
-          f"{rate / 1e9:.1f} GFLOP/s (2048^3 GEMM); our chunk size {args.chunk}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our chunk size {args.chunk}; "
+          "matmul GFLOP/s = best fp32 1024^3 GEMM, measured before each block of rows")
     if args.tune:
-        tune(args, rate)
+        tune(args, matmul_rate())
         return
     rows = []
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     if not args.no_mamba2:
-        bench_mamba2(args, rate, rows)
+        bench_mamba2(args, rows)
     if not args.no_mamba1:
-        bench_mamba1(args, rate, rows)
+        bench_mamba1(args, rows)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ def sharegpt_records(n):
 # ----------------------------------------------------------------------------- parser
 
 
-@pytest.mark.parametrize("chunk_chars", [1, 7, 64, 1 << 20])
-def test_parser_reads_complete_array(tmp_path, chunk_chars):
+@pytest.mark.parametrize(("chunk_chars", "encoding"), [(1, "utf-8"), (7, "utf-8-sig"), (64, "utf-8"), (1 << 20, "utf-8")])
+def test_parser_reads_complete_array(tmp_path, chunk_chars, encoding):
     records = sharegpt_records(12)
     path = tmp_path / "full.json"
-    path.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding=encoding)  # utf-8-sig: with a BOM
     stats = ParseStats()
     assert list(iter_json_array(path, stats, chunk_chars=chunk_chars)) == records
     assert stats.records == 12 and stats.bytes_dropped == 0

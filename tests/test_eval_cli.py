@@ -20,15 +20,29 @@ SENTENCES = [
 def text_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBA_DISTILL_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "texts.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(SENTENCES[i:] + SENTENCES[:i])}) + "\n" for i in range(4)) * 3)
+    path.write_text(
+        "".join(json.dumps({"text": " ".join(SENTENCES[i:] + SENTENCES[:i])}) + "\n" for i in range(4)) * 3
+    )
     return path
 
 
 def test_teacher_against_itself(tmp_path, text_data):
     save_tiny_checkpoint(tmp_path / "llama")
     out = tmp_path / "report"
-    args = ["--student", str(tmp_path / "llama"), "--teacher", str(tmp_path / "llama"), "--data", str(text_data),
-            "--max-length", "64", "--max-sequences", "4", "--out", str(out)]
+    args = [
+        "--student",
+        str(tmp_path / "llama"),
+        "--teacher",
+        str(tmp_path / "llama"),
+        "--data",
+        str(text_data),
+        "--max-length",
+        "64",
+        "--max-sequences",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert abs(report["student"]["kl_to_teacher"]) < 1e-6
@@ -38,19 +52,21 @@ def test_teacher_against_itself(tmp_path, text_data):
 
 
 def test_run_output_folder(tmp_path, text_data):
-    """`--student <run>/final` finds the run's recipe: its teacher, its held-out split, its stage summaries."""
+    """`--student <run>/final` finds the run's recipe: its teacher, held-out split and stage summaries."""
     from distill.init import hybrid_from_teacher
     from distill.recipe import StudentConfig, recipe_from_dict
     from distill.run import save_final
 
     teacher, tokenizer = save_tiny_checkpoint(tmp_path / "llama")
     run = tmp_path / "run"
-    recipe = recipe_from_dict({
-        "teacher": {"source": str(tmp_path / "llama")},
-        "data": {"source": str(text_data), "max_length": 64, "held_out_size": 3, "loss_on": "all"},
-        "stages": [{"name": "end_to_end", "max_tokens": 1000}],
-        "output_dir": str(run),
-    })
+    recipe = recipe_from_dict(
+        {
+            "teacher": {"source": str(tmp_path / "llama")},
+            "data": {"source": str(text_data), "max_length": 64, "held_out_size": 3, "loss_on": "all"},
+            "stages": [{"name": "end_to_end", "max_tokens": 1000}],
+            "output_dir": str(run),
+        }
+    )
     (run / "stage0-end_to_end").mkdir(parents=True)
     (run / "recipe.yaml").write_text(recipe.dump())
     (run / "stage0-end_to_end" / "summary.json").write_text(json.dumps({"tokens": 1024, "wall_time_s": 2.0}))

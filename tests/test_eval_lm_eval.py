@@ -23,7 +23,11 @@ def save_tiny_checkpoint(path, seed: int = 0):
     """A tiny random Llama with the byte tokenizer, saved as a HF folder; returns (model, tokenizer)."""
     torch.manual_seed(seed)
     config = tiny_llama_config(
-        vocab_size=EOS + 1, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=None, max_position_embeddings=4096
+        vocab_size=EOS + 1,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        bos_token_id=None,
+        max_position_embeddings=4096,
     )
     model, tokenizer = LlamaForCausalLM(config).eval(), byte_tokenizer()
     model.save_pretrained(path)
@@ -104,7 +108,9 @@ def test_shipped_task_data_is_well_formed():
     from distill.eval.lm_eval_runner import LOCAL_TASKS, TASKS_DIR, _task_spec
 
     assert {"sharegpt_ppl", "sharegpt_next_sentence"} <= set(LOCAL_TASKS)
-    rows = [json.loads(line) for line in (TASKS_DIR / "sharegpt_next_sentence.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (TASKS_DIR / "sharegpt_next_sentence.jsonl").read_text().splitlines()
+    ]
     assert len(rows) >= 100
     assert all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in rows)
     labels = [row["label"] for row in rows]

@@ -41,7 +41,9 @@ def test_scoring_uses_the_generated_answer():
     tokenizer = byte_tokenizer()
     filler = tokenizer(TEXT).input_ids
     right = passkey_accuracy(Oracle(tokenizer), tokenizer, filler, [300, 500], [0.1, 0.9], trials=2)
-    wrong = passkey_accuracy(Oracle(tokenizer, wrong=True), tokenizer, filler, [300, 500], [0.1, 0.9], trials=2)
+    wrong = passkey_accuracy(
+        Oracle(tokenizer, wrong=True), tokenizer, filler, [300, 500], [0.1, 0.9], trials=2
+    )
     assert right["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and mean_accuracy(right) == 1.0
     assert mean_accuracy(wrong) == 0.0
     assert set(right["prompt_tokens"]) == {300, 500}

@@ -66,7 +66,13 @@ def _reference(student, teacher, data: Dataset, spans) -> dict:
                 kl += sum(p[v].item() * (log_p[v].item() - log_q[v].item()) for v in range(p.numel()))
                 agree += float(t_logits[t].argmax() == s_logits[t].argmax())
                 n += 1
-    return {"t_ppl": math.exp(t_nll / n), "s_ppl": math.exp(s_nll / n), "kl": kl / n, "agree": agree / n, "n": n}
+    return {
+        "t_ppl": math.exp(t_nll / n),
+        "s_ppl": math.exp(s_nll / n),
+        "kl": kl / n,
+        "agree": agree / n,
+        "n": n,
+    }
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ def test_grown_cache_has_the_shapes_of_a_real_prefill(tiny_llama, fraction):
     assert cache_bytes(grown) == cache_bytes(real)
     for real_layer, grown_layer in zip(real.layers, grown.layers):
         for name in ("keys", "values"):
-            assert getattr(real_layer, name, None) is None or getattr(real_layer, name).shape == getattr(
-                grown_layer, name
-            ).shape
+            assert (
+                getattr(real_layer, name, None) is None
+                or getattr(real_layer, name).shape == getattr(grown_layer, name).shape
+            )
 
 
 @torch.no_grad()
@@ -32,7 +33,9 @@ def test_kv_grows_with_context_and_ssm_state_does_not(tiny_llama):
     for fraction, attention_layers in ((0.5, 2), (0.0, 0)):
         model = _hybrid(tiny_llama, fraction)
         short, long = cache_bytes(build_cache(model, 2, 32)), cache_bytes(build_cache(model, 2, 256))
-        kv_per_token = 2 * attention_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # k+v, batch 2, fp32
+        kv_per_token = (
+            2 * attention_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+        )  # k+v, batch 2, fp32
         assert long["kv_cache_bytes"] - short["kv_cache_bytes"] == kv_per_token * (256 - 32)
         assert long["ssm_state_bytes"] == short["ssm_state_bytes"] > 0
     assert cache_bytes(build_cache(tiny_llama, 2, 32))["ssm_state_bytes"] == 0
@@ -41,7 +44,9 @@ def test_kv_grows_with_context_and_ssm_state_does_not(tiny_llama):
 def test_decode_continues_the_cache(tiny_llama):
     row = measure_decode(tiny_llama, batch=2, context=48, steps=3)
     assert row["decode_tok_s"] > 0 and row["decode_ms_per_step"] > 0
-    assert row["kv_cache_bytes"] == 2 * 4 * 2 * 2 * (48 + 0) * 16 * 4  # k+v x layers x batch x kv heads x ctx x dim
+    assert (
+        row["kv_cache_bytes"] == 2 * 4 * 2 * 2 * (48 + 0) * 16 * 4
+    )  # k+v x layers x batch x kv heads x ctx x dim
 
 
 def test_peak_memory_sees_an_allocation_every_time():
@@ -54,7 +59,9 @@ def test_peak_memory_sees_an_allocation_every_time():
 
 def test_benchmark_rows_and_ratios(tiny_llama):
     models = {"teacher": tiny_llama, "hybrid0": _hybrid(tiny_llama, 0.0)}
-    rows = benchmark(models, [8, 32], [1, 2], steps=1, prefill_max_tokens=8, max_batch_tokens=32, log=lambda s: None)
+    rows = benchmark(
+        models, [8, 32], [1, 2], steps=1, prefill_max_tokens=8, max_batch_tokens=32, log=lambda s: None
+    )
     assert {(r["batch"], r["context"]) for r in rows} == {(1, 8), (1, 32), (2, 8)}  # 2 x 32 > 32 is skipped
     assert all(r["decode_speedup"] == 1.0 for r in rows if r["model"] == "teacher")
     assert all((r["prefill_tok_s"] is None) == (r["batch"] * r["context"] > 8) for r in rows)

@@ -270,8 +270,8 @@ def test_lm_eval_same_numbers_on_stock_export(checkpoint, tmp_path):
 @pytest.mark.slow
 def test_smollm2_hybrid_bamba_export_equals_native(smollm2, tmp_path):
     """On the real teacher's 50% hybrid. SmolLM2's hidden states reach the thousands, so fp32 rounding alone
-    moves its ~30-sized logits by ~4e-4 (native fp32 vs float64); the conversion moves them by less, ~2e-4,
-    so the bound is relative: 1e-5 of the largest logit."""
+    moves its ~30-sized logits by 4e-4..6e-4 (native fp32 vs float64); the conversion moves them by less,
+    2e-4..3.4e-4 (1e-5 relative), and by < 1e-4 in float64. The bound is relative: 3e-5 of the largest logit."""
     from transformers import AutoModelForCausalLM
 
     teacher, tokenizer = smollm2
@@ -286,6 +286,6 @@ def test_smollm2_hybrid_bamba_export_equals_native(smollm2, tmp_path):
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         expected, got = native(**batch).logits[real], bamba(**batch).logits[real]
-    assert (expected - got).abs().max() < 1e-5 * expected.abs().max()
+    assert (expected - got).abs().max() < 3e-5 * expected.abs().max()
     greedy = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     assert torch.equal(native.generate(**batch, **greedy), bamba.generate(**batch, **greedy))

@@ -135,6 +135,17 @@ def test_ssd_seq_idx_equals_separate_documents():
         torch.testing.assert_close(y[:, start:stop], alone, rtol=1e-10, atol=1e-10)
 
 
+def test_ssd_documents_starting_at_block_boundaries():
+    """chunk 4 -> blocks of 32 positions: documents that start exactly at a block or chunk edge reset exactly."""
+    inputs, options = ssd_inputs(4, 2, 70, 1, 2, 3, 4, "h", True, True, 1, False)
+    seq_idx = torch.zeros(2, 70, dtype=torch.int32)
+    seq_idx[0, 32:], seq_idx[0, 64:] = 1, 2
+    seq_idx[1, 36:] = 1
+    y, s = ssd_chunked(**inputs, **options, seq_idx=seq_idx, chunk_size=4, return_final_states=True)
+    y_ref, s_ref = ssd_naive(**inputs, **options, seq_idx=seq_idx, return_final_states=True)
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+
+
 def test_ssd_gradcheck():
     inputs, options = ssd_inputs(0, 1, 9, 2, 1, 2, 2, "hp", True, True, 3, True)
     tensors = {k: v for k, v in {**inputs, **options}.items() if torch.is_tensor(v) and v.is_floating_point()}
@@ -146,7 +157,7 @@ def test_ssd_gradcheck():
         return ssd_chunked(**dict(zip(names, args)), seq_idx=options["seq_idx"], dt_softplus=True, chunk_size=4,
                            return_final_states=True)
 
-    assert torch.autograd.gradcheck(f, tuple(tensors.values()))
+    assert torch.autograd.gradcheck(f, tuple(tensors.values()), fast_mode=True)
 
 
 def test_ssd_gradients_fp32_realistic():
@@ -233,7 +244,22 @@ def test_selective_scan_gradcheck():
     def f(*ts):
         return selective_scan_torch(**dict(zip(names, ts)), delta_softplus=True, return_last_state=True)
 
-    assert torch.autograd.gradcheck(f, tensors)
+    assert torch.autograd.gradcheck(f, tensors, fast_mode=True)
+
+
+def test_selective_scan_gradients_fp32_realistic():
+    args = selective_inputs(8, 2, 32, 16, 200, 2, True, True, True)
+    leaves = {k: v for k, v in args.items() if torch.is_tensor(v)}
+    grads = {}
+    for name, fn, dtype in [("ref", selective_scan_naive, torch.float64), ("fast", selective_scan_torch, torch.float32)]:
+        tensors = {k: v.detach().to(dtype).requires_grad_(True) for k, v in leaves.items()}
+        y, last = fn(**tensors, delta_softplus=True, return_last_state=True)
+        gen = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)).sum() + last.square().sum()
+        loss.backward()
+        grads[name] = {k: v.grad for k, v in tensors.items()}
+    for name in leaves:
+        assert rel_err(grads["fast"][name], grads["ref"][name]) <= 1e-5, name
 
 
 # ----------------------------------------------------------------------------- causal conv1d
@@ -395,6 +421,7 @@ def test_modules_are_flat_and_torch_only():
                 assert node.level == 1 or node.module.split(".")[0] in allowed, path.name
 
 
+@pytest.mark.slow  # starts a fresh Python
 def test_kernels_run_when_copied_next_to_a_checkpoint(tmp_path):
     package = tmp_path / "remote_checkpoint"
     package.mkdir()
