@@ -4,26 +4,38 @@ A MambaInLlama folder holds `config.json` (the teacher's Llama config), `mamba_c
 (`d_model`, `d_inner`, `d_xb`, `n_layer`, `attn_layers`, `rms_norm_eps`, `ssm_cfg`) and a Llama-keyed
 state dict (`model.safetensors`, its shards, or `pytorch_model.bin`) in which every non-attention layer
 `N` has `model.layers.N.mamba.*` instead of `self_attn.*`. Their `x`/`B` width `d_xb` is our kv width
-nkv*hd and their `d_inner` is nh*hd, so for Mamba-2 the mapping is names only:
+nkv*hd and their `d_inner` is nh*hd. Embeddings, `model.norm`, `lm_head`, attention layers and every layer's
+norms and `mlp` keep their keys.
+
+Mamba-2 (`mamba2/hybrid_mamba_layer.py`) is names only:
 
 | MambaInLlama                                                   | ours                   |
 |----------------------------------------------------------------|------------------------|
-| `model.layers.N.mamba.in_proj` rows [z, x, B, C, dt]            | same key, same rows    |
-| `model.layers.N.mamba.{conv1d,dt_bias,A_log,D,norm,out_proj}`  | same keys              |
-| `model.embed_tokens`, `model.norm`, `lm_head`, attention layers, every layer's norms and `mlp` | same keys |
+| `mamba.in_proj` rows [z, x, B, C, dt]                           | same key, same rows    |
+| `mamba.{conv1d,dt_bias,A_log,D,norm,out_proj}`                  | same keys              |
 
 Their gated RMSNorm has a hard-coded eps of 1e-5, which becomes our `mamba_norm_eps`. Options with no
 native equivalent (per-channel D, norm before gate, a dt limit, repeat before conv, projection biases, a
 d_state other than head_dim) are refused with the option's name; `conv_bias: false` becomes a zero bias.
 
-Their Mamba-1 layers (`in_proj_x/in_proj_z/B_proj/C_proj/dt_proj_down/dt_proj`, or the fused
-`in_proj` rows [z, x, B, C, dt_rank] of their inference code) compute the low-rank time step from the layer
-input, our Mamba-1 from the conv output, so they are refused with that reason rather than imported wrong.
+Mamba-1 (`mamba/hybrid_mamba_layer.py`; d_state n from `ssm_cfg`, default 16, need not be head_dim):
+
+| MambaInLlama                                                         | ours                          |
+|----------------------------------------------------------------------|-------------------------------|
+| `mamba.{in_proj_z, in_proj_x, B_proj, C_proj, dt_proj_down}` stacked, or their inference code's fused `mamba.in_proj` (same row order) | `mamba.in_proj` rows [z, x, B, C, dt] |
+| `mamba.conv1d` at d_inner (`repeat_kv_before_conv`, their default)  | same                          |
+| `mamba.conv1d` at d_xb (inference code, repeat after the conv)      | channels repeated per group of n, as x is: the conv is depthwise |
+| `mamba.dt_proj.weight`, `A_log`, `D`, `out_proj`                     | same keys                     |
+| `mamba.dt_proj.bias`                                                 | 2 x `dt_proj.bias`            |
+
+The doubled bias is theirs: `dt_proj(...)` adds it and the scan adds it again (`delta_bias` in prefill,
+`dt_bias` in `step`), so their time step is softplus(W_up W_down u + 2 b). Projection biases are refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -85,6 +97,33 @@ def _check_mamba2(folder: Path, ssm: dict, nh: int, hd: int) -> None:
         )
 
 
+def _check_mamba1(folder: Path, ssm: dict, d_model: int, d_xb: int) -> tuple[int, int]:
+    """Their Mamba-1's d_state and dt_rank; refuses the options the native mixer has no equivalent for."""
+    for key in ("proj_x_bias", "proj_z_bias", "out_proj_bias"):
+        if ssm.get(key, False):
+            raise _refuse(folder, f"ssm_cfg.{key} = true has no native equivalent (the projections have no bias)")
+    d_state = ssm.get("d_state", 16)
+    if d_xb % d_state:
+        raise _refuse(folder, f"ssm_cfg.d_state = {d_state} does not divide d_xb = {d_xb}")
+    dt_rank = ssm.get("dt_rank", "auto")
+    return d_state, math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+def _mamba1_to_native(state: dict[str, torch.Tensor], prefix: str, d_state: int, repeats: int) -> None:
+    """Rewrite one layer's MambaInLlama Mamba-1 weights in place into the native layout (module docstring)."""
+    from distill.modeling_hybrid import repeat_heads
+
+    if prefix + "in_proj.weight" not in state:
+        parts = ("in_proj_z", "in_proj_x", "B_proj", "C_proj", "dt_proj_down")
+        state[prefix + "in_proj.weight"] = torch.cat([state.pop(f"{prefix}{part}.weight") for part in parts])
+    weight, bias = state[prefix + "conv1d.weight"], state[prefix + "conv1d.bias"]
+    if weight.shape[0] != state[prefix + "D"].shape[0]:  # their conv at d_xb (repeat after it): repeat it first
+        groups = weight.shape[0] // d_state
+        state[prefix + "conv1d.weight"] = repeat_heads(weight.transpose(0, 2), groups, repeats).transpose(0, 2)
+        state[prefix + "conv1d.bias"] = repeat_heads(bias, groups, repeats)
+    state[prefix + "dt_proj.bias"] = 2 * state[prefix + "dt_proj.bias"]
+
+
 def mil_to_native(folder: str | Path):
     """A native `HybridForCausalLM` holding the weights of a MambaInLlama checkpoint folder."""
     from transformers import AutoConfig
@@ -123,22 +162,24 @@ def mil_to_native(folder: str | Path):
     kinds = {_mixer(state, i) for i in range(llama.num_hidden_layers) if i not in attention}
     if len(kinds) > 1:
         raise _refuse(folder, "it mixes Mamba-1 and Mamba-2 layers")
-    if kinds == {"mamba1"}:
-        raise _refuse(
-            folder,
-            "its Mamba-1 layers compute the time step from the layer input (dt_proj_down), while the native "
-            "Mamba-1 computes it from the conv output (x_proj), so no weights reproduce it (Mamba-2 imports)",
-        )
-    _check_mamba2(folder, ssm, nh, hd)
-    student = StudentConfig(mixer="mamba2", attention_layers=attention, d_conv=ssm.get("d_conv", 4))
-    config = hybrid_config_from_teacher(llama, student)
-    config.mamba_norm_eps = MIL_GATED_NORM_EPS
-    for i in range(llama.num_hidden_layers):
+    mamba_layers = [i for i in range(llama.num_hidden_layers) if i not in attention]
+    for i in mamba_layers:
         prefix = f"model.layers.{i}.mamba."
-        if i in attention:
-            continue
         if prefix + "conv1d.bias" not in state:  # conv_bias=False is a zero bias
             state[prefix + "conv1d.bias"] = torch.zeros(state[prefix + "conv1d.weight"].shape[0])
+    if kinds == {"mamba1"}:
+        d_state, dt_rank = _check_mamba1(folder, ssm, mil["d_model"], d_xb)
+        for i in mamba_layers:
+            _mamba1_to_native(state, f"model.layers.{i}.mamba.", d_state, d_inner // d_xb)
+        student = StudentConfig(
+            mixer="mamba1", attention_layers=attention, d_conv=ssm.get("d_conv", 4),
+            mamba1_d_state=d_state, mamba1_dt_rank=dt_rank,
+        )
+    else:
+        _check_mamba2(folder, ssm, nh, hd)
+        student = StudentConfig(mixer="mamba2", attention_layers=attention, d_conv=ssm.get("d_conv", 4))
+    config = hybrid_config_from_teacher(llama, student)
+    config.mamba_norm_eps = MIL_GATED_NORM_EPS
 
     model = HybridForCausalLM(config)
     if config.tie_word_embeddings:

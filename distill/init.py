@@ -89,14 +89,12 @@ def hybrid_config_from_teacher(teacher_config, student_cfg: StudentConfig) -> Hy
             "the teacher's attention has biases but the Mamba in_proj has none, so q/k/v cannot be copied "
             "exactly; use a teacher with attention_bias=False or keep every layer as attention"
         )
-    if (
-        student_cfg.mixer == "mamba1"
-        and student_cfg.init == "attention"
-        and student_cfg.mamba1_d_state not in (None, head_dim)
-    ):
+    kv_width = teacher_config.num_key_value_heads * head_dim
+    if student_cfg.mixer == "mamba1" and kv_width % (student_cfg.mamba1_d_state or head_dim):
         raise RecipeError(
-            f"student.mamba1_d_state = {student_cfg.mamba1_d_state}: init 'attention' copies B and C from k_proj "
-            f"and q_proj, which needs d_state = head_dim = {head_dim}; remove mamba1_d_state or use init: random"
+            f"student.mamba1_d_state = {student_cfg.mamba1_d_state} must divide the teacher's kv width "
+            f"num_key_value_heads * head_dim = {kv_width} (x and B come in groups of d_state); use a divisor such "
+            f"as head_dim = {head_dim} (MambaInLlama uses 16)"
         )
     fields = {name: getattr(teacher_config, name) for name in _LLAMA_FIELDS if hasattr(teacher_config, name)}
     fields["head_dim"] = head_dim

@@ -19,15 +19,21 @@ Mamba-2 mixer (`HybridMamba2Mixer`, "Mamba2InLlama")::
 At initialisation from the teacher C, B, x come from q_proj, k_proj, v_proj and out_proj from o_proj, so
 C.B plays the role of q.k (linear attention without softmax) and the state accumulates values.
 
-Mamba-1 mixer (`HybridMamba1Mixer`, "MambaInLlama"), n = d_state (hd by default)::
+Mamba-1 mixer (`HybridMamba1Mixer`, MambaInLlama's `Mamba`), n = d_state (hd by default), k = dt_rank::
 
-    [z | x | B | C] = in_proj(u)                      widths d_inner | nkv*hd | nkv*n | nh*n
-    x <- repeated to d_inner (head h reads kv-head h // r);  x = silu(causal_conv1d(x))
-    dt = softplus(dt_proj(x_proj(x)))                 low-rank (dt_rank) per-channel time step, dt_proj has a bias
-    channel c of head h = c // hd uses B^(h // r) (from K) and C^h (from Q), each of size n
-    s_t^c = exp(dt_t^c A^c) * s_{t-1}^c + dt_t^c B_t x_t^c,   A^c = -exp(A_log[c]) in R^n (fp32)
-    y_t^c = <s_t^c, C_t> + D_c x_t^c
+    [z | x | B | C | dt] = in_proj(u)                 widths nh*hd | nkv*hd | nkv*hd | nh*hd | k
+    channels come in groups of n: x and B hold nkv*hd/n groups, z, C and the SSM nh*hd/n; group g reads g // r
+    x, B <- repeated per group to nh*hd (x) and nh*hd/n groups (B), as GQA repeats K/V
+    x = silu(causal_conv1d(x))                        depthwise over nh*hd channels, width d_conv, with bias
+    dt = softplus(dt_proj(dt))                        rank-k time step from the layer input u; dt_proj has a bias
+    channel c of group g = c // n:
+    s_t^c = exp(dt_t^c A^c) * s_{t-1}^c + dt_t^c x_t^c B_t^g,   A^c = -exp(A_log[c]) in R^n (fp32)
+    y_t^c = <s_t^c, C_t^g> + D_c x_t^c
     out = out_proj(y * silu(z))
+
+With n = hd a group is an attention head (C^h from Q, B from K's kv-head, as GQA); MambaInLlama's released
+Mamba-1 models use n = 16 < hd, which the same equations cover. Unlike mamba-ssm's Mamba, dt is computed from
+u (MambaInLlama's `dt_proj_down`, here the last k rows of `in_proj`), not from the conv output.
 
 Padding never reaches the state: x (before and after the conv) and dt are zeroed where the 2D
 `attention_mask` is 0 (dt = 0 means no decay and no input; Mamba-2 zeroes B and C with x). Documents packed into one row (`position_ids` restarting) reset the state: Mamba-2
@@ -36,7 +42,7 @@ Mamba-1's `selective_scan_fn` has no `seq_idx`, so its packed rows are moved int
 
 The cache is transformers' `DynamicCache(config)`: `config.layer_types` marks Mamba layers "linear_attention",
 so they get a conv state (b, conv channels, d_conv) and an fp32 SSM state (Mamba-2: (b, nh, hd, hd); Mamba-1:
-(b, nh, hd, n)). The prefill stores the final states; each decode step is one `causal_conv1d_update` plus one
+(b, nh*hd/n, n, n)). The prefill stores the final states; each decode step is one `causal_conv1d_update` plus one
 `selective_state_update` per Mamba layer, O(1) in the sequence length.
 
 This file imports only torch/transformers (plus the kernels, whose files are copied next to it by
@@ -278,39 +284,40 @@ class HybridMamba2Mixer(nn.Module):
 
 
 class HybridMamba1Mixer(nn.Module):
-    """Mamba-1 with attention's shapes: x from V repeated to nh*hd channels, B from K, C from Q."""
+    """Mamba-1 with attention's shapes (MambaInLlama): x from V, B from K, C from Q, in groups of d_state."""
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
         self.d_state = config.mamba1_d_state
         self.d_conv = config.d_conv
         self.dt_rank = config.mamba1_dt_rank
-        self.d_inner = self.num_heads * self.head_dim
-        self.d_xb = self.num_kv_heads * self.head_dim
-        self.splits = [self.d_inner, self.d_xb, self.num_kv_heads * self.d_state, self.num_heads * self.d_state]
+        self.d_inner = config.num_attention_heads * config.head_dim
+        self.d_xb = config.num_key_value_heads * config.head_dim
+        if self.d_xb % self.d_state:
+            raise ValueError(
+                f"mamba1_d_state = {self.d_state} must divide num_key_value_heads * head_dim = {self.d_xb} "
+                f"(x and B are read in groups of d_state); use a divisor of it such as head_dim = {config.head_dim}"
+            )
+        self.num_groups = self.d_inner // self.d_state  # channel c reads B and C of group c // d_state
+        self.repeats = self.d_inner // self.d_xb
+        self.splits = [self.d_inner, self.d_xb, self.d_xb, self.d_inner, self.dt_rank]
 
         self.in_proj = nn.Linear(config.hidden_size, sum(self.splits), bias=False)
         self.conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1, bias=True
         )
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
 
     def _project(self, hidden_states: torch.Tensor):
-        """z, x (repeated to d_inner), B (repeated to nh groups) and C, all (..., width)."""
-        z, x, B, C = self.in_proj(hidden_states).split(self.splits, dim=-1)
-        repeats = self.num_heads // self.num_kv_heads
-        return z, repeat_heads(x, self.num_kv_heads, repeats), repeat_heads(B, self.num_kv_heads, repeats), C
-
-    def _time_step(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.dt_proj(self.x_proj(x)).float())
+        """z, x and B (repeated to d_inner), C, all (..., d_inner), and the fp32 time step dt (..., d_inner)."""
+        z, x, B, C, dt = self.in_proj(hidden_states).split(self.splits, dim=-1)
+        kv_groups = self.d_xb // self.d_state
+        x, B = repeat_heads(x, kv_groups, self.repeats), repeat_heads(B, kv_groups, self.repeats)
+        return z, x, B, C, F.softplus(self.dt_proj(dt).float())
 
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
@@ -340,25 +347,24 @@ class HybridMamba1Mixer(nn.Module):
     def _scan(self, hidden_states: torch.Tensor, mask: torch.Tensor | None):
         """Parallel scan from a zero state; returns the output and the final conv and SSM states."""
         batch, seq_len, _ = hidden_states.shape
-        z, x, B, C = self._project(hidden_states)
+        z, x, B, C, dt = self._project(hidden_states)
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)
         x = x.transpose(1, 2)
         conv_window = last_conv_window(x, self.d_conv, None)
         x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        dt = self._time_step(x.transpose(1, 2))
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)
             dt = dt * mask[..., None]
-        B = B.view(batch, seq_len, self.num_heads, self.d_state).permute(0, 2, 3, 1)
-        C = C.view(batch, seq_len, self.num_heads, self.d_state).permute(0, 2, 3, 1)
+        B = B.view(batch, seq_len, self.num_groups, self.d_state).permute(0, 2, 3, 1)
+        C = C.view(batch, seq_len, self.num_groups, self.d_state).permute(0, 2, 3, 1)
         A = -torch.exp(self.A_log.float())
         y, ssm_state = selective_scan_fn(  # mamba-ssm's CUDA scan wants delta in u's dtype
             x, dt.transpose(1, 2).to(x.dtype), A, B.contiguous(), C.contiguous(), D=self.D.float(),
             z=z.transpose(1, 2), return_last_state=True,
         )
         out = self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
-        ssm_state = ssm_state.view(batch, self.num_heads, self.head_dim, self.d_state)
+        ssm_state = ssm_state.view(batch, self.num_groups, self.d_state, self.d_state)
         return out, conv_window, ssm_state
 
     def _scan_documents(self, hidden_states: torch.Tensor, mask: torch.Tensor | None, seq_idx: torch.Tensor):
@@ -393,20 +399,18 @@ class HybridMamba1Mixer(nn.Module):
     def step(self, hidden_states, conv_state, ssm_state, keep: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step; updates the cached conv and SSM states in place (not where `keep` is 0)."""
         batch = hidden_states.shape[0]
-        z, x, B, C = self._project(hidden_states[:, 0])
+        z, x, B, C, dt = self._project(hidden_states[:, 0])
         if keep is not None:
             x = x * keep[:, None].to(x.dtype)
         x = causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        dt = self._time_step(x)
         if keep is not None:
             x = x * keep[:, None].to(x.dtype)
             dt = dt * keep[:, None]
-        heads = (batch, self.num_heads, self.head_dim)
+        groups = (batch, self.num_groups, self.d_state)
         A = -torch.exp(self.A_log.float())
         y = selective_state_update(
-            ssm_state, x.view(heads), dt.view(heads), A.view(self.num_heads, self.head_dim, self.d_state),
-            B.view(batch, self.num_heads, self.d_state), C.view(batch, self.num_heads, self.d_state),
-            D=self.D.view(self.num_heads, self.head_dim), z=z.view(heads),
+            ssm_state, x.view(groups), dt.view(groups), A.view(self.num_groups, self.d_state, self.d_state),
+            B.view(groups), C.view(groups), D=self.D.view(self.num_groups, self.d_state), z=z.view(groups),
         )
         return self.out_proj(y.reshape(batch, 1, self.d_inner).to(hidden_states.dtype))
 

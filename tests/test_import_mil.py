@@ -1,7 +1,7 @@
 """MambaInLlama import: a synthetic checkpoint in their layout -> our native model -> same function.
 
-The reference is written here from MambaInLlama's own equations (mamba2/hybrid_mamba_layer.py,
-hybrid_model.py): a Llama whose non-attention layers are swapped for their Mamba-2
+The reference is written here from MambaInLlama's own equations (mamba2/ and mamba/hybrid_mamba_layer.py,
+hybrid_model.py): a Llama whose non-attention layers are swapped for their Mamba-2 or Mamba-1
 layers, run as a naive per-timestep loop in float64. It shares no code with `distill`.
 """
 
@@ -69,6 +69,45 @@ class MILMamba2(nn.Module):
         return torch.stack(outputs)
 
 
+class MILMamba1(nn.Module):
+    """MambaInLlama's Mamba (Mamba-1): dt from the layer input, its bias added twice, groups of d_state."""
+
+    def __init__(self, p, d_inner, d_xb, d_state):
+        super().__init__()
+        self.p, self.d_inner, self.d_xb, self.d_state = p, d_inner, d_xb, d_state
+
+    def forward(self, u):
+        p, n, repeats = self.p, self.d_state, self.d_inner // self.d_xb
+        outputs = []
+        for seq in u:
+            if "in_proj.weight" in p:  # their inference code's fused projection
+                z, x, B, C, dt = (seq @ p["in_proj.weight"].T).split(
+                    [self.d_inner, self.d_xb, self.d_xb, self.d_inner, p["dt_proj.weight"].shape[1]], -1
+                )
+            else:
+                z, x = seq @ p["in_proj_z.weight"].T, seq @ p["in_proj_x.weight"].T
+                B, C, dt = seq @ p["B_proj.weight"].T, seq @ p["C_proj.weight"].T, seq @ p["dt_proj_down.weight"].T
+            dt = dt @ p["dt_proj.weight"].T + p["dt_proj.bias"]  # nn.Linear with its bias ...
+            dt = F.softplus(dt + p["dt_proj.bias"])  # ... and the scan's delta_bias=dt_proj.bias
+            if p["conv1d.weight"].shape[0] == self.d_inner:  # repeat_kv_before_conv
+                x = repeat_groups(x, n, repeats)
+            x = F.silu(causal_depthwise_conv(x, p["conv1d.weight"], p["conv1d.bias"]))
+            if x.shape[1] != self.d_inner:
+                x = repeat_groups(x, n, repeats)
+            B = repeat_groups(B, n, repeats).view(-1, self.d_inner // n, n)
+            C = C.view(-1, self.d_inner // n, n)
+            A = -torch.exp(p["A_log"])  # (d_inner, n)
+            state = seq.new_zeros(self.d_inner, n)
+            ys = []
+            for t in range(seq.shape[0]):
+                Bt, Ct = B[t].repeat_interleave(n, 0), C[t].repeat_interleave(n, 0)  # channel c -> group c // n
+                state = torch.exp(dt[t][:, None] * A) * state + (dt[t] * x[t])[:, None] * Bt
+                ys.append((state * Ct).sum(-1) + p["D"] * x[t])
+            y = torch.stack(ys) * F.silu(z)
+            outputs.append(y @ p["out_proj.weight"].T)
+        return torch.stack(outputs)
+
+
 class MILDecoderLayer(nn.Module):
     """Their MambaDecoderLayer: pre-norm mixer and MLP, Llama norms and MLP."""
 
@@ -103,26 +142,32 @@ def mil_mamba2_weights(generator, d_model, d_inner, d_xb, heads, d_conv=4):
     }
 
 
-def mil_mamba1_weights(generator, d_model, d_inner, d_xb, d_state, dt_rank, d_conv=4):
-    """Their Mamba-1 training layout (repeat_kv_before_conv=True: the conv runs at d_inner)."""
+def mil_mamba1_weights(generator, d_model, d_inner, d_xb, d_state, dt_rank, layout, d_conv=4):
+    """Their Mamba-1 weights: `training` (separate projections, conv at d_inner after the repeat) or
+    `inference` (fused in_proj [z, x, B, C, dt] and, with repeat_kv_before_conv=False, the conv at d_xb)."""
     r = functools.partial(randn, generator)
-    return {
-        "in_proj_x.weight": r(d_xb, d_model),
+    conv = d_inner if layout == "training" else d_xb
+    weights = {
         "in_proj_z.weight": r(d_inner, d_model),
+        "in_proj_x.weight": r(d_xb, d_model),
         "B_proj.weight": r(d_xb, d_model),
         "C_proj.weight": r(d_inner, d_model),
         "dt_proj_down.weight": r(dt_rank, d_model),
         "dt_proj.weight": r(d_inner, dt_rank),
         "dt_proj.bias": r(d_inner, scale=1.0) - 2,
-        "conv1d.weight": r(d_inner, 1, d_conv, scale=0.5),
-        "conv1d.bias": r(d_inner),
+        "conv1d.weight": r(conv, 1, d_conv, scale=0.5),
+        "conv1d.bias": r(conv),
         "A_log": torch.log(torch.rand(d_inner, d_state, generator=generator, dtype=torch.float64) * 4 + 0.5),
         "D": r(d_inner, scale=1.0),
         "out_proj.weight": r(d_model, d_inner),
     }
+    if layout == "inference":
+        parts = ("in_proj_z", "in_proj_x", "B_proj", "C_proj", "dt_proj_down")
+        weights["in_proj.weight"] = torch.cat([weights.pop(f"{part}.weight") for part in parts])
+    return weights
 
 
-def write_mil_checkpoint(folder, mixer, ssm_cfg=None, storage="safetensors"):
+def write_mil_checkpoint(folder, mixer, ssm_cfg=None, storage="safetensors", layout="training"):
     """A MambaInLlama folder (config.json, mamba_config.json, model.safetensors) and its float64 reference."""
     from transformers import LlamaForCausalLM
 
@@ -141,11 +186,12 @@ def write_mil_checkpoint(folder, mixer, ssm_cfg=None, storage="safetensors"):
         if mixer == "mamba2":
             weights = mil_mamba2_weights(generator, d_model, d_inner, d_xb, nh)
             module = MILMamba2(weights, d_inner, d_xb, ssm_cfg["d_state"])
-        else:  # no reference forward: the import refuses it
-            weights = mil_mamba1_weights(generator, d_model, d_inner, d_xb, 16, math.ceil(d_model / 16))
-            module = None
-        if module is not None:
-            reference.model.layers[i] = MILDecoderLayer(layer, module)
+        else:
+            d_state = ssm_cfg.get("d_state", 16)
+            dt_rank = ssm_cfg.get("dt_rank", math.ceil(d_model / 16))
+            weights = mil_mamba1_weights(generator, d_model, d_inner, d_xb, d_state, dt_rank, layout)
+            module = MILMamba1(weights, d_inner, d_xb, d_state)
+        reference.model.layers[i] = MILDecoderLayer(layer, module)
         state = {k: v for k, v in state.items() if not k.startswith(f"model.layers.{i}.self_attn.")}
         state.update({f"model.layers.{i}.mamba.{k}": v for k, v in weights.items()})
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,12 +248,44 @@ def test_mamba2_import_matches_reference(tmp_path, storage):
     assert native.config.mamba_norm_eps == 1e-5
 
 
-def test_mamba1_is_refused_with_the_reason(tmp_path):
-    """Their Mamba-1 takes the time step from the layer input, ours from the conv output: no lossless map."""
+@pytest.mark.parametrize(
+    ("ssm_cfg", "layout"),
+    [
+        ({"expand": 1}, "training"),  # their train_hybrid.py's ssm_cfg: d_state 16 (= head_dim here)
+        ({"expand": 1, "d_state": 8, "dt_rank": 3}, "training"),  # d_state below head_dim, as on Llama-3 (16 < 128)
+        ({"expand": 1, "d_state": 8, "repeat_kv_before_conv": False}, "inference"),  # fused in_proj, conv at d_xb
+    ],
+    ids=["dstate16", "dstate8", "fused-conv-at-kv-width"],
+)
+def test_mamba1_import_matches_reference(tmp_path, ssm_cfg, layout):
+    reference = write_mil_checkpoint(tmp_path / "mil", "mamba1", ssm_cfg, layout=layout)
+    native = _compare(tmp_path / "mil", tmp_path, reference)
+    assert native.config.mixer_types == ["mamba1", "attention", "mamba1", "attention"]
+    assert native.config.mamba1_d_state == ssm_cfg.get("d_state", 16)
+
+
+def test_mamba1_import_decodes_like_its_prefill(tmp_path):
+    """The imported model's token-by-token decoding (cache) reproduces the reference's parallel logits."""
+    from distill.import_mil import mil_to_native
+
+    reference = write_mil_checkpoint(tmp_path / "mil", "mamba1", {"expand": 1, "d_state": 8})
+    native = mil_to_native(tmp_path / "mil").double()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        out = native(ids[:, :4], use_cache=True)
+        logits, cache = [out.logits], out.cache
+        for t in range(4, 9):
+            out = native(ids[:, t : t + 1], cache=cache, use_cache=True)
+            logits.append(out.logits)
+    assert (torch.cat(logits, dim=1) - expected).abs().max() < 1e-6
+
+
+def test_mamba1_projection_bias_is_refused(tmp_path):
     from distill.import_mil import import_mil
 
-    write_mil_checkpoint(tmp_path / "mil", "mamba1", {"expand": 1})
-    with pytest.raises(UserError, match="time step from the layer input"):
+    write_mil_checkpoint(tmp_path / "mil", "mamba1", {"expand": 1, "proj_x_bias": True})
+    with pytest.raises(UserError, match="proj_x_bias"):
         import_mil(tmp_path / "mil", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -9,7 +9,7 @@ from distill.init import hybrid_config_from_teacher, hybrid_from_teacher, select
 from distill.recipe import RecipeError, StudentConfig
 
 # Drawn from the seed (besides in_proj's z and dt rows); Mamba-1's A (S4D-real) and both D are deterministic.
-RANDOM = {"mamba2": ("A_log", "dt_bias", "conv1d"), "mamba1": ("dt_proj", "x_proj", "conv1d")}
+RANDOM = {"mamba2": ("A_log", "dt_bias", "conv1d"), "mamba1": ("dt_proj", "conv1d")}
 
 
 def test_half_attention_is_every_odd_layer():
@@ -45,8 +45,9 @@ def test_config_from_teacher():
     assert config.mixer_types == ["mamba1", "mamba1", "attention", "mamba1"]
     assert config.mamba1_d_state == 16 and config.mamba1_dt_rank == 4  # head_dim, ceil(64 / 16)
     assert config._attn_implementation == "sdpa"
-    with pytest.raises(RecipeError, match="d_state = head_dim"):
-        hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", mamba1_d_state=8))
+    assert hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", mamba1_d_state=8)).mamba1_d_state == 8
+    with pytest.raises(RecipeError, match="must divide the teacher's kv width"):
+        hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", mamba1_d_state=12))
     with pytest.raises(RecipeError, match="biases"):
         hybrid_config_from_teacher(tiny_llama_config(attention_bias=True), StudentConfig())
     with pytest.raises(RecipeError, match="Llama-architecture"):
@@ -66,11 +67,11 @@ def test_attention_weights_land_in_the_mixer_exactly(tiny_llama, mixer):
                 assert torch.equal(getattr(layer.self_attn, proj).weight, getattr(attn, proj).weight)
             continue
         rows = layer.mamba.in_proj.weight
-        # [z (64) | x (32) | B (32) | C (64) | dt (4, Mamba-2 only)]
+        # [z (64) | x (32) | B (32) | C (64) | dt (4: nh for Mamba-2, dt_rank for Mamba-1)]
         assert torch.equal(rows[64:96], attn.v_proj.weight)
         assert torch.equal(rows[96:128], attn.k_proj.weight)
         assert torch.equal(rows[128:192], attn.q_proj.weight)
-        assert rows.shape[0] == (196 if mixer == "mamba2" else 192)
+        assert rows.shape[0] == 196
         assert torch.equal(layer.mamba.out_proj.weight, attn.o_proj.weight)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(student.state_dict()[name], teacher[name])

@@ -83,20 +83,21 @@ def naive_mamba2(mixer, u):
 
 
 def naive_mamba1(mixer, u):
-    """The Mamba-1 mixer as its per-timestep recurrence over channels."""
-    nh, nkv, hd, n = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim, mixer.d_state
+    """The Mamba-1 mixer as its per-timestep recurrence over channels (MambaInLlama's equations)."""
+    d_inner, d_xb, n = mixer.d_inner, mixer.d_xb, mixer.d_state
     b, length, _ = u.shape
-    z, x, B, C = (u @ mixer.in_proj.weight.T).split([nh * hd, nkv * hd, nkv * n, nh * n], dim=-1)
-    head_of_channel = torch.arange(nh * hd) // hd
-    kv_of_channel = head_of_channel // (nh // nkv)
-    x = x[..., kv_of_channel * hd + torch.arange(nh * hd) % hd]
+    z, x, B, C, dt_low = (u @ mixer.in_proj.weight.T).split([d_inner, d_xb, d_xb, d_inner, mixer.dt_rank], dim=-1)
+    channel = torch.arange(d_inner)
+    group = channel // n  # the B/C group channel c reads; x and B are stored at kv width
+    kv_group = group // (d_inner // d_xb)
+    x = x[..., kv_group * n + channel % n]
     x = naive_conv_silu(x, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
-    dt = F.softplus(x @ mixer.x_proj.weight.T @ mixer.dt_proj.weight.T + mixer.dt_proj.bias)
+    dt = F.softplus(dt_low @ mixer.dt_proj.weight.T + mixer.dt_proj.bias)  # from the layer input, not the conv
     A = -torch.exp(mixer.A_log)
-    B = B.view(b, length, nkv, n)[:, :, kv_of_channel]  # (b, l, d_inner, n)
-    C = C.view(b, length, nh, n)[:, :, head_of_channel]
-    state = torch.zeros(b, nh * hd, n, dtype=u.dtype)
-    y = torch.zeros(b, length, nh * hd, dtype=u.dtype)
+    B = B.view(b, length, d_xb // n, n)[:, :, kv_group]  # (b, l, d_inner, n)
+    C = C.view(b, length, d_inner // n, n)[:, :, group]
+    state = torch.zeros(b, d_inner, n, dtype=u.dtype)
+    y = torch.zeros(b, length, d_inner, dtype=u.dtype)
     for t in range(length):
         state = torch.exp(dt[:, t, :, None] * A) * state + dt[:, t, :, None] * B[:, t] * x[:, t, :, None]
         y[:, t] = (state * C[:, t]).sum(-1) + mixer.D * x[:, t]
@@ -112,9 +113,10 @@ NAIVE = {"mamba2": naive_mamba2, "mamba1": naive_mamba1}
     [
         {},  # 4 heads on 2 kv-heads of 16, conv 4
         {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8, "d_conv": 2},  # SmolLM2's 3:1 GQA
-        {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "d_conv": 3, "mamba1_d_state": 5},
+        {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "d_conv": 3, "mamba1_d_state": 4},
+        {"mamba1_d_state": 32, "mamba1_dt_rank": 3},  # a d_state group spanning two heads
     ],
-    ids=["gqa2", "gqa3", "mha"],
+    ids=["gqa2", "gqa3", "mha", "wide-state"],
 )
 def test_mixer_matches_naive_float64_loop(mixer_type, shape):
     model = random_model([mixer_type], **shape).double()
@@ -123,6 +125,11 @@ def test_mixer_matches_naive_float64_loop(mixer_type, shape):
     with torch.no_grad():
         got, want = mixer(u), NAIVE[mixer_type](mixer, u)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_mamba1_d_state_must_divide_the_kv_width():
+    with pytest.raises(ValueError, match="mamba1_d_state = 12 must divide"):
+        HybridForCausalLM(hybrid_config(["mamba1"], mamba1_d_state=12))
 
 
 @pytest.mark.parametrize("mixer_type", ["mamba2", "mamba1"])
