@@ -20,14 +20,16 @@ d_state other than head_dim) are refused with the option's name; `conv_bias: fal
 
 Mamba-1 (`mamba/hybrid_mamba_layer.py`; d_state n from `ssm_cfg`, default 16, need not be head_dim):
 
-| MambaInLlama                                                         | ours                          |
-|----------------------------------------------------------------------|-------------------------------|
-| `mamba.{in_proj_z, in_proj_x, B_proj, C_proj, dt_proj_down}` stacked, or their inference code's fused `mamba.in_proj` (same row order) | `mamba.in_proj` rows [z, x, B, C, dt] |
-| `mamba.conv1d` at d_inner (`repeat_kv_before_conv`, their default)  | same                          |
-| `mamba.conv1d` at d_xb (inference code, repeat after the conv)      | channels repeated per group of n, as x is: the conv is depthwise |
-| `mamba.dt_proj.weight`, `A_log`, `D`, `out_proj`                     | same keys                     |
-| `mamba.dt_proj.bias`                                                 | 2 x `dt_proj.bias`            |
+| MambaInLlama                                                     | ours                                  |
+|------------------------------------------------------------------|---------------------------------------|
+| `mamba.{in_proj_z,in_proj_x,B_proj,C_proj,dt_proj_down}` stacked | `mamba.in_proj` rows [z, x, B, C, dt] |
+| `mamba.in_proj` (their inference code, already stacked)          | same                                  |
+| `mamba.conv1d` at d_inner (`repeat_kv_before_conv`, default)     | same                                  |
+| `mamba.conv1d` at d_xb (inference code, repeat after the conv)   | channels repeated per group of n      |
+| `mamba.{dt_proj.weight,A_log,D,out_proj}`                        | same                                  |
+| `mamba.dt_proj.bias`                                             | 2 x `dt_proj.bias`                    |
 
+The conv is depthwise, so repeating its channels before it equals repeating its output after it.
 The doubled bias is theirs: `dt_proj(...)` adds it and the scan adds it again (`delta_bias` in prefill,
 `dt_bias` in `step`), so their time step is softplus(W_up W_down u + 2 b). Projection biases are refused.
 """
@@ -101,7 +103,7 @@ def _check_mamba1(folder: Path, ssm: dict, d_model: int, d_xb: int) -> tuple[int
     """Their Mamba-1's d_state and dt_rank; refuses the options the native mixer has no equivalent for."""
     for key in ("proj_x_bias", "proj_z_bias", "out_proj_bias"):
         if ssm.get(key, False):
-            raise _refuse(folder, f"ssm_cfg.{key} = true has no native equivalent (the projections have no bias)")
+            raise _refuse(folder, f"ssm_cfg.{key} = true has no native equivalent (projections have no bias)")
     d_state = ssm.get("d_state", 16)
     if d_xb % d_state:
         raise _refuse(folder, f"ssm_cfg.d_state = {d_state} does not divide d_xb = {d_xb}")
@@ -117,9 +119,10 @@ def _mamba1_to_native(state: dict[str, torch.Tensor], prefix: str, d_state: int,
         parts = ("in_proj_z", "in_proj_x", "B_proj", "C_proj", "dt_proj_down")
         state[prefix + "in_proj.weight"] = torch.cat([state.pop(f"{prefix}{part}.weight") for part in parts])
     weight, bias = state[prefix + "conv1d.weight"], state[prefix + "conv1d.bias"]
-    if weight.shape[0] != state[prefix + "D"].shape[0]:  # their conv at d_xb (repeat after it): repeat it first
+    if weight.shape[0] != state[prefix + "D"].shape[0]:  # their conv at d_xb, before their repeat
         groups = weight.shape[0] // d_state
-        state[prefix + "conv1d.weight"] = repeat_heads(weight.transpose(0, 2), groups, repeats).transpose(0, 2)
+        weight = repeat_heads(weight.transpose(0, 2), groups, repeats).transpose(0, 2)
+        state[prefix + "conv1d.weight"] = weight.contiguous()
         state[prefix + "conv1d.bias"] = repeat_heads(bias, groups, repeats)
     state[prefix + "dt_proj.bias"] = 2 * state[prefix + "dt_proj.bias"]
 

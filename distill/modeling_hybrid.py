@@ -36,9 +36,10 @@ Mamba-1 models use n = 16 < hd, which the same equations cover. Unlike mamba-ssm
 u (MambaInLlama's `dt_proj_down`, here the last k rows of `in_proj`), not from the conv output.
 
 Padding never reaches the state: x (before and after the conv) and dt are zeroed where the 2D
-`attention_mask` is 0 (dt = 0 means no decay and no input; Mamba-2 zeroes B and C with x). Documents packed into one row (`position_ids` restarting) reset the state: Mamba-2
-passes mamba-ssm's `seq_idx` (the same document split transformers' masks use) to the conv and the scan;
-Mamba-1's `selective_scan_fn` has no `seq_idx`, so its packed rows are moved into one row per document first.
+`attention_mask` is 0 (dt = 0 means no decay and no input; Mamba-2 zeroes B and C with x). Documents packed
+into one row (`position_ids` restarting) reset the state: Mamba-2 passes mamba-ssm's `seq_idx` (the same
+document split transformers' masks use) to the conv and the scan; Mamba-1's `selective_scan_fn` has no
+`seq_idx`, so its packed rows are moved into one row per document first.
 
 The cache is transformers' `DynamicCache(config)`: `config.layer_types` marks Mamba layers "linear_attention",
 so they get a conv state (b, conv channels, d_conv) and an fp32 SSM state (Mamba-2: (b, nh, hd, hd); Mamba-1:
@@ -297,7 +298,7 @@ class HybridMamba1Mixer(nn.Module):
         if self.d_xb % self.d_state:
             raise ValueError(
                 f"mamba1_d_state = {self.d_state} must divide num_key_value_heads * head_dim = {self.d_xb} "
-                f"(x and B are read in groups of d_state); use a divisor of it such as head_dim = {config.head_dim}"
+                f"(x and B are read in groups of d_state); use a divisor such as head_dim = {config.head_dim}"
             )
         self.num_groups = self.d_inner // self.d_state  # channel c reads B and C of group c // d_state
         self.repeats = self.d_inner // self.d_xb
@@ -313,7 +314,7 @@ class HybridMamba1Mixer(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
 
     def _project(self, hidden_states: torch.Tensor):
-        """z, x and B (repeated to d_inner), C, all (..., d_inner), and the fp32 time step dt (..., d_inner)."""
+        """z, x and B (repeated to d_inner), C, and the fp32 time step dt, all (..., d_inner)."""
         z, x, B, C, dt = self.in_proj(hidden_states).split(self.splits, dim=-1)
         kv_groups = self.d_xb // self.d_state
         x, B = repeat_heads(x, kv_groups, self.repeats), repeat_heads(B, kv_groups, self.repeats)

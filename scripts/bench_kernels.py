@@ -216,7 +216,7 @@ def add_rows(rows, op, dtype, backward, b, L, n, results, flops, rate):
         rows.append(
             f"| {op} | {dtype} | {'fwd+bwd' if backward else 'fwd'} | {b} | {L} | {n} | {name} | {seconds * 1e3:.1f} "
             f"| {flops / seconds / 1e9:.1f} | {rate / 1e9:.0f} | {seconds / (flops / rate):.1f} | {peak / 2**20:.0f} "
-            f"| {seconds / ours_time:.2f} | {peak / max(ours_mem, 1):.2f} |"
+            f"| {seconds / ours_time:.2f} | {f'{peak / ours_mem:.2f}' if ours_mem >= 2**20 else 'n/a'} |"
         )
 
 

@@ -252,7 +252,7 @@ def test_mamba2_import_matches_reference(tmp_path, storage):
     ("ssm_cfg", "layout"),
     [
         ({"expand": 1}, "training"),  # their train_hybrid.py's ssm_cfg: d_state 16 (= head_dim here)
-        ({"expand": 1, "d_state": 8, "dt_rank": 3}, "training"),  # d_state below head_dim, as on Llama-3 (16 < 128)
+        ({"expand": 1, "d_state": 8, "dt_rank": 3}, "training"),  # d_state < head_dim, as on Llama-3 (16 < 128)
         ({"expand": 1, "d_state": 8, "repeat_kv_before_conv": False}, "inference"),  # fused in_proj, conv at d_xb
     ],
     ids=["dstate16", "dstate8", "fused-conv-at-kv-width"],

@@ -86,13 +86,14 @@ def naive_mamba1(mixer, u):
     """The Mamba-1 mixer as its per-timestep recurrence over channels (MambaInLlama's equations)."""
     d_inner, d_xb, n = mixer.d_inner, mixer.d_xb, mixer.d_state
     b, length, _ = u.shape
-    z, x, B, C, dt_low = (u @ mixer.in_proj.weight.T).split([d_inner, d_xb, d_xb, d_inner, mixer.dt_rank], dim=-1)
+    widths = [d_inner, d_xb, d_xb, d_inner, mixer.dt_rank]
+    z, x, B, C, dt_low = (u @ mixer.in_proj.weight.T).split(widths, dim=-1)
     channel = torch.arange(d_inner)
     group = channel // n  # the B/C group channel c reads; x and B are stored at kv width
     kv_group = group // (d_inner // d_xb)
     x = x[..., kv_group * n + channel % n]
     x = naive_conv_silu(x, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
-    dt = F.softplus(dt_low @ mixer.dt_proj.weight.T + mixer.dt_proj.bias)  # from the layer input, not the conv
+    dt = F.softplus(dt_low @ mixer.dt_proj.weight.T + mixer.dt_proj.bias)  # from u, not the conv output
     A = -torch.exp(mixer.A_log)
     B = B.view(b, length, d_xb // n, n)[:, :, kv_group]  # (b, l, d_inner, n)
     C = C.view(b, length, d_inner // n, n)[:, :, group]
