@@ -17,7 +17,8 @@ SEGMENT = 64
 
 
 def scan_segment(state, A, delta, delta_u, B, C):
-    """The recurrence over one segment: delta, delta_u (b, d, k); B, C (b, d, n, k). Returns y (b, d, k), state."""
+    """The recurrence over one segment. state (b, g, d/g, n); A (g, d/g, n); delta, delta_u (b, g, d/g, k);
+    B, C (b, g, 1, n, k), broadcast over each group's channels. Returns y (b, g, d/g, k) and the state."""
     ys = []
     for delta_t, delta_u_t, B_t, C_t in zip(delta.unbind(-1), delta_u.unbind(-1), B.unbind(-1), C.unbind(-1)):
         state = torch.exp(delta_t[..., None] * A) * state + delta_u_t[..., None] * B_t
@@ -27,11 +28,15 @@ def scan_segment(state, A, delta, delta_u, B, C):
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
-    delta, B, C = prepare_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus)
+    delta, B, C = prepare_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus, expand=False)
     f = delta.dtype
-    A = A.to(f)
-    state = u.new_zeros(*u.shape[:2], A.shape[1], dtype=f)
-    pieces = zip(*(t.split(SEGMENT, dim=-1) for t in (delta, delta * u.to(f), B, C)))
+    b, d, l = u.shape
+    g, n = B.shape[1], A.shape[1]
+    A = A.to(f).view(g, d // g, n)
+    state = u.new_zeros(b, g, d // g, n, dtype=f)
+    # B and C stay per group (never expanded to (b, d, n, l)), so their gradients are O(b g n l) too
+    per_group = (t.view(b, g, d // g, l) for t in (delta, delta * u.to(f)))
+    pieces = zip(*(t.split(SEGMENT, dim=-1) for t in (*per_group, B, C)))
     ys = []
     for segment in pieces:
         if torch.is_grad_enabled():
@@ -39,5 +44,5 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         else:
             y, state = scan_segment(state, A, *segment)
         ys.append(y)
-    out = finish_selective_scan(torch.cat(ys, dim=-1), u, D, z, f)
-    return (out, state.to(u.dtype)) if return_last_state else out
+    out = finish_selective_scan(torch.cat(ys, dim=-1).view(b, d, l), u, D, z, f)
+    return (out, state.view(b, d, n).to(u.dtype)) if return_last_state else out

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from .ssd_naive import compute_dtype, process_dt
 
 
-def prepare_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus):
-    """Checks shapes; returns delta (processed) and B, C expanded to (b, d, n, l), all in the compute dtype."""
+def prepare_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus, expand=True):
+    """Checks shapes; returns delta (processed) and B, C expanded to (b, d, n, l) (or, with expand=False, as
+    (b, g, 1, n, l) to broadcast over each group's channels), all in the compute dtype."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, dim, seqlen), got {tuple(u.shape)} and {tuple(delta.shape)}")
     b, d, l = u.shape
@@ -25,15 +26,15 @@ def prepare_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus):
     f = compute_dtype(u.dtype)
     delta = process_dt(delta, delta_bias[:, None] if delta_bias is not None else None, delta_softplus, dtype=f)
 
-    def expand(M):
+    def per_channel(M):
         M = M.to(f)
         if M.dim() == 3:
-            return M[:, None].expand(b, d, *M.shape[1:])
+            M = M[:, None]
         if d % M.shape[1]:
             raise ValueError(f"dim ({d}) must be a multiple of ngroups ({M.shape[1]})")
-        return M.repeat_interleave(d // M.shape[1], dim=1)
+        return M.repeat_interleave(d // M.shape[1], dim=1) if expand else M[:, :, None]
 
-    return delta, expand(B), expand(C)
+    return delta, per_channel(B), per_channel(C)
 
 
 def finish_selective_scan(y, u, D, z, f):
