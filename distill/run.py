@@ -90,7 +90,9 @@ def run(recipe, recipe_path: str | None = None) -> Path:
         teacher, tokenizer = load_teacher(recipe.teacher, dtype=getattr(torch, DTYPES[recipe.precision]))
         train, held_out = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
     teacher.to(accelerator.device)
-    student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed)
+    # norm_init: rms_ratio calibrates each mixer's output scale on a few training rows
+    calibration = torch.tensor(train[:4]["input_ids"]) if recipe.student.norm_init == "rms_ratio" else None
+    student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration)
 
     ctx = StageContext(recipe=recipe, accelerator=accelerator, teacher=teacher, tokenizer=tokenizer,
                        train=train, held_out=held_out, output_dir=out)
