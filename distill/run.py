@@ -61,6 +61,17 @@ def _stage_summaries(out: Path, recipe) -> list[dict]:
     return summaries
 
 
+def _check_kernel_backend() -> None:
+    """A bad $DISTILL_KERNELS is a user mistake: say so before anything heavy starts."""
+    from distill.errors import UserError
+    from distill.kernels import get_backend
+
+    try:
+        get_backend()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def run(recipe, recipe_path: str | None = None) -> Path:
     """Run `recipe` end to end; returns the output directory."""
     import torch
@@ -79,6 +90,7 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     with accelerator.main_process_first():  # the first process downloads, converts and caches; the rest reuse
         recipe.check_against_teacher(teacher_config(recipe.teacher).num_hidden_layers)
         check_source(recipe.data)
+        _check_kernel_backend()
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "recipe.yaml").write_text(recipe.dump())

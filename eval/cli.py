@@ -64,11 +64,11 @@ def _stage_summaries(run_dir: Path, recipe) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from distill.eval.evaluation import evaluate
     from transformers import AutoModelForCausalLM
 
     import distill  # noqa: F401  (registers the hybrid with the Auto classes)
     from distill.data import build_datasets
+    from distill.eval.evaluation import evaluate
     from distill.recipe import DataConfig, EvalConfig, Recipe, TeacherConfig, load_recipe
     from distill.teacher import load_teacher
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from distill.eval import report as rep
 from distill.eval.quality import compare_on_held_out
 

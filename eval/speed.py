@@ -24,7 +24,6 @@ import argparse
 import ctypes
 import json
 import statistics
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,9 +80,22 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def _reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0), so VmHWM measures from now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 @contextmanager
 def peak_memory(device: torch.device):
-    """Yields a dict whose "bytes" is, on exit, the peak memory above the level at entry."""
+    """Yields a dict whose "bytes" is, on exit, the peak memory above the level at entry.
+
+    On CPU this is the kernel's exact RSS high-water mark (no sampling, so short-lived peaks count too)."""
     result = {"bytes": 0}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -93,20 +105,10 @@ def peak_memory(device: torch.device):
         result["bytes"] = torch.cuda.max_memory_allocated(device) - start
         return
     _return_freed_memory_to_the_os()
-    start, peak, done = _rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.wait(0.002):
-            peak[0] = max(peak[0], _rss_bytes())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        done.set()
-        thread.join()
-        result["bytes"] = max(peak[0], _rss_bytes()) - start
+    _reset_peak_rss()
+    start = _rss_bytes()
+    yield result
+    result["bytes"] = _peak_rss_bytes() - start
 
 
 def _sync(device: torch.device) -> None:

@@ -35,6 +35,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the docstring: exact
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
+
 from distill.kernels.selective_scan import selective_scan_torch
 from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_chunked import DEFAULT_CHUNK_SIZE, ssd_chunked

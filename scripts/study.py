@@ -151,8 +151,8 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
     lines = [
         "# CPU-scale reproduction study",
         "",
-        f"Produced by `{command}` (see scripts/study.py). Teacher: SmolLM2-135M-Instruct; data: ShareGPT; "
-        "held-out perplexity on assistant tokens; KL = mean KL(teacher‖student) per loss token in nats.",
+        (f"Produced by `{command}` (see scripts/study.py). Teacher: SmolLM2-135M-Instruct; data: ShareGPT; "
+         "held-out perplexity on assistant tokens; KL = mean KL(teacher‖student) per loss token in nats."),
         "",
         f"Teacher perplexity: {results.get('teacher', {}).get('perplexity', float('nan')):.3f}",
         "",

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from distill.eval.cli import main
 from test_eval_lm_eval import save_tiny_checkpoint
 
 from distill.cli import main as distill_main
+from distill.eval.cli import main
 
 SENTENCES = [
     "State space models carry a fixed-size state from token to token.",

@@ -3,8 +3,9 @@
 import re
 
 import torch
-from distill.eval.needle import INTRO, QUESTION, haystack_tokens, make_prompt, mean_accuracy, passkey_accuracy
 from test_eval_lm_eval import byte_tokenizer
+
+from distill.eval.needle import INTRO, QUESTION, haystack_tokens, make_prompt, mean_accuracy, passkey_accuracy
 
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun. " * 8
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 from datasets import Dataset
-from distill.eval.quality import compare_on_held_out
 from transformers import LlamaForCausalLM
+
+from distill.eval.quality import compare_on_held_out
 
 ROW = 24
 

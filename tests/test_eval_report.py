@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from distill.eval import evaluate, markdown_table
 from test_eval_lm_eval import save_tiny_checkpoint
 
+from distill.eval import evaluate, markdown_table
 from distill.recipe import EvalConfig, StudentConfig, recipe_from_dict
 
 TEXT = "Mamba layers keep a fixed-size state, so decoding does not slow down as the context grows. " * 6

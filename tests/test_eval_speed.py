@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from distill.eval.speed import benchmark, build_cache, cache_bytes, markdown, measure_decode, peak_memory
 
 

@@ -9,6 +9,10 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distill import kernels
 from distill.kernels.conv1d import causal_conv1d_naive, causal_conv1d_torch
 from distill.kernels.rmsnorm import rmsnorm_torch
 from distill.kernels.selective_scan import selective_scan_torch
@@ -16,10 +20,6 @@ from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_chunked import ssd_chunked
 from distill.kernels.ssd_naive import ssd_naive
 from distill.kernels.state_update import selective_state_update_torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from distill import kernels
 
 KERNELS_DIR = pathlib.Path(kernels.__file__).parent
 FAST = settings(max_examples=25, deadline=None)

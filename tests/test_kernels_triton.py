@@ -10,13 +10,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py sets it befo
 
 import pytest
 import torch
-from distill.kernels.selective_scan_naive import selective_scan_naive
-from distill.kernels.ssd_naive import ssd_naive
-from distill.kernels.state_update import selective_state_update_torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distill import kernels
+from distill.kernels.selective_scan_naive import selective_scan_naive
+from distill.kernels.ssd_naive import ssd_naive
+from distill.kernels.state_update import selective_state_update_torch
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
