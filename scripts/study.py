@@ -146,8 +146,8 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
     (docs / "results.json").write_text(json.dumps(results, indent=2))
     arms = results["arms"]
     contexts = sorted({c for arm in arms.values() for c in arm.get("decode", {})})
-    head = ("| arm | comparison | ppl ratio | KL | top-1 | lm-eval | " +
-            " | ".join(f"decode@{c} (× teacher)" for c in contexts) + " | tokens | wall (min) |")
+    head = "| arm | comparison | ppl ratio | KL | top-1 | lm-eval | " + "".join(
+        f"decode@{c} (× teacher) | " for c in contexts) + "tokens | wall (min) |"
     lines = [
         "# CPU-scale reproduction study",
         "",
@@ -165,8 +165,8 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
         decode = [f"{arm['decode'][c]['decode_tok_s']:.1f} ({arm['decode'][c]['speedup_vs_teacher']:.2f}×)"
                   if c in arm.get("decode", {}) else "" for c in contexts]
         lines.append(f"| {name} | {arm['comparison']} | {arm['perplexity_ratio']:.3f} | {arm['kl_to_teacher']:.3f} | "
-                     f"{arm['top1_agreement']:.3f} | {lm} | " + " | ".join(decode) +
-                     f" | {arm['tokens']:,} | {arm['wall_time_s'] / 60:.0f} |")
+                     f"{arm['top1_agreement']:.3f} | {lm} | " + "".join(f"{d} | " for d in decode) +
+                     f"{arm['tokens']:,} | {arm['wall_time_s'] / 60:.0f} |")
     if arms:
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(arms) + 1.5))
         names = list(arms)
