@@ -70,9 +70,11 @@ def _return_freed_memory_to_the_os() -> None:
     """Serve every block >= 1 MiB by mmap, so freeing a tensor lowers the RSS and the next peak is measured
     from a true baseline (glibc otherwise raises this threshold after frees and keeps memory in its heap)."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: the RSS peak may then undercount re-used memory
-        pass
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)  # free heap pages freed before the threshold was set go back to the OS too
 
 
 def _rss_bytes() -> int:

@@ -86,9 +86,15 @@ def causal_conv1d_torch(x, weight, bias=None, seq_idx=None, initial_states=None,
     return _finish(out, xpad, width, x, activation, return_final_states)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
     """Decode step(s): x (batch, dim) or (batch, dim, seqlen); conv_state (batch, dim, state_len >= width - 1)
-    holds the latest inputs and is updated in place."""
+    holds the latest inputs and is updated in place.
+
+    Without cache_seqlens the state is a shift register, oldest input first. With cache_seqlens (batch,) int32
+    it is a circular buffer per row: the conv's history is the width - 1 entries just before position
+    cache_seqlens % state_len (wrapping around), and the new inputs are written from that position on; the
+    caller advances cache_seqlens. A chunk longer than state_len leaves its last state_len inputs.
+    """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     width, state_len = weight.shape[1], conv_state.shape[-1]
@@ -97,8 +103,22 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     single = x.dim() == 2
     xs = x[..., None] if single else x
     f = compute_dtype(x.dtype)
-    window = torch.cat([conv_state.to(f), xs.to(f)], dim=-1)
-    conv_state.copy_(window[..., -state_len:])
-    out = causal_conv1d_torch(xs, weight, bias, initial_states=window[..., state_len - (width - 1):state_len],
-                              activation=activation)
+    if cache_seqlens is None:
+        window = torch.cat([conv_state.to(f), xs.to(f)], dim=-1)
+        conv_state.copy_(window[..., -state_len:])
+        history = window[..., state_len - (width - 1):state_len]
+    else:
+        if cache_seqlens.shape != (x.shape[0],):
+            raise ValueError(f"cache_seqlens must be (batch,) = ({x.shape[0]},), got {tuple(cache_seqlens.shape)}")
+        seqlen, dim = xs.shape[-1], xs.shape[1]
+        position = cache_seqlens.to(device=x.device, dtype=torch.long)[:, None]  # (batch, 1)
+
+        def slots(start, stop):  # buffer indices (batch, dim, stop - start) of position + start ... stop - 1
+            index = (position + torch.arange(start, stop, device=x.device)) % state_len
+            return index[:, None].expand(-1, dim, -1)
+
+        history = conv_state.gather(2, slots(-(width - 1), 0)).to(f)  # read before writing
+        kept = min(seqlen, state_len)
+        conv_state.scatter_(2, slots(seqlen - kept, seqlen), xs[..., seqlen - kept:].to(conv_state.dtype))
+    out = causal_conv1d_torch(xs, weight, bias, initial_states=history, activation=activation)
     return out[..., 0] if single else out

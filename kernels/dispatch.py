@@ -147,13 +147,16 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
                 return_final_states=return_final_states, activation=activation)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
-    """Decode step(s) of the causal conv: x (b, d) or (b, d, l); conv_state (b, d, >= w - 1) updated in place."""
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
+    """Decode step(s) of the causal conv: x (b, d) or (b, d, l); conv_state (b, d, >= w - 1) updated in place;
+    with cache_seqlens (b,) int32 the state is a circular buffer written at cache_seqlens % state_len."""
     if resolve_backend(x) == "mamba_ssm":
         from causal_conv1d import causal_conv1d_update as update
     else:
         update = causal_conv1d_update_torch
-    return update(x, conv_state, weight, bias, activation)
+    # only passed when given, so causal-conv1d releases without the argument still work without it
+    extra = {} if cache_seqlens is None else {"cache_seqlens": cache_seqlens}
+    return update(x, conv_state, weight, bias, activation, **extra)
 
 
 def rmsnorm_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_before_gate=False):

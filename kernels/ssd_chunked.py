@@ -2,10 +2,27 @@
 
 The sequence is cut into chunks of Q positions (the algorithm of Mamba-2's `ssd_minimal`):
 
-1. inside a chunk the scan is a masked, decayed attention: y_i = sum_j (C_i . B_j) exp(cs_i - cs_j) dt_j x_j;
+1. inside a chunk the scan is a masked, decayed attention: y_i = sum_j (C_i . B_j) exp(cs_i - cs_j) dt_j x_j,
+   with cs the cumulative sum of dt * A inside the chunk;
 2. each chunk's contribution to the state at its end is a (p, n) matrix;
 3. a short loop over chunks carries the state from chunk to chunk;
 4. every position reads its chunk's incoming state: y_i += exp(cs_i) C_i . state.
+
+Two ways to apply the decays, chosen per head, with identical results:
+
+- factored (`ssd_factored`, the usual case): exp(cs_i - cs_j) = exp(cs_i - m) exp(m - cs_j), with m the middle of
+  the chunk's range of cs. The input side folds into dt_j x_j once, the output side scales y_i once, and what is
+  left is one (Q, Q) mask C B^T per chunk and group, shared by all its heads: every step is a GEMM over all r * p
+  head channels of a group. It needs every exponent to stay far from overflow, so a head takes it when each of
+  its chunks' cs spans less than -(log(tiny) + 20): then none of its decays is small enough to be flushed (below)
+  and the factors stay within e^+-34 (e^+-344 in float64).
+- pairwise (`ssd_pairwise`, heads with a chunk whose decays span more, e.g. large dt * |A| at a large Q): the
+  per-head (Q, Q) decays exp(cs_i - cs_j) are built explicitly, in blocks of BLOCK_CHUNKS chunks so they stay
+  cache-sized; decays below log(tiny) + 20 are flushed to zero.
+
+Without autograd the factored path also goes in blocks of BLOCK_CHUNKS chunks, reusing its buffers from block to
+block and updating them in place: a fresh full-size intermediate is page-faulted in, which costs about as much as
+the GEMMs on it. With autograd it is one block (the backward keeps every intermediate anyway).
 
 All of it runs in fp32 (float64 for float64 inputs) and uses O(L * Q) memory. Documents packed into a row
 (`seq_idx`) become a document counter; every decay between two different documents is masked to zero, which
@@ -17,9 +34,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ssd_naive import check_ssd_shapes, compute_dtype, process_dt, skip_and_gate
+from .ssd_naive import check_ssd_shapes, compute_dtype, process_dt
 
-# Tuned on a 2-core x86 CPU with scripts/bench_kernels.py --tune (fwd+bwd, fp32, h=16, p=64, n=64).
+# Tuned on a 2-core x86 CPU with scripts/bench_kernels.py --tune (fp32, h=16, p=64, n=64): 64 is the fastest
+# forward and forward+backward of 32 / 64 / 128 / 256 (larger chunks also send fast-decaying heads pairwise).
 DEFAULT_CHUNK_SIZE = 64
 BLOCK_CHUNKS = 8
 
@@ -36,7 +54,7 @@ def decay_exp(log_decay, mask=None):
     The flush keeps subnormal floats (~100x slower on x86, and what GPUs flush anyway) out of the matmuls;
     a decay under e^-67 in fp32 (e^-688 in float64) is far below the resolution of any sum it enters.
     """
-    keep = log_decay >= math.log(torch.finfo(log_decay.dtype).tiny) + 20
+    keep = log_decay >= flush_log(log_decay.dtype)
     if mask is not None:
         keep = keep & mask
     return torch.where(keep, log_decay, -math.inf).exp_()
@@ -52,11 +70,13 @@ class StatePassing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chunk_states, chunk_decay, initial_state):
-        incoming = torch.empty_like(chunk_states)
-        state = initial_state.clone()
-        for k in range(chunk_states.shape[0]):
-            incoming[k] = state
-            state.mul_(chunk_decay[k]).add_(chunk_states[k])
+        c = chunk_states.shape[0]
+        incoming = torch.empty_like(chunk_states)  # with chunk_states' strides
+        if c:
+            incoming[0] = initial_state
+        for k in range(c - 1):  # one fused pass per chunk
+            torch.addcmul(chunk_states[k], incoming[k], chunk_decay[k], out=incoming[k + 1])
+        state = torch.addcmul(chunk_states[-1], incoming[-1], chunk_decay[-1]) if c else initial_state.clone()
         ctx.save_for_backward(chunk_decay, incoming)
         return incoming, state
 
@@ -65,7 +85,7 @@ class StatePassing(torch.autograd.Function):
         chunk_decay, incoming = ctx.saved_tensors
         grad_states = torch.empty_like(incoming)
         grad_decay = torch.empty_like(chunk_decay)
-        grad = grad_final.clone()  # gradient w.r.t. the state after chunk k, walking backwards
+        grad = grad_final.clone(memory_format=torch.contiguous_format)  # w.r.t. the state after chunk k, walking back
         for k in reversed(range(incoming.shape[0])):
             grad_states[k] = grad
             grad_decay[k] = (grad * incoming[k]).sum_to_size(chunk_decay.shape[1:])
@@ -73,19 +93,189 @@ class StatePassing(torch.autograd.Function):
         return grad_states, grad_decay, grad
 
 
+def flush_log(dtype):
+    """Log-decays below this are flushed to zero (see decay_exp)."""
+    return math.log(torch.finfo(dtype).tiny) + 20
+
+
+def pass_states_(chunk_states, chunk_decay, initial_state):
+    """StatePassing's forward in place, for calls without autograd: chunk_states becomes the incoming states
+    (no fresh full-size buffer). Returns it and the final state."""
+    state = initial_state.clone(memory_format=torch.contiguous_format)  # in chunk_states' layout (b = 1)
+    spare = torch.empty_like(state)
+    for k in range(chunk_states.shape[0]):
+        torch.addcmul(chunk_states[k], state, chunk_decay[k], out=spare)
+        chunk_states[k] = state
+        state, spare = spare, state
+    return chunk_states, state
+
+
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
 def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, dt_bias=None, initial_states=None,
                 seq_idx=None, dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False):
-    """mamba_chunk_scan_combined's contract. The sequence is processed in blocks of BLOCK_CHUNKS chunks, the
-    state carried between blocks, so the (b, h, positions, Q) intermediates stay cache-sized."""
+    """mamba_chunk_scan_combined's contract: factored decays for the heads whose chunks all allow them, pairwise
+    decays for the others. Autocast is off inside: the scan computes in fp32 whatever the caller's autocast."""
     check_ssd_shapes(x, dt, A, B, C, D, z, initial_states, seq_idx)
     b, l, h, p = x.shape
-    n = B.shape[3]
+    g, n = B.shape[2:]
     f = compute_dtype(x.dtype)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, f)
-    xdt = x.to(f) * dt[..., None]
-    A, B, C = A.to(f), B.to(f), C.to(f)
+    A, B, C, xf = A.to(f), B.to(f), C.to(f), x.to(f)
     doc = document_index(seq_idx) if seq_idx is not None else None
     state = x.new_zeros(b, h, p, n, dtype=f) if initial_states is None else initial_states.to(f)
+    # Without autograd, fresh full-size intermediates are updated in place instead of copied.
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, initial_states)))
+
+    Q = chunk_size
+    c = -(-l // Q)
+    # Padding at the end has dt = 0: it adds nothing to the state and does not decay it.
+    cs = F.pad(dt * A, (0, 0, 0, c * Q - l)).view(b, c, Q, h).cumsum(2)  # (b, c, Q, h)
+    with torch.no_grad():  # the range of exponents in each chunk, 0 (the chunk's start) included
+        hi, lo = cs.amax(2).clamp_min(0), cs.amin(2).clamp_max(0)  # (b, c, h)
+        wide = (hi - lo > -flush_log(f)).flatten(0, 1).any(0)  # (h,): heads with a chunk that needs pairwise decays
+    pairwise = wide.nonzero()[:, 0].tolist()
+    if len(pairwise) == h:
+        y, state = ssd_pairwise(xf, dt, A, B, C, state, doc, chunk_size)
+    elif not pairwise:
+        y, state = ssd_factored(xf, dt, B, C, cs, (hi + lo) / 2, state, doc, inplace)
+    else:
+        # The factored path runs on every head (keeping the group GEMMs whole) with no decay at all in the wide
+        # heads, which keeps them finite; their output and state are then replaced by the pairwise path's.
+        heads = torch.tensor(pairwise, device=x.device)
+        groups = heads // (h // g)
+        y_wide, state_wide = ssd_pairwise(xf[:, :, heads], dt[:, :, heads], A[heads], B[:, :, groups],
+                                          C[:, :, groups], state[:, heads], doc, chunk_size)
+        y, state = ssd_factored(xf, dt, B, C, cs.masked_fill(wide, 0), ((hi + lo) / 2).masked_fill(wide, 0), state,
+                                doc, inplace)
+        y = y.index_copy_(2, heads, y_wide) if inplace else y.index_copy(2, heads, y_wide)
+        state = state.index_copy(1, heads, state_wide)
+    if D is not None:
+        D = (D[:, None] if D.dim() == 1 else D).to(f)
+        y = y.addcmul_(xf, D) if inplace else torch.addcmul(y, xf, D)
+    if z is not None:
+        y = scale(y, F.silu(z.to(f)), inplace)
+    y = y.to(x.dtype)
+    return (y, state.to(x.dtype)) if return_final_states else y
+
+
+def scale(t, factor, inplace):
+    """t * factor, in place when no gradient is recorded (a fresh full-size buffer costs page faults)."""
+    return t.mul_(factor) if inplace else t * factor
+
+
+def pad_to(t, length):
+    """t padded with zeros along dim 1 to `length` (no copy when it already has that length)."""
+    pad = length - t.shape[1]
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+
+
+def chunk_documents(doc, c, Q):
+    """Per chunk: the document of every position (b, c, Q), of the chunk's last position (b, c) and of the
+    state coming into the chunk (b, c); the end padding belongs to the last document."""
+    b, l = doc.shape
+    doc = torch.cat([doc, doc[:, -1:].expand(b, c * Q - l)], dim=1).view(b, c, Q)
+    doc_end = doc[..., -1]
+    doc_in = torch.cat([doc[:, :1, 0], doc_end[:, :-1]], dim=1)
+    return doc, doc_end, doc_in
+
+
+def scratch(work, name, shape, like):
+    """A contiguous buffer of this shape kept in `work` and reused from block to block, or None (the op allocates
+    a fresh tensor) when work is None."""
+    if work is None:
+        return None
+    numel = math.prod(shape)
+    if name not in work or work[name].numel() < numel:
+        work[name] = like.new_empty(numel)
+    return work[name][:numel].view(shape)
+
+
+def ssd_factored(x, dt, B, C, cs, ref, state, doc, inplace=False):
+    """The chunked scan with factored decays: y (b, l, h, p) without the D / z epilogue, and the final state.
+
+    cs (b, c, Q, h) is the in-chunk cumsum of dt * A, ref (b, c, h) the middle of its range (a constant that
+    cancels: exp(cs_i - cs_j) = exp(cs_i - ref) exp(ref - cs_j)); doc is the document counter or None.
+    With autograd every intermediate is kept for the backward, so the sequence is one block. Without (inplace),
+    it goes in blocks of BLOCK_CHUNKS chunks whose buffers are reused, and y is written in place: fresh
+    full-size memory is page-faulted in, which costs as much as the GEMMs on it.
+    """
+    b, l, h, p = x.shape
+    c, Q = cs.shape[1:3]
+    step = BLOCK_CHUNKS if inplace else max(c, 1)
+    work, y = ({}, x.new_empty(b, c * Q, h, p)) if inplace else (None, None)
+    ys = []
+    for k in range(0, c, step):
+        rows = slice(k * Q, (k + step) * Q)
+        block_doc = None
+        if doc is not None:
+            block_doc = doc[:, rows]
+            if k:  # a document that starts exactly at the block boundary does not see the carried state
+                state = state * (doc[:, k * Q] == doc[:, k * Q - 1]).to(x.dtype)[:, None, None, None]
+        block_y, state = factored_block(x[:, rows], dt[:, rows], B[:, rows], C[:, rows], cs[:, k:k + step],
+                                        ref[:, k:k + step], state, block_doc, work, None if y is None else y[:, rows])
+        ys.append(block_y)
+    if y is None:
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+    return y[:, :l], state
+
+
+def factored_block(x, dt, B, C, cs, ref, initial_state, doc, work, out):
+    """One block of ssd_factored: y (b, c * Q, h, p) (into `out` when given) and the final state. Full-size
+    intermediates go to `work` buffers when given (no autograd), else are fresh tensors."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    r = h // g
+    _, c, Q, _ = cs.shape
+    inplace = work is not None
+    ref = ref[:, :, None]  # (b, c, 1, h)
+    # dt and the input-side decay folded into x once, grouped so that a group's heads are one (Q, r * p) matrix
+    # (for g = 1 the transposes below are views).
+    x_scale = (pad_to(dt, c * Q).view(b, c, Q, h) * (ref - cs).exp()).view(b, c, Q, g, r, 1).transpose(2, 3)
+    X = torch.mul(pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3), x_scale,
+                  out=scratch(work, "X", (b, c, g, Q, r, p), x)).view(b, c, g, Q, r * p)
+    Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
+
+    # 1. Within each chunk: the causal C.B mask of the group (masked in place) applied to all its heads.
+    keep = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    chunk_decay = cs[:, :, -1].exp()  # (b, c, h)
+    if doc is not None:
+        doc, doc_end, doc_in = chunk_documents(doc, c, Q)
+        keep = keep & (doc[..., :, None] == doc[..., None, :])[:, :, None]  # (b, c, 1, Q, Q)
+        Bc_end = Bc * (doc == doc_end[..., None])[:, :, None, :, None]  # only the last document reaches the end
+        Cc_in = Cc * (doc == doc_in[..., None])[:, :, None, :, None]  # only the first one reads the incoming state
+        chunk_decay = chunk_decay * (doc_end == doc_in)[..., None]
+    else:
+        Bc_end, Cc_in = Bc, Cc
+    scores = (Cc @ Bc.mT).masked_fill_(~keep, 0)  # (b, c, g, Q, Q)
+    Y = torch.matmul(scores, X, out=scratch(work, "Y", (b, c, g, Q, r * p), x))
+
+    # 2. Each chunk's contribution to the state at its end, in a (n, r, p) layout that the GEMMs read directly.
+    end_scale = (cs[:, :, -1:] - ref).exp().view(b, c, g, 1, r, 1)
+    chunk_states = torch.matmul(Bc_end.mT, X, out=scratch(work, "states", (b, c, g, n, r * p), x))
+    chunk_states = scale(chunk_states.view(b, c, g, n, r, p), end_scale, inplace)
+
+    # 3. Carry the state across chunks (the (b, h, p, n) state viewed as (b, g, n, r, p)).
+    start = initial_state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
+    carry = pass_states_ if inplace else StatePassing.apply
+    incoming, state = carry(chunk_states.movedim(1, 0), chunk_decay.movedim(1, 0).view(c, b, g, 1, r, 1), start)
+    # contiguous again (StatePassing allocates it like its moved input), times exp(ref) for the output side below
+    incoming = scale(incoming.movedim(0, 1), ref.exp().view(b, c, g, 1, r, 1), inplace)
+
+    # 4. Every position reads its chunk's incoming state; then the output-side decay.
+    Y.view(b * c * g, Q, r * p).baddbmm_(Cc_in.reshape(b * c * g, Q, n), incoming.reshape(b * c * g, n, r * p))
+    out_scale = (cs - ref).exp().view(b, c, Q, g, r, 1)
+    y = torch.mul(Y.view(b, c, g, Q, r, p).transpose(2, 3), out_scale,
+                  out=None if out is None else out.view(b, c, Q, g, r, p))
+    return y.reshape(b, c * Q, h, p), state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+
+
+def ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size):
+    """The chunked scan with explicit per-head pairwise decays, in blocks of BLOCK_CHUNKS chunks (the state
+    carried between blocks), so the (b, h, positions, Q) intermediates stay cache-sized."""
+    l = x.shape[1]
+    xdt = x * dt[..., None]
     block = chunk_size * BLOCK_CHUNKS
     # split, not slicing: its backward concatenates the block gradients once instead of padding each to full size
     pieces = zip(*(t.split(block, dim=1) for t in (xdt, dt, B, C)))
@@ -95,11 +285,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
         if doc is not None:
             block_doc = doc[:, start:start + block]
             if start:  # a document that starts exactly at the block boundary does not see the carried state
-                state = state * (doc[:, start] == doc[:, start - 1]).to(f)[:, None, None, None]
+                state = state * (doc[:, start] == doc[:, start - 1]).to(x.dtype)[:, None, None, None]
         y, state = ssd_block(block_xdt, block_dt, A, block_B, block_C, state, block_doc, chunk_size)
         ys.append(y)
-    y = skip_and_gate(torch.cat(ys, dim=1), x.to(f), D, z).to(x.dtype)
-    return (y, state.to(x.dtype)) if return_final_states else y
+    return torch.cat(ys, dim=1), state
 
 
 def ssd_block(xdt, dt, A, B, C, initial_state, doc, chunk_size):

@@ -50,6 +50,20 @@ def test_decode_continues_the_cache(tiny_llama):
     )  # k+v x layers x batch x kv heads x ctx x dim
 
 
+def test_peak_memory_sees_reuse_of_a_heap_block_freed_earlier():
+    """A large block freed to glibc's heap before the measurement (as earlier code in a long process leaves it)
+    must not hide the next allocation: peak_memory trims the heap, so reusing it page-faults again."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 512 << 20)  # a 64 MiB block now comes from the heap, not mmap
+    block = torch.ones(64 * 2**20 // 4)
+    del block
+    with peak_memory(torch.device("cpu")) as peak:
+        block = torch.ones(32 * 2**20 // 4)
+        del block
+    assert 24 * 2**20 <= peak["bytes"] < 200 * 2**20
+
+
 def test_peak_memory_sees_an_allocation_every_time():
     for _ in range(2):  # the second time the freed block must not be silently reused from the heap
         with peak_memory(torch.device("cpu")) as peak:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -144,6 +145,65 @@ def test_ssd_documents_starting_at_block_boundaries():
     y, s = ssd_chunked(**inputs, **options, seq_idx=seq_idx, chunk_size=4, return_final_states=True)
     y_ref, s_ref = ssd_naive(**inputs, **options, seq_idx=seq_idx, return_final_states=True)
     assert rel_err(y, y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+
+
+PATHS = {"factored": ([0.05] * 4, ["ssd_factored"]), "pairwise": ([3.0] * 4, ["ssd_pairwise"]),
+         "mixed": ([0.05, 3.0, 0.05, 0.05], ["ssd_pairwise", "ssd_factored"])}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("docs", [1, 3])
+def test_ssd_factored_and_pairwise_decays(path, docs, monkeypatch):
+    """Heads with small in-chunk decays take the factored path, heads with a chunk that spans beyond the flush
+    threshold the pairwise one (per head: "mixed"); all match the float64 loop (fp32) and its gradients (float64)."""
+    import distill.kernels.ssd_chunked as module
+
+    used = []
+    for name in ("ssd_factored", "ssd_pairwise"):
+        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name, **k: used.append(_n) or _f(*a, **k))
+    scales, expected_paths = PATHS[path]
+    inputs, options = ssd_inputs(11, 2, 45, 2, 2, 3, 4, "hp", True, True, docs, False)
+    inputs["A"] = -inputs["A"].abs() - 1
+    # dt_softplus=False: chunk spans of ~1 or of ~100
+    inputs["dt"] = inputs["dt"].abs() * torch.tensor(scales, dtype=torch.float64)
+    options["dt_softplus"] = False
+    y_ref, s_ref = ssd_naive(**inputs, **options, return_final_states=True)
+    y, s = ssd_chunked(**cast({**inputs, **options}, torch.float32), chunk_size=16, return_final_states=True)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+    assert used == expected_paths
+    leaves = {k: v for k, v in {**inputs, **options}.items() if torch.is_tensor(v) and v.is_floating_point()}
+    grads = {}
+    for name, fn in [("ref", ssd_naive), ("fast", ssd_chunked)]:
+        args = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+        y, s = fn(**args, seq_idx=options.get("seq_idx"), chunk_size=16, return_final_states=True)
+        (y.sin().sum() + s.square().sum()).backward()
+        grads[name] = {k: v.grad for k, v in args.items()}
+    for k in leaves:
+        assert rel_err(grads["fast"][k], grads["ref"][k]) <= 1e-9, k
+
+
+def test_ssd_no_grad_in_place_equals_autograd():
+    """Without autograd the factored path goes in blocks with reused buffers, updated in place; same result."""
+    inputs, options = ssd_inputs(12, 2, 150, 2, 3, 4, 4, "h", True, True, 4, True)  # 19 chunks: 3 blocks
+    with torch.no_grad():
+        y0, s0 = ssd_chunked(**inputs, **options, chunk_size=8, return_final_states=True)
+    x = inputs["x"].clone().requires_grad_(True)
+    y1, s1 = ssd_chunked(**{**inputs, "x": x}, **options, chunk_size=8, return_final_states=True)
+    torch.testing.assert_close(y0, y1.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s0, s1.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_ssd_under_bf16_autocast_computes_in_fp32(grad):
+    """A bf16-autocast caller (training with precision: bf16) gets the fp32 scan, with or without autograd."""
+    inputs, options = ssd_inputs(13, 2, 150, 2, 3, 4, 4, "h", True, True, 4, True)
+    inputs = cast(inputs, torch.float32)
+    expected = ssd_chunked(**inputs, **options, chunk_size=8)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        x = inputs["x"].clone().requires_grad_(grad)
+        y = ssd_chunked(**{**inputs, "x": x}, **options, chunk_size=8)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.detach(), expected.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_ssd_gradcheck():
@@ -311,6 +371,51 @@ def test_causal_conv1d_update_steps_equal_full_conv(state_len):
     torch.testing.assert_close(conv_state, x[..., -state_len:])
     with pytest.raises(ValueError, match="activation"):
         kernels.causal_conv1d_fn(x, weight, activation="relu")
+
+
+def naive_circular_update(x, buffer, weight, bias, position):
+    """One row's circular-buffer decode step by hand: x (dim, seqlen), buffer (dim, state_len) updated in place."""
+    width, state_len = weight.shape[1], buffer.shape[-1]
+    history = [buffer[:, (position - k) % state_len].clone() for k in range(width - 1, 0, -1)]
+    columns = history + list(x.unbind(-1))
+    out = []
+    for t in range(x.shape[-1]):
+        window = columns[t:t + width]
+        out.append(bias + sum(weight[:, k] * window[k] for k in range(width)))
+    for t in range(x.shape[-1]):
+        buffer[:, (position + t) % state_len] = x[:, t]
+    return F.silu(torch.stack(out, -1))
+
+
+@pytest.mark.parametrize("state_len", [3, 4, 6])
+def test_causal_conv1d_update_circular_buffer(state_len):
+    """cache_seqlens: rows at different offsets of a circular buffer, decoded in chunks of 1-3 and one longer than
+    the buffer, equal a per-row hand computation and, over the whole sequence, the full conv."""
+    gen = torch.Generator().manual_seed(state_len)
+    b, d, width = 3, 4, 4
+    x = torch.randn(b, d, 12, generator=gen, dtype=torch.float64)
+    weight = torch.randn(d, width, generator=gen, dtype=torch.float64)
+    bias = torch.randn(d, generator=gen, dtype=torch.float64)
+    conv_state = torch.zeros(b, d, state_len, dtype=torch.float64)
+    cache_seqlens = torch.tensor([0, 5, 2 * state_len + 1], dtype=torch.int32)  # empty history, any offset
+    expected_state = conv_state.clone()
+    outs = []
+    for start, stop in [(0, 1), (1, 3), (3, 4), (4, 5 + state_len), (5 + state_len, 12)]:
+        chunk = x[..., start:stop]
+        step = chunk[..., 0] if stop - start == 1 else chunk
+        out = kernels.causal_conv1d_update(step, conv_state, weight, bias, activation="silu",
+                                           cache_seqlens=cache_seqlens)
+        out = out[..., None] if stop - start == 1 else out
+        by_hand = torch.stack([naive_circular_update(chunk[i], expected_state[i], weight, bias, int(cache_seqlens[i]))
+                               for i in range(b)])
+        torch.testing.assert_close(out, by_hand, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(conv_state, expected_state, rtol=0, atol=0)
+        outs.append(out)
+        cache_seqlens = cache_seqlens + (stop - start)
+    full = causal_conv1d_naive(x, weight, bias, activation="silu")
+    torch.testing.assert_close(torch.cat(outs, -1), full, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        kernels.causal_conv1d_update(x[..., 0], conv_state, weight, cache_seqlens=cache_seqlens[:2])
 
 
 # ----------------------------------------------------------------------------- decode step
