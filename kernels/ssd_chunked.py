@@ -224,7 +224,7 @@ def ssd_factored(x, dt, B, C, cs, ref, state, doc, inplace=False):
 def factored_block(x, dt, B, C, cs, ref, initial_state, doc, work, out):
     """One block of ssd_factored: y (b, c * Q, h, p) (into `out` when given) and the final state. Full-size
     intermediates go to `work` buffers when given (no autograd), else are fresh tensors."""
-    b, l, h, p = x.shape
+    b, _, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
     _, c, Q, _ = cs.shape

@@ -159,8 +159,15 @@ def test_ssd_factored_and_pairwise_decays(path, docs, monkeypatch):
     import distill.kernels.ssd_chunked as module
 
     used = []
+
+    def recording(name, fn):
+        def wrapper(*args, **kwargs):
+            used.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
     for name in ("ssd_factored", "ssd_pairwise"):
-        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name, **k: used.append(_n) or _f(*a, **k))
+        monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
     scales, expected_paths = PATHS[path]
     inputs, options = ssd_inputs(11, 2, 45, 2, 2, 3, 4, "hp", True, True, docs, False)
     inputs["A"] = -inputs["A"].abs() - 1
