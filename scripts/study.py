@@ -254,6 +254,8 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
         f"Teacher perplexity: {results.get('teacher', {}).get('perplexity', float('nan')):.3f}; teacher decode: "
         + ", ".join(f"{v['decode_tok_s']:.1f} tok/s at {c}" for c, v in teacher_decode.items()),
         "",
+        *([f"Not run yet (rerun the command to run them): {', '.join(sorted(set(ARMS) - set(arms)))}.", ""]
+          if set(ARMS) - set(arms) else []),
         *target_lines(arms),
         "## Table",
         "",
