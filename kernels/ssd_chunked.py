@@ -315,9 +315,8 @@ def ssd_block(xdt, dt, A, B, C, initial_state, doc, chunk_size):
 
     causal = torch.ones(Q, Q, dtype=torch.bool, device=xdt.device).tril()
     if doc is not None:
-        doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1).view(b, 1, c, 1, Q)
-        doc_end = doc[..., -1]  # (b, 1, c, 1): the document each chunk's final state belongs to
-        doc_in = torch.cat([doc[:, :, :1, :, 0], doc_end[:, :, :-1]], dim=2)  # the incoming state's document
+        # (b, 1, c, 1, Q) and (b, 1, c, 1): broadcast over groups and heads
+        doc, doc_end, doc_in = (t.unsqueeze(1).unsqueeze(3) for t in chunk_documents(doc, c, Q))
         causal = causal & (doc[..., :, None] == doc[..., None, :])
 
     # 1. Within each chunk: decayed, causally masked C.B scores (per head) applied to dt * x.

@@ -28,7 +28,6 @@ import functools
 import gc
 import os
 import sys
-import time
 
 if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the docstring: exact peak memory needs this
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -36,6 +35,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the docstring: exact
 
 import torch
 
+from distill.eval.speed import clock as speed_clock
 from distill.kernels.selective_scan import selective_scan_torch
 from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_chunked import DEFAULT_CHUNK_SIZE, ssd_chunked
@@ -55,9 +55,8 @@ def memory_status():
 
 
 def clock():
-    """This thread's CPU time when torch runs on one thread (all the work is in this thread, and time spent
-    preempted by other jobs on a shared machine does not count); wall time otherwise."""
-    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+    """eval/speed.py's clock: this thread's CPU time when torch runs on one thread, wall time otherwise."""
+    return speed_clock(torch.device("cpu"))()
 
 
 def measure(fn, reps):
