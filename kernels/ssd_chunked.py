@@ -192,6 +192,14 @@ def scratch(work, name, shape, like):
     return work[name][:numel].view(shape)
 
 
+def carried(state, doc, start):
+    """The state carried into a block that starts at position `start`: zero in the rows where a document starts
+    exactly there (it must not see the previous document's state)."""
+    if doc is None or not start:
+        return state
+    return state * (doc[:, start] == doc[:, start - 1]).to(state.dtype)[:, None, None, None]
+
+
 def ssd_factored(x, dt, B, C, cs, ref, state, doc, inplace=False):
     """The chunked scan with factored decays: y (b, l, h, p) without the D / z epilogue, and the final state.
 
@@ -208,13 +216,10 @@ def ssd_factored(x, dt, B, C, cs, ref, state, doc, inplace=False):
     ys = []
     for k in range(0, c, step):
         rows = slice(k * Q, (k + step) * Q)
-        block_doc = None
-        if doc is not None:
-            block_doc = doc[:, rows]
-            if k:  # a document that starts exactly at the block boundary does not see the carried state
-                state = state * (doc[:, k * Q] == doc[:, k * Q - 1]).to(x.dtype)[:, None, None, None]
+        block_doc = None if doc is None else doc[:, rows]
         block_y, state = factored_block(x[:, rows], dt[:, rows], B[:, rows], C[:, rows], cs[:, k:k + step],
-                                        ref[:, k:k + step], state, block_doc, work, None if y is None else y[:, rows])
+                                        ref[:, k:k + step], carried(state, doc, k * Q), block_doc, work,
+                                        None if y is None else y[:, rows])
         ys.append(block_y)
     if y is None:
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
@@ -281,12 +286,9 @@ def ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size):
     pieces = zip(*(t.split(block, dim=1) for t in (xdt, dt, B, C)))
     ys = []
     for start, (block_xdt, block_dt, block_B, block_C) in zip(range(0, l, block), pieces):
-        block_doc = None
-        if doc is not None:
-            block_doc = doc[:, start:start + block]
-            if start:  # a document that starts exactly at the block boundary does not see the carried state
-                state = state * (doc[:, start] == doc[:, start - 1]).to(x.dtype)[:, None, None, None]
-        y, state = ssd_block(block_xdt, block_dt, A, block_B, block_C, state, block_doc, chunk_size)
+        block_doc = None if doc is None else doc[:, start:start + block]
+        y, state = ssd_block(block_xdt, block_dt, A, block_B, block_C, carried(state, doc, start), block_doc,
+                             chunk_size)
         ys.append(y)
     return torch.cat(ys, dim=1), state
 
