@@ -21,8 +21,9 @@ Two ways to apply the decays, chosen per head, with identical results:
   cache-sized; decays below log(tiny) + 20 are flushed to zero.
 
 Without autograd the factored path also goes in blocks of BLOCK_CHUNKS chunks, reusing its buffers from block to
-block and updating them in place: a fresh full-size intermediate is page-faulted in, which costs about as much as
-the GEMMs on it. With autograd it is one block (the backward keeps every intermediate anyway).
+block, and from call to call (a per-thread workspace of three block-sized buffers, like a BLAS workspace), and
+updating them in place: a fresh full-size intermediate is page-faulted in, which costs about as much as the GEMMs
+on it. With autograd it is one block (the backward keeps every intermediate anyway).
 
 All of it runs in fp32 (float64 for float64 inputs) and uses O(L * Q) memory. Documents packed into a row
 (`seq_idx`) become a document counter; every decay between two different documents is masked to zero, which
@@ -30,6 +31,7 @@ is exactly the reset of the sequential definition in `ssd_naive`.
 """
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ from .ssd_naive import check_ssd_shapes, compute_dtype, process_dt
 # forward and forward+backward of 32 / 64 / 128 / 256 (larger chunks also send fast-decaying heads pairwise).
 DEFAULT_CHUNK_SIZE = 64
 BLOCK_CHUNKS = 8
+_workspace = threading.local()  # the no-grad forward's block buffers, kept between calls on this thread
 
 
 def document_index(seq_idx):
@@ -182,14 +185,14 @@ def chunk_documents(doc, c, Q):
 
 
 def scratch(work, name, shape, like):
-    """A contiguous buffer of this shape kept in `work` and reused from block to block, or None (the op allocates
-    a fresh tensor) when work is None."""
+    """A contiguous buffer of this shape kept in `work` (per name, device and dtype, grown when too small) and
+    reused from block to block and call to call, or None (the op allocates a fresh tensor) when work is None."""
     if work is None:
         return None
-    numel = math.prod(shape)
-    if name not in work or work[name].numel() < numel:
-        work[name] = like.new_empty(numel)
-    return work[name][:numel].view(shape)
+    numel, key = math.prod(shape), (name, like.device, like.dtype)
+    if key not in work or work[key].numel() < numel:
+        work[key] = like.new_empty(numel)
+    return work[key][:numel].view(shape)
 
 
 def carried(state, doc, start):
@@ -206,13 +209,13 @@ def ssd_factored(x, dt, B, C, cs, ref, state, doc, inplace=False):
     cs (b, c, Q, h) is the in-chunk cumsum of dt * A, ref (b, c, h) the middle of its range (a constant that
     cancels: exp(cs_i - cs_j) = exp(cs_i - ref) exp(ref - cs_j)); doc is the document counter or None.
     With autograd every intermediate is kept for the backward, so the sequence is one block. Without (inplace),
-    it goes in blocks of BLOCK_CHUNKS chunks whose buffers are reused, and y is written in place: fresh
-    full-size memory is page-faulted in, which costs as much as the GEMMs on it.
+    it goes in blocks of BLOCK_CHUNKS chunks whose buffers (the thread's workspace) are reused, and y is written
+    in place: fresh full-size memory is page-faulted in, which costs as much as the GEMMs on it.
     """
     b, l, h, p = x.shape
     c, Q = cs.shape[1:3]
     step = BLOCK_CHUNKS if inplace else max(c, 1)
-    work, y = ({}, x.new_empty(b, c * Q, h, p)) if inplace else (None, None)
+    work, y = (_workspace.__dict__, x.new_empty(b, c * Q, h, p)) if inplace else (None, None)
     ys = []
     for k in range(0, c, step):
         rows = slice(k * Q, (k + step) * Q)

@@ -200,6 +200,21 @@ def test_ssd_no_grad_in_place_equals_autograd():
     torch.testing.assert_close(s0, s1.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_ssd_workspace_reuse_keeps_results_apart():
+    """The no-grad forward reuses a per-thread workspace between calls: an earlier result is not overwritten by a
+    later call, and a float64 call after a float32 one (or a larger one after a smaller) gets its own buffers."""
+    small, large = ({**inputs, **options} for inputs, options in (
+        ssd_inputs(14, 1, 40, 2, 3, 4, 4, "h", True, True, 1, True),
+        ssd_inputs(13, 2, 150, 2, 3, 4, 4, "h", True, True, 3, True)))
+    with torch.no_grad():
+        first = ssd_chunked(**small, chunk_size=8)
+        kept = first.clone()
+        for args, reference in ((cast(small, torch.float32), small), (large, large),
+                                (cast(large, torch.float32), large), (small, small)):
+            assert rel_err(ssd_chunked(**args, chunk_size=8), ssd_naive(**reference)) <= 1e-5
+    assert torch.equal(first, kept)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_ssd_under_bf16_autocast_computes_in_fp32(grad):
     """A bf16-autocast caller (training with precision: bf16) gets the fp32 scan, with or without autograd."""
