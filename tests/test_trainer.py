@@ -263,10 +263,14 @@ def launch(spec: dict, *, processes: int = 1, check=True) -> subprocess.Complete
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path):
     stage = e2e_stage(max_tokens=2400, checkpoint_every_tokens=250, keep_checkpoints=2)
     launch({"out": str(tmp_path / "straight"), "stage": stage})
-    steps = json.loads((tmp_path / "straight" / "stage0-end_to_end" / "summary.json").read_text())["steps"]
-    assert steps >= 4, f"the budget gives only {steps} steps; raise max_tokens"
+    straight = [json.loads(line) for line in
+                (tmp_path / "straight" / "stage0-end_to_end" / "metrics.jsonl").read_text().splitlines()]
+    steps = len(straight)
+    # the first checkpoint is written after the first step that crosses checkpoint_every_tokens
+    first_checkpoint = next(row["step"] for row in straight if row["tokens"] >= stage["checkpoint_every_tokens"])
+    assert steps >= first_checkpoint + 2, f"the budget gives only {steps} steps; raise max_tokens"
     # a forward pass (one micro-batch per step) after the first checkpoint and before the last step
-    kill_at = random.Random().randint(2, steps - 1)
+    kill_at = random.Random().randint(first_checkpoint + 1, steps - 1)
     killed = launch({"out": str(tmp_path / "killed"), "stage": stage, "kill_at_forward": kill_at}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     stage_dir = tmp_path / "killed" / "stage0-end_to_end"
