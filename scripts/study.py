@@ -36,6 +36,7 @@ SHORT = (1e5, 2e4)
 QUARTER = (2.5e4, 5e3)  # the Mamba-1 comparison: its time-stepped CPU scan trains at ~45 tokens/s, 8x slower
 LONG = (5e5, 2e5)  # the best 50% recipe at about 1 CPU-hour, for the issue's quality targets
 XL = (1e6, 2e5)  # twice LONG's layerwise tokens: the long arm's layerwise held-out loss was still falling
+E2E_PILOT = (LONG[0], 4e4)  # end-to-end variants that all start from the long arm's finished layerwise stage
 REFERENCE_INIT = ["student.norm_init=ones", "student.conv_init=random"]
 
 ARMS: dict[str, tuple[str, list[str], tuple[float, float]]] = {
@@ -54,7 +55,14 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, float]]] = {
     "attn50-mamba2-reverse-kl": ("kl", ["stages.1.kl=reverse"], SHORT),
     "attn50-mamba2-jsd": ("kl", ["stages.1.kl=jsd"], SHORT),
     "attn50-mamba2-topk-logits": ("kl", ["stages.1.teacher_logits=topk"], SHORT),
+    "attn50-mamba2-e2e-mixers-lr3e-4": ("e2e", [], E2E_PILOT),
+    "attn50-mamba2-e2e-mixers-lr1e-3": ("e2e", ["stages.1.lr=1e-3"], E2E_PILOT),
+    "attn50-mamba2-e2e-mixers-lr1e-4": ("e2e", ["stages.1.lr=1e-4"], E2E_PILOT),
+    "attn50-mamba2-e2e-all-lr3e-4": ("e2e", ["stages.1.trainable=all"], E2E_PILOT),
+    "attn50-mamba2-e2e-all-lr1e-4": ("e2e", ["stages.1.trainable=all", "stages.1.lr=1e-4"], E2E_PILOT),
 }
+# arm -> the arm whose finished layerwise stage it links instead of rerunning (same recipe up to stage 0)
+SHARED_FIRST_STAGE = {name: "attn50-mamba2-long" for name, (comparison, _, _) in ARMS.items() if comparison == "e2e"}
 
 
 def arm_overrides(name: str, out: Path, scale: float) -> list[str]:
@@ -78,6 +86,13 @@ def run_arm(name: str, out: Path, scale: float, threads: int) -> dict:
     for item in arm_overrides(name, out, scale):
         cmd += ["--set", item]
     (out / name).mkdir(parents=True, exist_ok=True)
+    if name in SHARED_FIRST_STAGE:
+        source = SHARED_FIRST_STAGE[name]
+        if not (out / source / "stage0-layerwise" / "summary.json").is_file():
+            return {"arm": name, "status": f"waiting: needs {source}'s layerwise stage; rerun when it has finished"}
+        link = out / name / "stage0-layerwise"
+        if not link.exists():
+            link.symlink_to(Path("..") / source / "stage0-layerwise")
     (out / name / "threads").write_text(str(threads))
     started = time.time()
     with open(out / name / "study.log", "a") as log:
