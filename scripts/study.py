@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -202,17 +203,25 @@ def target_lines(arms: dict) -> list[str]:
         fit = power_law(best["curves"].get("end_to_end", []))
         if fit and best["kl_to_teacher"] > 0.15:
             scale, slope = fit
-            if slope < 0:
-                tokens = (0.15 / scale) ** (1 / slope)
-                seconds = tokens / best["stage_tokens"]["end_to_end"] * best["stage_wall_s"]["end_to_end"]
+            e2e_tokens = best["stage_tokens"]["end_to_end"]
+            tokens = (0.15 / scale) ** (1 / slope) if slope < 0 else math.inf
+            if tokens < 100 * e2e_tokens:
+                seconds = tokens / e2e_tokens * best["stage_wall_s"]["end_to_end"]
                 lines.append(
                     f"  - Its end-to-end training KL follows ≈ {scale:.3g}·tokens^{slope:.3f} over the second half "
                     f"of the stage; extrapolated, KL 0.15 needs ≈ {tokens:.2g} end-to-end tokens, "
                     f"≈ {seconds / 3600:.1f} hours at this arm's rate (train-batch KL, a rough guide).")
             else:
                 lines.append(
-                    f"  - Its end-to-end training KL is flat over the second half of the stage (fitted exponent "
-                    f"{slope:+.3f}): more tokens of the same stage alone would not reach 0.15.")
+                    f"  - Its end-to-end training KL is nearly flat over the second half of the stage (fitted "
+                    f"exponent {slope:+.3f}): more tokens of the same stage alone would not reach 0.15.")
+        lines += layerwise_scaling_lines(arms)
+        variants = {n: a["kl_to_teacher"] for n, a in arms.items() if a["comparison"] == "e2e"}
+        if len(variants) > 1:
+            low, high = min(variants, key=variants.get), max(variants, key=variants.get)
+            lines.append(f"  - End-to-end variants from one layerwise checkpoint (the `e2e` arms: lr and trainable "
+                         f"weights) span KL {variants[low]:.3f} (`{low}`) to {variants[high]:.3f} (`{high}`), "
+                         f"a {variants[high] / variants[low] - 1:.0%} spread: the end-to-end settings are not the lever.")
     quarter = [a for a in arms.values() if a["mixer"] == "mamba2" and a["attention_fraction"] == 0.25]
     if quarter:
         lines.append(f"- 25% attention: perplexity ratio {verdict(quarter[0]['perplexity_ratio'], 1.30)}.")
@@ -223,6 +232,34 @@ def target_lines(arms: dict) -> list[str]:
                      f"vs {random['kl_to_teacher']:.3f}, perplexity ratio {ours['perplexity_ratio']:.3f} vs "
                      f"{random['perplexity_ratio']:.3f} ({'attention init wins' if beats else 'attention init does not win'}).")
     return lines + [""]
+
+
+def layerwise_scaling_lines(arms: dict) -> list[str]:
+    """Extrapolate the budget arms (same end-to-end tokens, growing layerwise tokens) to the quality targets with
+    a power law in layerwise tokens: of the KL, and of the perplexity ratio's excess over 1."""
+    import numpy as np
+
+    budget = sorted((a for a in arms.values() if a["comparison"] == "budget" and "layerwise" in a["stage_tokens"]),
+                    key=lambda a: a["stage_tokens"]["layerwise"])
+    if len(budget) < 2 or len({a["stage_tokens"]["end_to_end"] for a in budget}) > 1:
+        return []
+    tokens = np.log([a["stage_tokens"]["layerwise"] for a in budget])
+    largest = budget[-1]
+    rate = largest["stage_tokens"]["layerwise"] / largest["stage_wall_s"]["layerwise"]
+    parts = []
+    for label, values, bar in (("KL", [a["kl_to_teacher"] for a in budget], 0.15),
+                               ("perplexity ratio - 1", [a["perplexity_ratio"] - 1 for a in budget], 0.10)):
+        slope, intercept = np.polyfit(tokens, np.log(values), 1)
+        if slope >= 0:
+            parts.append(f"{label} does not fall with more layerwise tokens")
+            continue
+        needed = math.exp((math.log(bar) - intercept) / slope)
+        parts.append(f"{label} ∝ tokens^{slope:.2f} reaches {bar} at ≈ {needed:.1e} layerwise tokens "
+                     f"(≈ {needed / rate / 3600:.1f} hours of layerwise at {rate:.0f} tokens/s)")
+    sizes = ", ".join(f"{a['stage_tokens']['layerwise']:.0e}" for a in budget)
+    line = (f"  - The budget arms ({sizes} layerwise tokens, the same end-to-end tokens), fitted with a power law "
+            f"in layerwise tokens: {'; '.join(parts)}. A rough guide from {len(budget)} points.")
+    return [line]
 
 
 def power_law(curve: list[tuple[int, float]]) -> tuple[float, float] | None:
@@ -249,6 +286,7 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "results.json").write_text(json.dumps(results, indent=2))
@@ -266,7 +304,10 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
          "seed and 64 held-out sequences. Perplexity is on held-out assistant tokens; KL is the mean "
          "KL(teacher‖student) per assistant token in nats; top-1 is next-token argmax agreement with the teacher. "
          "lm-eval runs the stock `hf` model on the exported checkpoint (shipped local tasks). Decode tok/s is "
-         "batch 1 at the given context, fp32, one thread (timed in thread CPU time). CPU-h = wall time of the stages × the arm's torch threads."),
+         "batch 1 at the given context, fp32, one thread (timed in thread CPU time). CPU-h = wall time of the "
+         "stages × the arm's torch threads; an arm that shares another's layerwise stage (the `e2e` arms share "
+         "attn50-mamba2-long's) counts that stage's time too. Decode speed and lm-eval (20 documents per task) "
+         "are noisy on this shared box: read them as rough."),
         "",
         f"Teacher perplexity: {results.get('teacher', {}).get('perplexity', float('nan')):.3f}; teacher decode: "
         + ", ".join(f"{v['decode_tok_s']:.1f} tok/s at {c}" for c, v in teacher_decode.items()),
@@ -293,9 +334,11 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
         names = list(arms)
         for ax, key, label in ((axes[0], "perplexity_ratio", "held-out perplexity / teacher's"),
                                (axes[1], "kl_to_teacher", "KL(teacher‖student), nats/token")):
-            ax.barh(names, [arms[n][key] for n in names])
+            bars = ax.barh(names, [arms[n][key] for n in names])
+            ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
             ax.set_xlabel(label)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the 2-9 minor labels overlap
             ax.invert_yaxis()
         fig.tight_layout()
         fig.savefig(docs / "results.png", dpi=120)
