@@ -1,12 +1,15 @@
-"""End-to-end distillation step throughput on SmolLM2-135M at 50% Mamba-2, fp32 vs bf16, side by side.
+"""Distillation step throughput on SmolLM2-135M at 50% Mamba-2, fp32 vs bf16, side by side.
 
     python scripts/bench_train.py [--batch-size 4 --seq-len 512 --steps 4 --trainable mixers]
+    python scripts/bench_train.py --stage layerwise      # the layerwise alignment step instead
 
 Each variant runs the training step the `end_to_end` stage runs (the same functions): the teacher forward
 under inference_mode, the student forward to its final hidden states, the chunked KL (whose forward also
-computes its gradient), the student backward and the AdamW step. It prints tokens/s per variant, the
-share of the step in each part, and the bf16/fp32 ratio. bf16 means what `precision: bf16` does: the
-teacher's weights in bf16, the student's fp32 master weights under bf16 autocast.
+computes its gradient), the student backward and the AdamW step. `--stage layerwise` times that stage's
+step instead: the teacher forward with the capture hooks (it stops after the deepest replaced layer), each
+mixer's forward on its captured input and the MSE, the backward and the AdamW step. It prints tokens/s per
+variant, the share of the step in each part, and the bf16/fp32 ratio. bf16 means what `precision: bf16` does:
+the teacher's weights in bf16, the student's fp32 master weights under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ def timed(clock: dict, key: str):
     return section()
 
 
+class AutocastOnly:
+    """What capture_teacher needs of an Accelerator: its autocast context."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def autocast(self):
+        return self.context
+
+
 def run_variant(precision: str, teacher_fp32, student_cfg, batch: dict, args) -> dict:
     from distill.init import hybrid_from_teacher
     from distill.losses import distill_kl, loss_positions
@@ -41,18 +54,31 @@ def run_variant(precision: str, teacher_fp32, student_cfg, batch: dict, args) ->
     optimizer = torch.optim.AdamW(param_groups(student, 0.0), lr=1e-5)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     mask = loss_positions(batch["labels"])
+    if args.stage == "layerwise":
+        from distill.recipe import LayerwiseStage
+        from distill.stages.layerwise import LayerwiseObjective, capture_teacher, mamba_layers
+
+        layers = mamba_layers(student)
+        objective = LayerwiseObjective(student, layers, LayerwiseStage(name="layerwise", max_tokens=1))
+        capture = capture_teacher(AutocastOnly(autocast), teacher, layers, "mixer_output")
 
     clock: dict[str, float] = {}
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             clock.clear()
-        with timed(clock, "teacher forward"), torch.inference_mode(), autocast:
-            teacher_hidden = teacher.model(**model_inputs(batch)).last_hidden_state
-        with timed(clock, "student forward"), autocast:
-            hidden = student.model(**model_inputs(batch)).last_hidden_state
-        with timed(clock, "loss (fwd+grad)"), autocast:
-            loss = distill_kl(hidden, teacher_hidden, mask, student_head=student.lm_head.weight,
-                              teacher_head=teacher.lm_head.weight, chunk=args.kl_chunk)
+        if args.stage == "layerwise":
+            with timed(clock, "teacher forward"):
+                captured = capture(batch)
+            with timed(clock, "mixers fwd + MSE"), autocast:
+                loss = objective(batch, captured)["loss"]
+        else:
+            with timed(clock, "teacher forward"), torch.inference_mode(), autocast:
+                teacher_hidden = teacher.model(**model_inputs(batch)).last_hidden_state
+            with timed(clock, "student forward"), autocast:
+                hidden = student.model(**model_inputs(batch)).last_hidden_state
+            with timed(clock, "loss (fwd+grad)"), autocast:
+                loss = distill_kl(hidden, teacher_hidden, mask, student_head=student.lm_head.weight,
+                                  teacher_head=teacher.lm_head.weight, chunk=args.kl_chunk)
         with timed(clock, "student backward"):
             loss.backward()
         with timed(clock, "optimizer"):
@@ -72,6 +98,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--kl-chunk", type=int, default=1024)
     parser.add_argument("--trainable", choices=["mixers", "all"], default="mixers")
+    parser.add_argument("--stage", choices=["end_to_end", "layerwise"], default="end_to_end")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     args = parser.parse_args()
 
@@ -87,8 +114,8 @@ def main() -> None:
              "position_ids": torch.arange(args.seq_len).expand(shape).contiguous(), "labels": ids.clone()}
     student_cfg = StudentConfig(mixer="mamba2", attention_fraction=0.5, chunk_size=64)  # as the demo recipe
 
-    print(f"SmolLM2-135M teacher -> 50% Mamba-2 student, trainable={args.trainable}, batch {args.batch_size} x "
-          f"{args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, torch threads "
+    print(f"SmolLM2-135M teacher -> 50% Mamba-2 student, {args.stage} step, trainable={args.trainable}, batch "
+          f"{args.batch_size} x {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, torch threads "
           f"{torch.get_num_threads()}")
     results = [run_variant(p, teacher, student_cfg, batch, args) for p in args.precisions]
     parts = list(results[0]["parts"])
