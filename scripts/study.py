@@ -344,11 +344,14 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
         fig.savefig(docs / "results.png", dpi=120)
         plt.close(fig)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for name, arm in arms.items():
+        for index, (name, arm) in enumerate(arms.items()):
+            color = plt.get_cmap("tab20")(index % 20)  # one color per arm in both panels
             for ax, stage in ((axes[0], "layerwise"), (axes[1], "end_to_end")):
                 curve = arm["curves"].get(stage)
+                if stage == "layerwise" and name in SHARED_FIRST_STAGE:  # the source arm's curve, drawn already
+                    continue
                 if curve and (stage == "layerwise" or arm["comparison"] != "kl"):  # other KLs are other units
-                    ax.plot([t for t, _ in curve], ema([loss for _, loss in curve]), label=name, lw=1)
+                    ax.plot([t for t, _ in curve], ema([loss for _, loss in curve]), label=name, lw=1, color=color)
         axes[0].set(title="layerwise: summed per-layer MSE (train, EMA)", xlabel="tokens", yscale="log")
         axes[1].set(title="end-to-end: forward KL (train, EMA)", xlabel="tokens", yscale="log")
         axes[1].legend(fontsize=7)
