@@ -232,17 +232,24 @@ def _cache_key(cfg: DataConfig, tokenizer, seed: int) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def split_order(cfg: DataConfig, seed: int, stats: ParseStats) -> list[tuple[dict, list[dict] | str]]:
+    """Every usable (record, document) in the order the split takes them: the held-out set first, then training
+    (documents without a target inside max_length are skipped later, when tokenized)."""
+    pairs = [(r, d) for r in _read_records(cfg, stats) if (d := to_document(r, stats))]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
 def _build(cfg: DataConfig, tokenizer, seed: int):
     import datasets
 
     stats = ParseStats()
-    documents = [d for r in _read_records(cfg, stats) if (d := to_document(r, stats))]
+    documents = [document for _, document in split_order(cfg, seed, stats)]
     logger.info(
         "data %s: %d records, %d usable documents, %d dropped (no assistant turn), %d bytes cut off at "
         "the end, skipped turns by role: %s", cfg.source, stats.records, len(documents),
         stats.conversations_dropped, stats.bytes_dropped, dict(stats.skipped_roles) or "none",
     )
-    random.Random(seed).shuffle(documents)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     skipped = Counter()
 

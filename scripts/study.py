@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -289,6 +290,8 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
     from matplotlib.ticker import NullFormatter
 
     docs.mkdir(parents=True, exist_ok=True)
+    shared = "; ".join(f"{count} arms link `{source}`'s" for source, count in
+                       Counter(SHARED_FIRST_STAGE.values()).items()) or "none does"
     (docs / "results.json").write_text(json.dumps(results, indent=2))
     arms = results["arms"]
     contexts = sorted({c for arm in arms.values() for c in arm.get("decode", {})}, key=int)
@@ -305,9 +308,9 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
          "KL(teacher‖student) per assistant token in nats; top-1 is next-token argmax agreement with the teacher. "
          "lm-eval runs the stock `hf` model on the exported checkpoint (shipped local tasks). Decode tok/s is "
          "batch 1 at the given context, fp32, one thread (timed in thread CPU time). CPU-h = wall time of the "
-         "stages × the arm's torch threads; an arm that shares another's layerwise stage (the `e2e` arms share "
-         "attn50-mamba2-long's) counts that stage's time too. Decode speed and lm-eval (20 documents per task) "
-         "are noisy on this shared box: read them as rough."),
+         "stages × the arm's torch threads; an arm that links another's finished layerwise stage counts that "
+         f"stage's time too ({shared}). Decode speed and lm-eval are noisy on this shared box: read them as "
+         "rough."),
         "",
         f"Teacher perplexity: {results.get('teacher', {}).get('perplexity', float('nan')):.3f}; teacher decode: "
         + ", ".join(f"{v['decode_tok_s']:.1f} tok/s at {c}" for c, v in teacher_decode.items()),

@@ -2,9 +2,9 @@
 
     python scripts/task_overlap.py recipes/smollm2-135m/study/base.yaml [--rows 256 1480 2540]
 
-The shipped tasks (`eval/tasks/*.jsonl`) keep each conversation's id. This replays the split's seeded shuffle
-of the usable conversations (held-out first, then the `max_conversations` training pool) and reports where the
-task conversations fall. It does not tokenize, so conversations that the split later drops for having no
+The shipped tasks (`eval/tasks/*.jsonl`) keep each conversation's id. This takes the split's own order of the
+usable conversations (`distill.data.split_order`: held-out first, then the `max_conversations` training pool)
+and reports where the task conversations fall. It does not tokenize, so conversations that the split later drops for having no
 target token inside `max_length` still count (a few per thousand); the positions are exact otherwise.
 `--rows` gives training rows consumed (steps x batch size, summed over stages): rows are drawn in a seeded
 permutation of the pool's rows, so the expected number of task conversations seen is proportional.
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
-from distill.data import ParseStats, _read_records, to_document
+from distill.data import ParseStats, split_order
 from distill.recipe import load_recipe
 
 TASKS = Path(__file__).resolve().parent.parent / "eval" / "tasks"
@@ -33,9 +32,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     cfg = recipe.data
     task_ids = {json.loads(line)["id"] for path in TASKS.glob("*.jsonl") for line in path.read_text().splitlines()}
-    stats = ParseStats()
-    ids = [record.get("id") for record in _read_records(cfg, stats) if to_document(record, stats)]
-    random.Random(recipe.seed).shuffle(ids)  # the same permutation data._build applies to the documents
+    ids = [record.get("id") for record, _ in split_order(cfg, recipe.seed, ParseStats())]
     position = {doc_id: i for i, doc_id in enumerate(ids)}
     found = sorted(position[t] for t in task_ids if t in position)
     held, pool = cfg.held_out_size, cfg.max_conversations or len(ids)
