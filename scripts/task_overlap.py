@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from distill.data import ParseStats, split_order
+from distill.errors import UserError
 from distill.recipe import load_recipe
 
 TASKS = Path(__file__).resolve().parent.parent / "eval" / "tasks"
@@ -47,4 +49,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a bad recipe path or source: one line, as the distill CLI prints it
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
