@@ -1,5 +1,12 @@
 """mamba-distill: turn a pretrained Llama-family Transformer into an attention/Mamba hybrid."""
 
+import os
+
+# PyTorch's own switch for transparent huge pages on large CPU tensors, read at its first large allocation: fresh
+# memory is page-faulted in 2 MiB at a time, about 3x faster for a 32 MiB tensor (scripts/bench_kernels.py).
+# Every entry point imports distill first; THP_MEM_ALLOC_ENABLE=0 turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.configuration_hybrid import HybridConfig

@@ -20,10 +20,11 @@ Two ways to apply the decays, chosen per head, with identical results:
   per-head (Q, Q) decays exp(cs_i - cs_j) are built explicitly, in blocks of BLOCK_CHUNKS chunks so they stay
   cache-sized; decays below log(tiny) + 20 are flushed to zero.
 
-Without autograd the factored path also goes in blocks of BLOCK_CHUNKS chunks, reusing its buffers from block to
-block, and from call to call (a per-thread workspace of three block-sized buffers, like a BLAS workspace), and
-updating them in place: a fresh full-size intermediate is page-faulted in, which costs about as much as the GEMMs
-on it. With autograd it is one block (the backward keeps every intermediate anyway).
+Without autograd the factored path goes in blocks of BLOCK_CHUNKS chunks whose intermediates live in a
+per-thread workspace, reused from block to block and from call to call (like a BLAS workspace) and updated in
+place: a fresh full-size intermediate is page-faulted in, which costs about as much as the GEMMs on it. Each block
+reads its input once (D x starts the output off) and writes its output once. With autograd it is one block (the
+backward keeps every intermediate anyway).
 
 All of it runs in fp32 (float64 for float64 inputs) and uses O(L * Q) memory. Documents packed into a row
 (`seq_idx`) become a document counter; every decay between two different documents is masked to zero, which
@@ -36,7 +37,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .ssd_naive import check_ssd_shapes, compute_dtype, process_dt
+from .ssd_naive import check_ssd_shapes, compute_dtype, process_dt, skip_and_gate
 
 # Tuned on a 2-core x86 CPU with scripts/bench_kernels.py --tune (fp32, h=16, p=64, n=64): 64 is the fastest
 # forward and forward+backward of 32 / 64 / 128 / 256 (larger chunks also send fast-decaying heads pairwise).
@@ -101,16 +102,18 @@ def flush_log(dtype):
     return math.log(torch.finfo(dtype).tiny) + 20
 
 
-def pass_states_(chunk_states, chunk_decay, initial_state):
-    """StatePassing's forward in place, for calls without autograd: chunk_states becomes the incoming states
-    (no fresh full-size buffer). Returns it and the final state."""
-    state = initial_state.clone(memory_format=torch.contiguous_format)  # in chunk_states' layout (b = 1)
-    spare = torch.empty_like(state)
-    for k in range(chunk_states.shape[0]):
-        torch.addcmul(chunk_states[k], state, chunk_decay[k], out=spare)
-        chunk_states[k] = state
-        state, spare = spare, state
-    return chunk_states, state
+def pass_states_(slots, w, same_doc=None):
+    """StatePassing for calls without autograd, in place along the leading axis (chunk_factors' T): slots
+    (c + 1, *S) hold T_0, then each chunk's contribution S_k; afterwards slot k holds w_k T_k, what chunk k reads,
+    and slot c holds T_c, with T_{k+1} = S_k + same_doc_k w_k T_k. No copy, no fresh buffer, and each slot is
+    scaled while it is in cache."""
+    for k in range(w.shape[0]):
+        slots[k].mul_(w[k])
+        if same_doc is None:
+            slots[k + 1].add_(slots[k])
+        else:
+            slots[k + 1].addcmul_(slots[k], same_doc[k])
+    return slots
 
 
 @torch.autocast("cpu", enabled=False)
@@ -124,10 +127,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
     g, n = B.shape[2:]
     f = compute_dtype(x.dtype)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, f)
-    A, B, C, xf = A.to(f), B.to(f), C.to(f), x.to(f)
+    A, B, C = A.to(f), B.to(f), C.to(f)  # x is not cast: the first op on it computes in f
     doc = document_index(seq_idx) if seq_idx is not None else None
     state = x.new_zeros(b, h, p, n, dtype=f) if initial_states is None else initial_states.to(f)
-    # Without autograd, fresh full-size intermediates are updated in place instead of copied.
+    # Without autograd the factored path goes in blocks that reuse buffers and write y in place.
     inplace = not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, initial_states)))
 
@@ -140,32 +143,24 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
         wide = (hi - lo > -flush_log(f)).flatten(0, 1).any(0)  # (h,): heads with a chunk that needs pairwise decays
     pairwise = wide.nonzero()[:, 0].tolist()
     if len(pairwise) == h:
-        y, state = ssd_pairwise(xf, dt, A, B, C, state, doc, chunk_size)
-    elif not pairwise:
-        y, state = ssd_factored(xf, dt, B, C, cs, (hi + lo) / 2, state, doc, inplace)
+        y, state = ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size)
+        y = skip_and_gate(y, x, D, z).to(x.dtype)
     else:
         # The factored path runs on every head (keeping the group GEMMs whole) with no decay at all in the wide
         # heads, which keeps them finite; their output and state are then replaced by the pairwise path's.
-        heads = torch.tensor(pairwise, device=x.device)
-        groups = heads // (h // g)
-        y_wide, state_wide = ssd_pairwise(xf[:, :, heads], dt[:, :, heads], A[heads], B[:, :, groups],
-                                          C[:, :, groups], state[:, heads], doc, chunk_size)
-        y, state = ssd_factored(xf, dt, B, C, cs.masked_fill(wide, 0), ((hi + lo) / 2).masked_fill(wide, 0), state,
-                                doc, inplace)
-        y = y.index_copy_(2, heads, y_wide) if inplace else y.index_copy(2, heads, y_wide)
-        state = state.index_copy(1, heads, state_wide)
-    if D is not None:
-        D = (D[:, None] if D.dim() == 1 else D).to(f)
-        y = y.addcmul_(xf, D) if inplace else torch.addcmul(y, xf, D)
-    if z is not None:
-        y = scale(y, F.silu(z.to(f)), inplace)
-    y = y.to(x.dtype)
+        y, final = ssd_factored(x, dt, B, C, cs.masked_fill(wide, 0), ((hi + lo) / 2).masked_fill(wide, 0), state,
+                                doc, D, z, inplace)
+        if pairwise:
+            heads = torch.tensor(pairwise, device=x.device)
+            groups = heads // (h // g)
+            y_wide, state_wide = ssd_pairwise(x[:, :, heads], dt[:, :, heads], A[heads], B[:, :, groups],
+                                              C[:, :, groups], state[:, heads], doc, chunk_size)
+            y_wide = skip_and_gate(y_wide, x[:, :, heads], None if D is None else D[heads],
+                                   None if z is None else z[:, :, heads]).to(x.dtype)
+            y = y.index_copy_(2, heads, y_wide) if inplace else y.index_copy(2, heads, y_wide)
+            final = final.index_copy(1, heads, state_wide)
+        state = final
     return (y, state.to(x.dtype)) if return_final_states else y
-
-
-def scale(t, factor, inplace):
-    """t * factor, in place when no gradient is recorded (a fresh full-size buffer costs page faults)."""
-    return t.mul_(factor) if inplace else t * factor
 
 
 def pad_to(t, length):
@@ -200,83 +195,155 @@ def carried(state, doc, start):
     exactly there (it must not see the previous document's state)."""
     if doc is None or not start:
         return state
-    return state * (doc[:, start] == doc[:, start - 1]).to(state.dtype)[:, None, None, None]
+    return state * (doc[:, start] == doc[:, start - 1]).to(state.dtype).view(-1, *[1] * (state.dim() - 1))
 
 
-def ssd_factored(x, dt, B, C, cs, ref, state, doc, inplace=False):
-    """The chunked scan with factored decays: y (b, l, h, p) without the D / z epilogue, and the final state.
+def ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace):
+    """The chunked scan with factored decays: y (b, l, h, p) in x's dtype, epilogue (D, z) included, and the
+    final state. cs (b, c, Q, h) is the in-chunk cumsum of dt * A, ref (b, c, h) the middle of its range (a
+    constant that cancels: exp(cs_i - cs_j) = exp(cs_i - ref) exp(ref - cs_j)); doc is the document counter or None.
 
-    cs (b, c, Q, h) is the in-chunk cumsum of dt * A, ref (b, c, h) the middle of its range (a constant that
-    cancels: exp(cs_i - cs_j) = exp(cs_i - ref) exp(ref - cs_j)); doc is the document counter or None.
-    With autograd every intermediate is kept for the backward, so the sequence is one block. Without (inplace),
-    it goes in blocks of BLOCK_CHUNKS chunks whose buffers (the thread's workspace) are reused, and y is written
-    in place: fresh full-size memory is page-faulted in, which costs as much as the GEMMs on it.
+    With autograd every intermediate is kept for the backward, so the sequence is one block (`factored_block`).
+    Without (inplace), it goes in blocks of BLOCK_CHUNKS chunks (`factored_block_`) that reuse the thread's
+    workspace and write their part of y directly: fresh memory is page-faulted in, which costs as much as the
+    GEMMs on it.
     """
-    b, l, h, p = x.shape
+    l = x.shape[1]
     c, Q = cs.shape[1:3]
-    step = BLOCK_CHUNKS if inplace else max(c, 1)
-    work, y = (_workspace.__dict__, x.new_empty(b, c * Q, h, p)) if inplace else (None, None)
-    ys = []
-    for k in range(0, c, step):
-        rows = slice(k * Q, (k + step) * Q)
-        block_doc = None if doc is None else doc[:, rows]
-        block_y, state = factored_block(x[:, rows], dt[:, rows], B[:, rows], C[:, rows], cs[:, k:k + step],
-                                        ref[:, k:k + step], carried(state, doc, k * Q), block_doc, work,
-                                        None if y is None else y[:, rows])
-        ys.append(block_y)
-    if y is None:
-        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-    return y[:, :l], state
+    if not inplace:
+        y, state = factored_block(x, dt, B, C, cs, ref, state, doc)
+        return skip_and_gate(y[:, :l], x, D, z).to(x.dtype), state
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    final = torch.empty_like(state)
+    for k in range(0, c, BLOCK_CHUNKS):
+        rows, chunks = slice(k * Q, (k + BLOCK_CHUNKS) * Q), slice(k, k + BLOCK_CHUNKS)
+        state = factored_block_(x[:, rows], dt[:, rows], B[:, rows], C[:, rows], cs[:, chunks], ref[:, chunks],
+                                carried(state, doc, k * Q), None if doc is None else doc[:, rows], D,
+                                None if z is None else z[:, rows], _workspace.__dict__, y[:, rows])
+    final.view(state.shape).copy_(state)  # out of the workspace
+    return y, final
 
 
-def factored_block(x, dt, B, C, cs, ref, initial_state, doc, work, out):
-    """One block of ssd_factored: y (b, c * Q, h, p) (into `out` when given) and the final state. Full-size
-    intermediates go to `work` buffers when given (no autograd), else are fresh tensors."""
+def chunk_factors(dt, cs, ref):
+    """The factored decays of each chunk k, in fp32 (b, c, ...), with e_k = cs at the chunk's end.
+
+    Inside a chunk: x_scale = dt_j exp(ref - cs_j) goes into the input, out_scale = exp(cs_i - ref) onto the output.
+    Across chunks the true state_{k+1} = exp(e_k) state_k + exp(e_k - ref_k) S_k, with S_k = B^T X the chunk's GEMM.
+    Carrying T_k = state_k / exp(e_{k-1} - ref_{k-1}) instead (T_0 = state_0) turns that into one multiply-add,
+    T_{k+1} = S_k + w_k T_k with w_k = exp(ref_k + e_{k-1} - ref_{k-1}), and chunk k's output reads
+    w_k T_k = exp(ref_k) state_k; the final state is u_last T_c with u_last = exp(e - ref) of the last chunk.
+    Every exponent is within the factored path's bound on the chunk's span, so nothing overflows.
+    """
+    b, c, Q, h = cs.shape
+    ref = ref[:, :, None]
+    x_scale = pad_to(dt, c * Q).view(b, c, Q, h) * (ref - cs).exp()
+    out_scale = (cs - ref).exp()
+    to_end = cs[:, :, -1] - ref[:, :, 0]  # (b, c, h): e_k - ref_k
+    w = (ref[:, :, 0] + F.pad(to_end[:, :-1], (0, 0, 1, 0))).exp()
+    return x_scale, out_scale, w, to_end[:, -1].exp()
+
+
+def document_masks(doc, c, Q):
+    """The masks of a block's documents, for (b, c, groups, Q, ...) operands: keep (b, c, 1, Q, Q), the causal
+    in-chunk mask within one document; to_end (b, c, 1, Q, 1), the positions in the chunk's last document (the only
+    ones that reach its end); from_start (b, c, 1, Q, 1), those in the incoming state's document (the only ones
+    that read it); carry (b, c, 1), whether the incoming state's document reaches the chunk's end. Without
+    documents: the causal mask and None."""
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=doc.device if doc is not None else None).tril()
+    if doc is None:
+        return causal, None, None, None
+    doc, doc_end, doc_in = chunk_documents(doc, c, Q)
+    keep = causal & (doc[..., :, None] == doc[..., None, :])[:, :, None]
+    to_end = (doc == doc_end[..., None])[:, :, None, :, None]
+    from_start = (doc == doc_in[..., None])[:, :, None, :, None]
+    return keep, to_end, from_start, (doc_end == doc_in)[..., None]
+
+
+def factored_block(x, dt, B, C, cs, ref, initial_state, doc):
+    """ssd_factored under autograd, the whole sequence at once: y (b, c * Q, h, p) in fp32 without the epilogue,
+    and the final state. The layout is batch-major, (b, c, group, ...), and the state carry one autograd node."""
     b, _, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
     _, c, Q, _ = cs.shape
-    inplace = work is not None
-    ref = ref[:, :, None]  # (b, c, 1, h)
+    x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
+    keep, to_end, from_start, carry = document_masks(doc, c, Q)
     # dt and the input-side decay folded into x once, grouped so that a group's heads are one (Q, r * p) matrix
-    # (for g = 1 the transposes below are views).
-    x_scale = (pad_to(dt, c * Q).view(b, c, Q, h) * (ref - cs).exp()).view(b, c, Q, g, r, 1).transpose(2, 3)
-    X = torch.mul(pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3), x_scale,
-                  out=scratch(work, "X", (b, c, g, Q, r, p), x)).view(b, c, g, Q, r * p)
+    X = (pad_to(x, c * Q).view(b, c, Q, g, r, p) * x_scale.view(b, c, Q, g, r, 1)).transpose(2, 3)
+    X = X.reshape(b, c, g, Q, r * p)
     Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
-
-    # 1. Within each chunk: the causal C.B mask of the group (masked in place) applied to all its heads.
-    keep = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    chunk_decay = cs[:, :, -1].exp()  # (b, c, h)
-    if doc is not None:
-        doc, doc_end, doc_in = chunk_documents(doc, c, Q)
-        keep = keep & (doc[..., :, None] == doc[..., None, :])[:, :, None]  # (b, c, 1, Q, Q)
-        Bc_end = Bc * (doc == doc_end[..., None])[:, :, None, :, None]  # only the last document reaches the end
-        Cc_in = Cc * (doc == doc_in[..., None])[:, :, None, :, None]  # only the first one reads the incoming state
-        chunk_decay = chunk_decay * (doc_end == doc_in)[..., None]
-    else:
-        Bc_end, Cc_in = Bc, Cc
-    scores = (Cc @ Bc.mT).masked_fill_(~keep, 0)  # (b, c, g, Q, Q)
-    Y = torch.matmul(scores, X, out=scratch(work, "Y", (b, c, g, Q, r * p), x))
-
-    # 2. Each chunk's contribution to the state at its end, in a (n, r, p) layout that the GEMMs read directly.
-    end_scale = (cs[:, :, -1:] - ref).exp().view(b, c, g, 1, r, 1)
-    chunk_states = torch.matmul(Bc_end.mT, X, out=scratch(work, "states", (b, c, g, n, r * p), x))
-    chunk_states = scale(chunk_states.view(b, c, g, n, r, p), end_scale, inplace)
-
-    # 3. Carry the state across chunks (the (b, h, p, n) state viewed as (b, g, n, r, p)).
+    # 1. Within each chunk: the group's causal C.B mask applied to all its heads.
+    Y = (Cc @ Bc.mT).masked_fill(~keep, 0) @ X
+    # 2. Each chunk's contribution to the carried state, in a (n, r, p) layout that the GEMMs read directly.
+    S = (Bc if to_end is None else Bc * to_end).mT @ X  # (b, c, g, n, r * p)
+    # 3. Carry T across chunks (chunk_factors); the (b, h, p, n) state viewed as (b, g, n, r, p).
+    carry = w if carry is None else w * carry
     start = initial_state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
-    carry = pass_states_ if inplace else StatePassing.apply
-    incoming, state = carry(chunk_states.movedim(1, 0), chunk_decay.movedim(1, 0).view(c, b, g, 1, r, 1), start)
-    # contiguous again (StatePassing allocates it like its moved input), times exp(ref) for the output side below
-    incoming = scale(incoming.movedim(0, 1), ref.exp().view(b, c, g, 1, r, 1), inplace)
-
+    T, T_last = StatePassing.apply(S.view(b, c, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1),
+                                   start)
+    V = T.movedim(0, 1) * w.view(b, c, g, 1, r, 1)
     # 4. Every position reads its chunk's incoming state; then the output-side decay.
-    Y.view(b * c * g, Q, r * p).baddbmm_(Cc_in.reshape(b * c * g, Q, n), incoming.reshape(b * c * g, n, r * p))
-    out_scale = (cs - ref).exp().view(b, c, Q, g, r, 1)
-    y = torch.mul(Y.view(b, c, g, Q, r, p).transpose(2, 3), out_scale,
-                  out=None if out is None else out.view(b, c, Q, g, r, p))
+    Y = Y + (Cc if from_start is None else Cc * from_start) @ V.reshape(b, c, g, n, r * p)
+    y = Y.view(b, c, g, Q, r, p).transpose(2, 3) * out_scale.view(b, c, Q, g, r, 1)
+    state = T_last * u_last.view(b, g, 1, r, 1)
     return y.reshape(b, c * Q, h, p), state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+
+
+def factored_block_(x, dt, B, C, cs, ref, initial_state, doc, D, z, work, out):
+    """One block of ssd_factored without autograd: writes y, epilogue included, into `out` and returns the final
+    state, (b, g, r, p, n) in the workspace. The steps of factored_block into `work` buffers, updated in place:
+    the carried states of each batch row are one buffer, slot k + 1 right after slot k (pass_states_), which its
+    GEMMs write and read directly, and D x starts Y off (divided by the output-side decay that multiplies all
+    of Y at the end), so that the input is read from memory once and y written once."""
+    b, _, h, p = x.shape
+    g, n = B.shape[2:]
+    r = h // g
+    _, c, Q, _ = cs.shape
+    f = cs.dtype
+    initial_state = initial_state.view(b, g, r, p, n)  # the caller's (b, h, p, n) or the previous block's result
+    x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
+    keep, to_end, from_start, same_doc = document_masks(doc, c, Q)
+    if x.dtype != f:  # one vectorized cast; mixed-dtype elementwise ops are about 2x slower
+        x = scratch(work, "x", x.shape, cs).copy_(x)
+    x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
+    X = torch.mul(x, x_scale.view(b, c, Q, g, r, 1).transpose(2, 3), out=scratch(work, "X", x.shape, cs))
+    X = X.view(b, c, g, Q, r * p)
+    Y = scratch(work, "Y", (b, c, g, Q, r, p), cs)
+    if D is None:
+        Y.zero_()
+    else:
+        skip = out_scale.reciprocal().view(b, c, Q, g, r, 1).transpose(2, 3)
+        if D.dim() == 1:
+            torch.mul(x, skip * D.to(f).view(g, 1, r, 1), out=Y)
+        else:
+            torch.mul(x, skip, out=Y).mul_(D.to(f).view(g, 1, r, p))
+    Y = Y.view(b, c, g, Q, r * p)
+    Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
+    # 1. Within each chunk.
+    scores = (Cc @ Bc.mT).masked_fill_(~keep, 0)
+    Y.view(b * c * g, Q, r * p).baddbmm_(scores.view(b * c * g, Q, Q), X.view(b * c * g, Q, r * p))
+    # 2. Per batch row, the chunk contributions go to slots 1..c, the incoming state to slot 0.
+    slots = scratch(work, "states", (b, c + 1, g, n, r * p), cs)
+    slots[:, 0].view(b, g, n, r, p).copy_(initial_state.permute(0, 1, 4, 2, 3))
+    Bc_end = Bc if to_end is None else Bc * to_end
+    for i in range(b):
+        torch.matmul(Bc_end[i].mT, X[i], out=slots[i, 1:])
+    # 3. Carry T: slot k becomes w_k T_k, what chunk k reads, and slot c the block's T_c.
+    pass_states_(slots.view(b, c + 1, g, n, r, p).movedim(1, 0), w.movedim(1, 0).view(c, b, g, 1, r, 1),
+                 None if same_doc is None else same_doc.movedim(1, 0).view(c, b, 1, 1, 1, 1))
+    state = torch.mul(slots[:, c].view(b, g, n, r, p), u_last.view(b, g, 1, r, 1),
+                      out=scratch(work, "state", (b, g, n, r, p), cs))
+    # 4. Every position reads its chunk's incoming state; then the output-side decay and the gate.
+    Cc_in = Cc if from_start is None else Cc * from_start
+    for i in range(b):
+        Y[i].view(c * g, Q, r * p).baddbmm_(Cc_in[i].reshape(c * g, Q, n), slots[i, :c].view(c * g, n, r * p))
+    direct = out.dtype == f and out.shape[1] == c * Q and z is None
+    y = out if direct else scratch(work, "y", (b, c * Q, h, p), cs)
+    torch.mul(Y.view(b, c, g, Q, r, p).transpose(2, 3), out_scale.view(b, c, Q, g, r, 1), out=y.view(b, c, Q, g, r, p))
+    if not direct:
+        y = y[:, :out.shape[1]]
+        out.copy_(y if z is None else y.mul_(F.silu(z.to(f))))
+    return state.permute(0, 1, 3, 4, 2)  # (b, g, r, p, n), a view of the workspace
 
 
 def ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size):

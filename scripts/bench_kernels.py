@@ -16,7 +16,8 @@ input. bf16 inputs are computed in fp32 inside every variant.
 
 Peak memory: the script re-executes itself with a fixed glibc mmap threshold, so every large tensor is its own
 mapping, returned to the OS when freed; the peak is then VmHWM (reset through /proc/self/clear_refs) minus the
-resident size before the call.
+resident size before the call. Every variant runs with PyTorch's transparent huge pages for large CPU tensors
+(THP_MEM_ALLOC_ENABLE=1, which importing distill sets, as it does for training).
 
     python scripts/bench_kernels.py            # the full table (several minutes on 2 cores)
     python scripts/bench_kernels.py --quick    # a small subset, about a minute
@@ -278,7 +279,8 @@ def main():
         torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our chunk size {args.chunk}; "
-          "matmul GFLOP/s = best fp32 1024^3 GEMM, measured before each block of rows")
+          "matmul GFLOP/s = best fp32 1024^3 GEMM, measured before each block of rows; "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by importing distill)")
     if args.tune:
         tune(args, matmul_rate())
         return

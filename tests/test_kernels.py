@@ -148,7 +148,7 @@ def test_ssd_documents_starting_at_block_boundaries():
 
 
 PATHS = {"factored": ([0.05] * 4, ["ssd_factored"]), "pairwise": ([3.0] * 4, ["ssd_pairwise"]),
-         "mixed": ([0.05, 3.0, 0.05, 0.05], ["ssd_pairwise", "ssd_factored"])}
+         "mixed": ([0.05, 3.0, 0.05, 0.05], ["ssd_factored", "ssd_pairwise"])}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
