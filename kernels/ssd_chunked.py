@@ -247,7 +247,7 @@ def document_masks(doc, c, Q):
     """The masks of a block's documents, for (b, c, groups, Q, ...) operands: keep (b, c, 1, Q, Q), the causal
     in-chunk mask within one document; to_end (b, c, 1, Q, 1), the positions in the chunk's last document (the only
     ones that reach its end); from_start (b, c, 1, Q, 1), those in the incoming state's document (the only ones
-    that read it); carry (b, c, 1), whether the incoming state's document reaches the chunk's end. Without
+    that read it); same_doc (b, c, 1), whether the incoming state's document reaches the chunk's end. Without
     documents: the causal mask and None."""
     causal = torch.ones(Q, Q, dtype=torch.bool, device=doc.device if doc is not None else None).tril()
     if doc is None:
@@ -267,7 +267,7 @@ def factored_block(x, dt, B, C, cs, ref, initial_state, doc):
     r = h // g
     _, c, Q, _ = cs.shape
     x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
-    keep, to_end, from_start, carry = document_masks(doc, c, Q)
+    keep, to_end, from_start, same_doc = document_masks(doc, c, Q)
     # dt and the input-side decay folded into x once, grouped so that a group's heads are one (Q, r * p) matrix
     X = (pad_to(x, c * Q).view(b, c, Q, g, r, p) * x_scale.view(b, c, Q, g, r, 1)).transpose(2, 3)
     X = X.reshape(b, c, g, Q, r * p)
@@ -277,7 +277,7 @@ def factored_block(x, dt, B, C, cs, ref, initial_state, doc):
     # 2. Each chunk's contribution to the carried state, in a (n, r, p) layout that the GEMMs read directly.
     S = (Bc if to_end is None else Bc * to_end).mT @ X  # (b, c, g, n, r * p)
     # 3. Carry T across chunks (chunk_factors); the (b, h, p, n) state viewed as (b, g, n, r, p).
-    carry = w if carry is None else w * carry
+    carry = w if same_doc is None else w * same_doc
     start = initial_state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
     T, T_last = StatePassing.apply(S.view(b, c, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1),
                                    start)

@@ -18,7 +18,7 @@ from distill.kernels.conv1d import causal_conv1d_naive, causal_conv1d_torch
 from distill.kernels.rmsnorm import rmsnorm_torch
 from distill.kernels.selective_scan import selective_scan_torch
 from distill.kernels.selective_scan_naive import selective_scan_naive
-from distill.kernels.ssd_chunked import ssd_chunked
+from distill.kernels.ssd_chunked import flush_log, ssd_chunked
 from distill.kernels.ssd_naive import ssd_naive
 from distill.kernels.state_update import selective_state_update_torch
 
@@ -187,6 +187,27 @@ def test_ssd_factored_and_pairwise_decays(path, docs, monkeypatch):
         grads[name] = {k: v.grad for k, v in args.items()}
     for k in leaves:
         assert rel_err(grads["fast"][k], grads["ref"][k]) <= 1e-9, k
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_ssd_factored_at_steep_decays(grad):
+    """Chunks whose decays span up to e^-60, just inside the factored path's bound: its factors and the carried
+    state T (chunk_factors) reach e^+-30 and more, and y, the final state and dx still match the float64 loop."""
+    inputs, options = ssd_inputs(15, 2, 100, 2, 2, 3, 4, "h", False, True, 3, False)
+    inputs["dt"] = torch.full_like(inputs["dt"], 0.25)
+    inputs["A"] = -torch.tensor([15.0, 12.0, 8.0, 1.0], dtype=torch.float64)  # spans 60, 48, 32, 4 per chunk of 16
+    options["dt_softplus"] = False
+    assert 16 * 0.25 * 15 < -flush_log(torch.float32)  # the steepest head stays factored
+    y_ref, s_ref = ssd_naive(**inputs, **options, return_final_states=True)
+    f32 = cast({**inputs, **options}, torch.float32)
+    x = f32["x"].clone().requires_grad_(grad)
+    y, s = ssd_chunked(**{**f32, "x": x}, chunk_size=16, return_final_states=True)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+    if grad:
+        x_ref = inputs["x"].clone().requires_grad_(True)
+        (ssd_naive(**{**inputs, "x": x_ref}, **options) * y_ref).sum().backward()
+        (y * y_ref.float()).sum().backward()
+        assert rel_err(x.grad, x_ref.grad) <= 1e-5
 
 
 def test_ssd_no_grad_in_place_equals_autograd():
