@@ -102,17 +102,12 @@ def flush_log(dtype):
     return math.log(torch.finfo(dtype).tiny) + 20
 
 
-def pass_states_(slots, w, same_doc=None):
-    """StatePassing for calls without autograd, in place along the leading axis (chunk_factors' T): slots
-    (c + 1, *S) hold T_0, then each chunk's contribution S_k; afterwards slot k holds w_k T_k, what chunk k reads,
-    and slot c holds T_c, with T_{k+1} = S_k + same_doc_k w_k T_k. No copy, no fresh buffer, and each slot is
-    scaled while it is in cache."""
-    for k in range(w.shape[0]):
-        slots[k].mul_(w[k])
-        if same_doc is None:
-            slots[k + 1].add_(slots[k])
-        else:
-            slots[k + 1].addcmul_(slots[k], same_doc[k])
+def pass_states_(slots, carry):
+    """StatePassing's forward in place, for calls without autograd: slots (c + 1, *S) hold the incoming state,
+    then each chunk's contribution; afterwards slot k is the state entering chunk k and slot c the final one.
+    No copy and no fresh buffer, and the same op as StatePassing, so the same bits."""
+    for k in range(carry.shape[0]):
+        slots[k + 1].addcmul_(slots[k], carry[k])
     return slots
 
 
@@ -205,23 +200,26 @@ def ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace):
 
     With autograd every intermediate is kept for the backward, so the sequence is one block (`factored_block`).
     Without (inplace), it goes in blocks of BLOCK_CHUNKS chunks (`factored_block_`) that reuse the thread's
-    workspace and write their part of y directly: fresh memory is page-faulted in, which costs as much as the
-    GEMMs on it.
+    workspace and write their part of y directly. Both do the same ops in the same order, carrying the same T from
+    chunk to chunk and from block to block, so their results are bit-identical.
     """
-    l = x.shape[1]
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
     c, Q = cs.shape[1:3]
+    x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
+    T = state.view(b, g, h // g, p, n).permute(0, 1, 4, 2, 3)  # (b, g, n, r, p): the (n, r * p) layout of the GEMMs
     if not inplace:
-        y, state = factored_block(x, dt, B, C, cs, ref, state, doc)
-        return skip_and_gate(y[:, :l], x, D, z).to(x.dtype), state
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    final = torch.empty_like(state)
-    for k in range(0, c, BLOCK_CHUNKS):
-        rows, chunks = slice(k * Q, (k + BLOCK_CHUNKS) * Q), slice(k, k + BLOCK_CHUNKS)
-        state = factored_block_(x[:, rows], dt[:, rows], B[:, rows], C[:, rows], cs[:, chunks], ref[:, chunks],
-                                carried(state, doc, k * Q), None if doc is None else doc[:, rows], D,
+        y, T = factored_block(x, B, C, x_scale, out_scale, w, T, doc, D)
+        y = skip_and_gate(y[:, :l], x, None, z).to(x.dtype)
+    else:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for k in range(0, c, BLOCK_CHUNKS):
+            rows, chunks = slice(k * Q, (k + BLOCK_CHUNKS) * Q), slice(k, k + BLOCK_CHUNKS)
+            T = factored_block_(x[:, rows], B[:, rows], C[:, rows], x_scale[:, chunks], out_scale[:, chunks],
+                                w[:, chunks], carried(T, doc, k * Q), None if doc is None else doc[:, rows], D,
                                 None if z is None else z[:, rows], _workspace.__dict__, y[:, rows])
-    final.view(state.shape).copy_(state)  # out of the workspace
-    return y, final
+    state = T * u_last.view(b, g, 1, h // g, 1)
+    return y, state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
 
 def chunk_factors(dt, cs, ref):
@@ -259,91 +257,94 @@ def document_masks(doc, c, Q):
     return keep, to_end, from_start, (doc_end == doc_in)[..., None]
 
 
-def factored_block(x, dt, B, C, cs, ref, initial_state, doc):
-    """ssd_factored under autograd, the whole sequence at once: y (b, c * Q, h, p) in fp32 without the epilogue,
-    and the final state. The layout is batch-major, (b, c, group, ...), and the state carry one autograd node."""
+def skip_start(x, out_scale, D, out=None):
+    """D x divided by the output-side decay, (b, c, g, Q, r, p) like x: Y starts from it, so that the final
+    multiplication by out_scale adds D x (and the input is read while it is in cache, for the GEMMs' X)."""
+    b, c, g, Q, r, p = x.shape
+    skip = out_scale.reciprocal().view(b, c, Q, g, r, 1).transpose(2, 3)
+    if D.dim() == 1:
+        return torch.mul(x, skip * D.to(skip.dtype).view(g, 1, r, 1), out=out)
+    y = torch.mul(x, skip, out=out)
+    D = D.to(skip.dtype).view(g, 1, r, p)
+    return y.mul_(D) if out is not None else y * D
+
+
+def factored_block(x, B, C, x_scale, out_scale, w, T, doc, D):
+    """ssd_factored under autograd, the whole sequence at once: y (b, c * Q, h, p) in fp32 with D x but without the
+    gate, and the carried T after the last chunk. Batch-major, (b, c, group, ...); the carry is one autograd node."""
     b, _, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
-    _, c, Q, _ = cs.shape
-    x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
+    _, c, Q, _ = x_scale.shape
     keep, to_end, from_start, same_doc = document_masks(doc, c, Q)
     # dt and the input-side decay folded into x once, grouped so that a group's heads are one (Q, r * p) matrix
-    X = (pad_to(x, c * Q).view(b, c, Q, g, r, p) * x_scale.view(b, c, Q, g, r, 1)).transpose(2, 3)
-    X = X.reshape(b, c, g, Q, r * p)
+    x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
+    X = (x * x_scale.view(b, c, Q, g, r, 1).transpose(2, 3)).reshape(b * c * g, Q, r * p)
     Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
     # 1. Within each chunk: the group's causal C.B mask applied to all its heads.
-    Y = (Cc @ Bc.mT).masked_fill(~keep, 0) @ X
+    scores = (Cc @ Bc.mT).masked_fill(~keep, 0).reshape(b * c * g, Q, Q)
+    Y = scores @ X if D is None else torch.baddbmm(skip_start(x, out_scale, D).reshape(b * c * g, Q, r * p), scores, X)
     # 2. Each chunk's contribution to the carried state, in a (n, r, p) layout that the GEMMs read directly.
-    S = (Bc if to_end is None else Bc * to_end).mT @ X  # (b, c, g, n, r * p)
-    # 3. Carry T across chunks (chunk_factors); the (b, h, p, n) state viewed as (b, g, n, r, p).
+    S = (Bc if to_end is None else Bc * to_end).mT @ X.view(b, c, g, Q, r * p)  # (b, c, g, n, r * p)
+    # 3. Carry T across chunks (chunk_factors).
     carry = w if same_doc is None else w * same_doc
-    start = initial_state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
     T, T_last = StatePassing.apply(S.view(b, c, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1),
-                                   start)
+                                   T)
     V = T.movedim(0, 1) * w.view(b, c, g, 1, r, 1)
     # 4. Every position reads its chunk's incoming state; then the output-side decay.
-    Y = Y + (Cc if from_start is None else Cc * from_start) @ V.reshape(b, c, g, n, r * p)
+    Cc_in = Cc if from_start is None else Cc * from_start
+    Y = torch.baddbmm(Y, Cc_in.reshape(b * c * g, Q, n), V.reshape(b * c * g, n, r * p))
     y = Y.view(b, c, g, Q, r, p).transpose(2, 3) * out_scale.view(b, c, Q, g, r, 1)
-    state = T_last * u_last.view(b, g, 1, r, 1)
-    return y.reshape(b, c * Q, h, p), state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+    return y.reshape(b, c * Q, h, p), T_last
 
 
-def factored_block_(x, dt, B, C, cs, ref, initial_state, doc, D, z, work, out):
-    """One block of ssd_factored without autograd: writes y, epilogue included, into `out` and returns the final
-    state, (b, g, r, p, n) in the workspace. The steps of factored_block into `work` buffers, updated in place:
+def factored_block_(x, B, C, x_scale, out_scale, w, T, doc, D, z, work, out):
+    """One block of ssd_factored without autograd: writes y, epilogue included, into `out` and returns the
+    carried T after its last chunk (in the workspace). factored_block's ops into `work` buffers, updated in place:
     the carried states of each batch row are one buffer, slot k + 1 right after slot k (pass_states_), which its
-    GEMMs write and read directly, and D x starts Y off (divided by the output-side decay that multiplies all
-    of Y at the end), so that the input is read from memory once and y written once."""
+    GEMMs write and read directly."""
     b, _, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
-    _, c, Q, _ = cs.shape
-    f = cs.dtype
-    initial_state = initial_state.view(b, g, r, p, n)  # the caller's (b, h, p, n) or the previous block's result
-    x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
+    _, c, Q, _ = x_scale.shape
+    f = x_scale.dtype
     keep, to_end, from_start, same_doc = document_masks(doc, c, Q)
     if x.dtype != f:  # one vectorized cast; mixed-dtype elementwise ops are about 2x slower
-        x = scratch(work, "x", x.shape, cs).copy_(x)
+        x = scratch(work, "x", x.shape, x_scale).copy_(x)
     x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
-    X = torch.mul(x, x_scale.view(b, c, Q, g, r, 1).transpose(2, 3), out=scratch(work, "X", x.shape, cs))
-    X = X.view(b, c, g, Q, r * p)
-    Y = scratch(work, "Y", (b, c, g, Q, r, p), cs)
-    if D is None:
-        Y.zero_()
-    else:
-        skip = out_scale.reciprocal().view(b, c, Q, g, r, 1).transpose(2, 3)
-        if D.dim() == 1:
-            torch.mul(x, skip * D.to(f).view(g, 1, r, 1), out=Y)
-        else:
-            torch.mul(x, skip, out=Y).mul_(D.to(f).view(g, 1, r, p))
-    Y = Y.view(b, c, g, Q, r * p)
+    X = torch.mul(x, x_scale.view(b, c, Q, g, r, 1).transpose(2, 3), out=scratch(work, "X", x.shape, x_scale))
+    X = X.view(b * c * g, Q, r * p)
     Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
     # 1. Within each chunk.
-    scores = (Cc @ Bc.mT).masked_fill_(~keep, 0)
-    Y.view(b * c * g, Q, r * p).baddbmm_(scores.view(b * c * g, Q, Q), X.view(b * c * g, Q, r * p))
-    # 2. Per batch row, the chunk contributions go to slots 1..c, the incoming state to slot 0.
-    slots = scratch(work, "states", (b, c + 1, g, n, r * p), cs)
-    slots[:, 0].view(b, g, n, r, p).copy_(initial_state.permute(0, 1, 4, 2, 3))
+    scores = (Cc @ Bc.mT).masked_fill_(~keep, 0).view(b * c * g, Q, Q)
+    Y = scratch(work, "Y", (b * c * g, Q, r * p), x_scale)
+    if D is None:
+        torch.bmm(scores, X, out=Y)
+    else:
+        skip_start(x, out_scale, D, out=Y.view(b, c, g, Q, r, p)).view_as(Y).baddbmm_(scores, X)
+    # 2. Per batch row, the chunk contributions go to slots 1..c, the incoming T to slot 0.
+    slots = scratch(work, "states", (b, c + 1, g, n, r * p), x_scale)
+    slots[:, 0].view(b, g, n, r, p).copy_(T)
     Bc_end = Bc if to_end is None else Bc * to_end
     for i in range(b):
-        torch.matmul(Bc_end[i].mT, X[i], out=slots[i, 1:])
-    # 3. Carry T: slot k becomes w_k T_k, what chunk k reads, and slot c the block's T_c.
-    pass_states_(slots.view(b, c + 1, g, n, r, p).movedim(1, 0), w.movedim(1, 0).view(c, b, g, 1, r, 1),
-                 None if same_doc is None else same_doc.movedim(1, 0).view(c, b, 1, 1, 1, 1))
-    state = torch.mul(slots[:, c].view(b, g, n, r, p), u_last.view(b, g, 1, r, 1),
-                      out=scratch(work, "state", (b, g, n, r, p), cs))
+        torch.matmul(Bc_end[i].mT, X.view(b, c, g, Q, r * p)[i], out=slots[i, 1:])
+    # 3. Carry T: slot k becomes T_k, then chunk k reads w_k T_k.
+    carry = w if same_doc is None else w * same_doc
+    pass_states_(slots.view(b, c + 1, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1))
+    T = scratch(work, "T", (b, g, n, r, p), x_scale).copy_(slots[:, c].view(b, g, n, r, p))
+    slots[:, :c].view(b, c, g, n, r, p).mul_(w.view(b, c, g, 1, r, 1))
     # 4. Every position reads its chunk's incoming state; then the output-side decay and the gate.
     Cc_in = Cc if from_start is None else Cc * from_start
+    Y = Y.view(b, c * g, Q, r * p)
     for i in range(b):
-        Y[i].view(c * g, Q, r * p).baddbmm_(Cc_in[i].reshape(c * g, Q, n), slots[i, :c].view(c * g, n, r * p))
+        Y[i].baddbmm_(Cc_in[i].reshape(c * g, Q, n), slots[i, :c].view(c * g, n, r * p))
     direct = out.dtype == f and out.shape[1] == c * Q and z is None
-    y = out if direct else scratch(work, "y", (b, c * Q, h, p), cs)
+    y = out if direct else scratch(work, "y", (b, c * Q, h, p), x_scale)
     torch.mul(Y.view(b, c, g, Q, r, p).transpose(2, 3), out_scale.view(b, c, Q, g, r, 1), out=y.view(b, c, Q, g, r, p))
     if not direct:
         y = y[:, :out.shape[1]]
         out.copy_(y if z is None else y.mul_(F.silu(z.to(f))))
-    return state.permute(0, 1, 3, 4, 2)  # (b, g, r, p, n), a view of the workspace
+    return T
 
 
 def ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size):
