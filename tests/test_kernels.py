@@ -341,6 +341,16 @@ def test_selective_scan_matches_naive(seed, b, d, n, l, groups, D, z, bias, a_sc
     assert rel_err(y16, selective_scan_naive(**cast(bf16, torch.float64))) <= 1e-2
 
 
+def test_selective_scan_no_grad_equals_autograd():
+    """The no-grad segments run the recurrence in place with the autograd path's ops: the same bits."""
+    args = cast(selective_inputs(3, 2, 6, 3, 150, 2, True, True, True, a_scale=1.0), torch.float32)  # 3 segments
+    with torch.no_grad():
+        y0, s0 = selective_scan_torch(**args, return_last_state=True)
+    u = args["u"].clone().requires_grad_(True)
+    y1, s1 = selective_scan_torch(**{**args, "u": u}, return_last_state=True)
+    assert torch.equal(y0, y1.detach()) and torch.equal(s0, s1.detach())
+
+
 def test_selective_scan_gradcheck():
     args = selective_inputs(0, 2, 4, 3, 9, 2, True, True, True)
     names = [k for k, v in args.items() if torch.is_tensor(v)]
