@@ -24,7 +24,7 @@ Without autograd the factored path goes in blocks of BLOCK_CHUNKS chunks whose i
 per-thread workspace, reused from block to block and from call to call (like a BLAS workspace) and updated in
 place: a fresh full-size intermediate is page-faulted in, which costs about as much as the GEMMs on it. Each block
 reads its input once (D x starts the output off) and writes its output once. With autograd it is one block (the
-backward keeps every intermediate anyway).
+backward keeps every intermediate anyway). Both run the same ops in the same order, so they give the same bits.
 
 All of it runs in fp32 (float64 for float64 inputs) and uses O(L * Q) memory. Documents packed into a row
 (`seq_idx`) become a document counter; every decay between two different documents is masked to zero, which
@@ -65,7 +65,8 @@ def decay_exp(log_decay, mask=None):
 
 
 class StatePassing(torch.autograd.Function):
-    """state_{k+1} = decay_k * state_k + chunk_states_k over the leading chunk axis k, as one autograd node.
+    """state_{k+1} = decay_k * state_k + chunk_states_k over the leading axis k (chunks here, time steps in the
+    Mamba-1 scan), as one autograd node.
 
     chunk_states is (c, *S), chunk_decay (c, *D) with D broadcastable to S, initial_state S. Autograd through a
     Python loop would allocate a full-size gradient buffer per chunk (select backward); here forward and backward
