@@ -20,7 +20,8 @@ OS when freed, so VmHWM (reset through /proc/self/clear_refs) minus the resident
 call's peak. The timed calls run with the threshold at 32 MiB and
 the trim threshold at 64 MiB, where glibc's own dynamic thresholds settle in a loop that frees and reallocates
 tensors (a training step): freed memory below 32 MiB is reused without page faults, larger tensors are mapped
-afresh each time. Every variant runs with PyTorch's transparent huge pages for large CPU tensors
+afresh each time. They run back to back, as timeit's do (a garbage collection before each call would evict the
+caches, which costs a small call about as much as its floor). Every variant runs with PyTorch's transparent huge pages for large CPU tensors
 (THP_MEM_ALLOC_ENABLE=1, which importing distill sets, as it does for training).
 
     python scripts/bench_kernels.py            # the full table (several minutes on 2 cores)
@@ -85,7 +86,6 @@ def measure(fn, reps):
     malloc_thresholds(32 << 20, 64 << 20)
     best = float("inf")
     for _ in range(reps if once < 20 else 1):  # one timed run is enough for the slowest rows
-        gc.collect()
         start = clock()
         fn()
         best = min(best, clock() - start)
