@@ -144,8 +144,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
     else:
         # The factored path runs on every head (keeping the group GEMMs whole) with no decay at all in the wide
         # heads, which keeps them finite; their output and state are then replaced by the pairwise path's.
-        y, final = ssd_factored(x, dt, B, C, cs.masked_fill(wide, 0), ((hi + lo) / 2).masked_fill(wide, 0), state,
-                                doc, D, z, inplace)
+        ref = (hi + lo) / 2
+        if pairwise:
+            cs, ref = cs.masked_fill(wide, 0), ref.masked_fill(wide, 0)
+        y, final = ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace)
         if pairwise:
             heads = torch.tensor(pairwise, device=x.device)
             groups = heads // (h // g)
@@ -177,9 +179,7 @@ def chunk_documents(doc, c, Q):
 
 def scratch(work, name, shape, like):
     """A contiguous buffer of this shape kept in `work` (per name, device and dtype, grown when too small) and
-    reused from block to block and call to call, or None (the op allocates a fresh tensor) when work is None."""
-    if work is None:
-        return None
+    reused from block to block and call to call."""
     numel, key = math.prod(shape), (name, like.device, like.dtype)
     if key not in work or work[key].numel() < numel:
         work[key] = like.new_empty(numel)
