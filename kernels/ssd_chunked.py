@@ -125,7 +125,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, f)
     A, B, C = A.to(f), B.to(f), C.to(f)  # x is not cast: the first op on it computes in f
     doc = document_index(seq_idx) if seq_idx is not None else None
-    state = x.new_zeros(b, h, p, n, dtype=f) if initial_states is None else initial_states.to(f)
+    state = None if initial_states is None else initial_states.to(f)  # None: zeros
     # Without autograd the factored path goes in blocks that reuse buffers and write y in place.
     inplace = not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, initial_states)))
@@ -138,6 +138,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
         hi, lo = cs.amax(2).clamp_min(0), cs.amin(2).clamp_max(0)  # (b, c, h)
         wide = (hi - lo > -flush_log(f)).flatten(0, 1).any(0)  # (h,): heads with a chunk that needs pairwise decays
     pairwise = wide.nonzero()[:, 0].tolist()
+    if pairwise and state is None:
+        state = x.new_zeros(b, h, p, n, dtype=f)
     if len(pairwise) == h:
         y, state = ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size)
         y = skip_and_gate(y, x, D, z).to(x.dtype)
@@ -197,30 +199,54 @@ def carried(state, doc, start):
 def ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace):
     """The chunked scan with factored decays: y (b, l, h, p) in x's dtype, epilogue (D, z) included, and the
     final state. cs (b, c, Q, h) is the in-chunk cumsum of dt * A, ref (b, c, h) the middle of its range (a
-    constant that cancels: exp(cs_i - cs_j) = exp(cs_i - ref) exp(ref - cs_j)); doc is the document counter or None.
+    constant that cancels: exp(cs_i - cs_j) = exp(cs_i - ref) exp(ref - cs_j)); doc is the document counter or None;
+    state is the initial state, or None for zeros.
 
-    With autograd every intermediate is kept for the backward, so the sequence is one block (`factored_block`).
-    Without (inplace), it goes in blocks of BLOCK_CHUNKS chunks (`factored_block_`) that reuse the thread's
-    workspace and write their part of y directly. Both do the same ops in the same order, carrying the same T from
-    chunk to chunk and from block to block, so their results are bit-identical.
+    What the heads share (the chunks' C.B scores, the document masks, the carry factors) is computed once for the
+    whole sequence. With autograd every intermediate is kept for the backward, so the sequence is one block
+    (`factored_block`). Without (inplace), it goes in blocks of BLOCK_CHUNKS chunks (`factored_block_`) that reuse
+    the thread's workspace and write their part of y directly. Both do the same ops in the same order, carrying the
+    same T from chunk to chunk and from block to block, so their results are bit-identical.
     """
     b, l, h, p = x.shape
     g, n = B.shape[2:]
+    r = h // g
     c, Q = cs.shape[1:3]
     x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
-    T = state.view(b, g, h // g, p, n).permute(0, 1, 4, 2, 3)  # (b, g, n, r, p): the (n, r * p) layout of the GEMMs
+    scores, B_end, C_in, same_doc = chunk_operands(B, C, doc, c, Q)
+    carry = w if same_doc is None else w * same_doc
+    T = None if state is None else state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)  # (b, g, n, r, p): the GEMMs'
     if not inplace:
-        y, T = factored_block(x, B, C, x_scale, out_scale, w, T, doc, D)
+        T = x_scale.new_zeros(b, g, n, r, p) if T is None else T
+        y, T = factored_block(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T, D)
         y = skip_and_gate(y[:, :l], x, None, z).to(x.dtype)
     else:
+        work = _workspace.__dict__
+        # The carried states of each batch row are one buffer, slot k + 1 right after slot k (pass_states_): slot 0
+        # holds the T coming into a block, copied there from the previous block's last slot.
+        slots = scratch(work, "states", (b, min(c, BLOCK_CHUNKS) + 1, g, n, r * p), x_scale)
+        if T is None:
+            slots[:, 0].zero_()
+        else:
+            slots[:, 0].view(b, g, n, r, p).copy_(T)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        # silu of the whole z as in skip_and_gate: silu's vectorized and scalar tails differ in the last bit
+        gate = None if z is None else F.silu(z.to(x_scale.dtype))
         for k in range(0, c, BLOCK_CHUNKS):
-            rows, chunks = slice(k * Q, (k + BLOCK_CHUNKS) * Q), slice(k, k + BLOCK_CHUNKS)
-            T = factored_block_(x[:, rows], B[:, rows], C[:, rows], x_scale[:, chunks], out_scale[:, chunks],
-                                w[:, chunks], carried(T, doc, k * Q), None if doc is None else doc[:, rows], D,
-                                None if z is None else z[:, rows], _workspace.__dict__, y[:, rows])
-    state = T * u_last.view(b, g, 1, h // g, 1)
-    return y, state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+            m = min(BLOCK_CHUNKS, c - k)
+            if k:
+                slots[:, 0].copy_(slots[:, BLOCK_CHUNKS])
+            rows, chunks = slice(k * Q, (k + m) * Q), slice(k, k + m)
+            factored_block_(x[:, rows], x_scale[:, chunks], out_scale[:, chunks], w[:, chunks], carry[:, chunks],
+                            scores[:, chunks], B_end[:, chunks], C_in[:, chunks], D,
+                            None if gate is None else gate[:, rows], work, slots[:, :m + 1], y[:, rows])
+        T = slots[:, m].view(b, g, n, r, p)
+    u_last = u_last.view(b, g, 1, r, 1)
+    if not inplace:
+        return y, (T * u_last).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+    final = torch.empty(b, h, p, n, dtype=x_scale.dtype, device=x.device)
+    torch.mul(T, u_last, out=final.view(b, g, r, p, n).permute(0, 1, 4, 2, 3))  # the transpose written once
+    return y, final
 
 
 def chunk_factors(dt, cs, ref):
@@ -242,20 +268,23 @@ def chunk_factors(dt, cs, ref):
     return x_scale, out_scale, w, to_end[:, -1].exp()
 
 
-def document_masks(doc, c, Q):
-    """The masks of a block's documents, for (b, c, groups, Q, ...) operands: keep (b, c, 1, Q, Q), the causal
-    in-chunk mask within one document; to_end (b, c, 1, Q, 1), the positions in the chunk's last document (the only
-    ones that reach its end); from_start (b, c, 1, Q, 1), those in the incoming state's document (the only ones
-    that read it); same_doc (b, c, 1), whether the incoming state's document reaches the chunk's end. Without
-    documents: the causal mask and None."""
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=doc.device if doc is not None else None).tril()
+def chunk_operands(B, C, doc, c, Q):
+    """What a chunk's GEMMs read besides x, shared by the heads of a group, for the whole sequence: the in-chunk
+    scores C.B^T (b, c, g, Q, Q), causal and within one document; B (b, c, g, Q, n) of the positions that reach the
+    chunk's end (those in its last document); C (b, c, g, Q, n) of the positions that read its incoming state (those
+    in that state's document); and whether the incoming state's document reaches the chunk's end (b, c, 1), None
+    without documents. Being per chunk of the whole sequence, the masks also reset the state where a document
+    starts at a block boundary."""
+    b, _, g, n = B.shape
+    Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=B.device).tril()
     if doc is None:
-        return causal, None, None, None
+        return (Cc @ Bc.mT).masked_fill_(~causal, 0), Bc, Cc, None
     doc, doc_end, doc_in = chunk_documents(doc, c, Q)
     keep = causal & (doc[..., :, None] == doc[..., None, :])[:, :, None]
     to_end = (doc == doc_end[..., None])[:, :, None, :, None]
     from_start = (doc == doc_in[..., None])[:, :, None, :, None]
-    return keep, to_end, from_start, (doc_end == doc_in)[..., None]
+    return (Cc @ Bc.mT).masked_fill_(~keep, 0), Bc * to_end, Cc * from_start, (doc_end == doc_in)[..., None]
 
 
 def skip_start(x, out_scale, D, out=None):
@@ -270,82 +299,66 @@ def skip_start(x, out_scale, D, out=None):
     return y.mul_(D) if out is not None else y * D
 
 
-def factored_block(x, B, C, x_scale, out_scale, w, T, doc, D):
+def factored_block(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T, D):
     """ssd_factored under autograd, the whole sequence at once: y (b, c * Q, h, p) in fp32 with D x but without the
     gate, and the carried T after the last chunk. Batch-major, (b, c, group, ...); the carry is one autograd node."""
     b, _, h, p = x.shape
-    g, n = B.shape[2:]
+    _, c, g, Q, n = B_end.shape
     r = h // g
-    _, c, Q, _ = x_scale.shape
-    keep, to_end, from_start, same_doc = document_masks(doc, c, Q)
     # dt and the input-side decay folded into x once, grouped so that a group's heads are one (Q, r * p) matrix
     x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
     X = (x * x_scale.view(b, c, Q, g, r, 1).transpose(2, 3)).reshape(b * c * g, Q, r * p)
-    Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
     # 1. Within each chunk: the group's causal C.B mask applied to all its heads.
-    scores = (Cc @ Bc.mT).masked_fill(~keep, 0).reshape(b * c * g, Q, Q)
+    scores = scores.reshape(b * c * g, Q, Q)
     Y = scores @ X if D is None else torch.baddbmm(skip_start(x, out_scale, D).reshape(b * c * g, Q, r * p), scores, X)
     # 2. Each chunk's contribution to the carried state, in a (n, r, p) layout that the GEMMs read directly.
-    S = (Bc if to_end is None else Bc * to_end).mT @ X.view(b, c, g, Q, r * p)  # (b, c, g, n, r * p)
+    S = B_end.mT @ X.view(b, c, g, Q, r * p)  # (b, c, g, n, r * p)
     # 3. Carry T across chunks (chunk_factors).
-    carry = w if same_doc is None else w * same_doc
     T, T_last = StatePassing.apply(S.view(b, c, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1),
                                    T)
     V = T.movedim(0, 1) * w.view(b, c, g, 1, r, 1)
     # 4. Every position reads its chunk's incoming state; then the output-side decay.
-    Cc_in = Cc if from_start is None else Cc * from_start
-    Y = torch.baddbmm(Y, Cc_in.reshape(b * c * g, Q, n), V.reshape(b * c * g, n, r * p))
+    Y = torch.baddbmm(Y, C_in.reshape(b * c * g, Q, n), V.reshape(b * c * g, n, r * p))
     y = Y.view(b, c, g, Q, r, p).transpose(2, 3) * out_scale.view(b, c, Q, g, r, 1)
     return y.reshape(b, c * Q, h, p), T_last
 
 
-def factored_block_(x, B, C, x_scale, out_scale, w, T, doc, D, z, work, out):
-    """One block of ssd_factored without autograd: writes y, epilogue included, into `out` and returns the
-    carried T after its last chunk (in the workspace). factored_block's ops into `work` buffers, updated in place:
-    the carried states of each batch row are one buffer, slot k + 1 right after slot k (pass_states_), which its
-    GEMMs write and read directly."""
+def factored_block_(x, x_scale, out_scale, w, carry, scores, B_end, C_in, D, gate, work, slots, out):
+    """One block of ssd_factored without autograd: factored_block's ops into `work` buffers, updated in place.
+    slots (b, c + 1, g, n, r * p) holds the incoming T in slot 0, and in slot c afterwards the T carried out of the
+    block's last chunk; y, epilogue (D, then the gate silu(z)) included, is written into `out`."""
     b, _, h, p = x.shape
-    g, n = B.shape[2:]
+    _, c, g, Q, n = B_end.shape
     r = h // g
-    _, c, Q, _ = x_scale.shape
     f = x_scale.dtype
-    keep, to_end, from_start, same_doc = document_masks(doc, c, Q)
     if x.dtype != f:  # one vectorized cast; mixed-dtype elementwise ops are about 2x slower
         x = scratch(work, "x", x.shape, x_scale).copy_(x)
     x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
     X = torch.mul(x, x_scale.view(b, c, Q, g, r, 1).transpose(2, 3), out=scratch(work, "X", x.shape, x_scale))
     X = X.view(b * c * g, Q, r * p)
-    Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
     # 1. Within each chunk.
-    scores = (Cc @ Bc.mT).masked_fill_(~keep, 0).view(b * c * g, Q, Q)
+    scores = scores.reshape(b * c * g, Q, Q)
     Y = scratch(work, "Y", (b * c * g, Q, r * p), x_scale)
     if D is None:
         torch.bmm(scores, X, out=Y)
     else:
         skip_start(x, out_scale, D, out=Y.view(b, c, g, Q, r, p)).view_as(Y).baddbmm_(scores, X)
-    # 2. Per batch row, the chunk contributions go to slots 1..c, the incoming T to slot 0.
-    slots = scratch(work, "states", (b, c + 1, g, n, r * p), x_scale)
-    slots[:, 0].view(b, g, n, r, p).copy_(T)
-    Bc_end = Bc if to_end is None else Bc * to_end
+    # 2. Per batch row, the chunk contributions go to slots 1..c.
     for i in range(b):
-        torch.matmul(Bc_end[i].mT, X.view(b, c, g, Q, r * p)[i], out=slots[i, 1:])
+        torch.matmul(B_end[i].mT, X.view(b, c, g, Q, r * p)[i], out=slots[i, 1:])
     # 3. Carry T: slot k becomes T_k, then chunk k reads w_k T_k.
-    carry = w if same_doc is None else w * same_doc
     pass_states_(slots.view(b, c + 1, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1))
-    T = scratch(work, "T", (b, g, n, r, p), x_scale).copy_(slots[:, c].view(b, g, n, r, p))
     slots[:, :c].view(b, c, g, n, r, p).mul_(w.view(b, c, g, 1, r, 1))
     # 4. Every position reads its chunk's incoming state; then the output-side decay and the gate.
-    Cc_in = Cc if from_start is None else Cc * from_start
     Y = Y.view(b, c * g, Q, r * p)
     for i in range(b):
-        Y[i].baddbmm_(Cc_in[i].reshape(c * g, Q, n), slots[i, :c].view(c * g, n, r * p))
-    direct = out.dtype == f and out.shape[1] == c * Q and z is None
+        Y[i].baddbmm_(C_in[i].reshape(c * g, Q, n), slots[i, :c].view(c * g, n, r * p))
+    direct = out.dtype == f and out.shape[1] == c * Q and gate is None
     y = out if direct else scratch(work, "y", (b, c * Q, h, p), x_scale)
     torch.mul(Y.view(b, c, g, Q, r, p).transpose(2, 3), out_scale.view(b, c, Q, g, r, 1), out=y.view(b, c, Q, g, r, p))
     if not direct:
         y = y[:, :out.shape[1]]
-        out.copy_(y if z is None else y.mul_(F.silu(z.to(f))))
-    return T
+        out.copy_(y if gate is None else y.mul_(gate))
 
 
 def ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size):

@@ -211,16 +211,37 @@ def test_ssd_factored_at_steep_decays(grad):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_ssd_no_grad_in_place_equals_autograd(dtype):
+@pytest.mark.parametrize("shape", [(12, 2, 150, 2, 3, 4, 4, "h"), (37, 3, 150, 1, 3, 4, 2, "hp")])
+def test_ssd_no_grad_in_place_equals_autograd(dtype, shape):
     """Without autograd the factored path goes in blocks with reused buffers, updated in place: the same ops in the
-    same order as the autograd path, so the same bits (what a model computes in training it computes in eval)."""
-    inputs, options = ssd_inputs(12, 2, 150, 2, 3, 4, 4, "h", True, True, 4, True)  # 19 chunks: 3 blocks
+    same order as the autograd path, so the same bits (what a model computes in training it computes in eval).
+    Both shapes have 3 blocks (chunk 8) and a gate z; in the second a position's h * p = 12 values are not a whole
+    number of SIMD vectors, where silu computed block by block would differ in the last bit."""
+    inputs, options = ssd_inputs(*shape, True, True, 4, True)
     args = cast({**inputs, **options}, dtype)
     with torch.no_grad():
         y0, s0 = ssd_chunked(**args, chunk_size=8, return_final_states=True)
     x = args["x"].clone().requires_grad_(True)
     y1, s1 = ssd_chunked(**{**args, "x": x}, chunk_size=8, return_final_states=True)
     assert torch.equal(y0, y1.detach()) and torch.equal(s0, s1.detach())
+
+
+def test_ssd_documents_at_block_and_chunk_boundaries():
+    """Documents that start exactly where a block of the no-grad path starts (position 64 at chunk 8), where a chunk
+    starts and inside a chunk: the state is reset there, with and without autograd, against the float64 loop."""
+    inputs, options = ssd_inputs(15, 2, 150, 2, 3, 4, 4, "h", True, True, 1, True)
+    seq_idx = torch.zeros(2, 150, dtype=torch.int32)
+    for row, cuts in enumerate(([64, 128], [8, 64, 101])):
+        for cut in cuts:
+            seq_idx[row, cut:] += 1
+    args = {**inputs, **options, "seq_idx": seq_idx}
+    y_ref, s_ref = ssd_naive(**args, return_final_states=True)
+    with torch.no_grad():
+        y, s = ssd_chunked(**args, chunk_size=8, return_final_states=True)
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(s, s_ref) <= 1e-12
+    x = args["x"].clone().requires_grad_(True)
+    y_grad, s_grad = ssd_chunked(**{**args, "x": x}, chunk_size=8, return_final_states=True)
+    assert torch.equal(y, y_grad.detach()) and torch.equal(s, s_grad.detach())
 
 
 def test_ssd_workspace_reuse_keeps_results_apart():
