@@ -331,14 +331,14 @@ def factored_block_(x, x_scale, out_scale, w, carry, scores, B_end, C_in, D, gat
     _, c, g, Q, n = B_end.shape
     r = h // g
     f = x_scale.dtype
-    if x.dtype != f:  # one vectorized cast; mixed-dtype elementwise ops are about 2x slower
-        x = scratch(work, "x", x.shape, x_scale).copy_(x)
+    Y = scratch(work, "Y", (b * c * g, Q, r * p), x_scale)
     x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
+    if x.dtype != f:  # one vectorized cast (mixed-dtype elementwise ops are about 2x slower), into Y, where D x
+        x = Y.view(b, c, g, Q, r, p).copy_(x)  # then replaces it in place
     X = torch.mul(x, x_scale.view(b, c, Q, g, r, 1).transpose(2, 3), out=scratch(work, "X", x.shape, x_scale))
     X = X.view(b * c * g, Q, r * p)
     # 1. Within each chunk.
     scores = scores.reshape(b * c * g, Q, Q)
-    Y = scratch(work, "Y", (b * c * g, Q, r * p), x_scale)
     if D is None:
         torch.bmm(scores, X, out=Y)
     else:
@@ -353,12 +353,13 @@ def factored_block_(x, x_scale, out_scale, w, carry, scores, B_end, C_in, D, gat
     Y = Y.view(b, c * g, Q, r * p)
     for i in range(b):
         Y[i].baddbmm_(C_in[i].reshape(c * g, Q, n), slots[i, :c].view(c * g, n, r * p))
-    direct = out.dtype == f and out.shape[1] == c * Q and gate is None
-    y = out if direct else scratch(work, "y", (b, c * Q, h, p), x_scale)
-    torch.mul(Y.view(b, c, g, Q, r, p).transpose(2, 3), out_scale.view(b, c, Q, g, r, 1), out=y.view(b, c, Q, g, r, p))
-    if not direct:
-        y = y[:, :out.shape[1]]
-        out.copy_(y if gate is None else y.mul_(gate))
+    Y = Y.view(b, c, g, Q, r, p).transpose(2, 3)  # (b, c, Q, g, r, p), y's layout
+    if out.dtype == f and out.shape[1] == c * Q and gate is None:
+        torch.mul(Y, out_scale.view(b, c, Q, g, r, 1), out=out.view(b, c, Q, g, r, p))
+        return
+    # In place in Y while it is in cache, then one cast into y
+    y = Y.mul_(out_scale.view(b, c, Q, g, r, 1)).reshape(b, c * Q, h, p)[:, :out.shape[1]]
+    out.copy_(y if gate is None else y.mul_(gate))
 
 
 def ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size):
