@@ -5,23 +5,24 @@ Mamba-2 (SSD) scan: our chunked PyTorch path vs transformers' own pure-torch fal
 vs the sequential reference loop. Mamba-1 selective scan: our PyTorch path vs mambapy's parallel scan
 (`mambapy.mamba.MambaBlock.selective_scan`) vs the loop.
 
-For each row: wall time (best of --reps), effective GFLOP/s, the ratio to the matmul-bound floor, the peak
-memory the call adds on top of its inputs, and time / memory ratios against ours. GFLOP/s use one FLOP count
-per problem for every variant (so they compare like speeds): for SSD the matmul work of the chunked algorithm
-at our chunk size Q, 2 b L (Q g n + Q h p + 2 h p n) forward and 3x that forward+backward; the floor is that
-count at this machine's fp32 matmul rate, re-measured before each block of rows (the load on a shared machine
-drifts). For the Mamba-1 scan (elementwise work, no matmuls) it is
-6 b L d n per forward. "fwd" runs under no_grad; "fwd+bwd" backpropagates a random output gradient into every
-input. bf16 inputs are computed in fp32 inside every variant.
+For each row: time (the best of at least --reps calls and at least one second of calls), effective GFLOP/s, the
+ratio to the matmul-bound floor, the peak memory the call adds on top of its inputs, and time / memory ratios
+against ours. GFLOP/s use one FLOP count per problem for every variant (so they compare like speeds): for SSD the
+matmul work of the chunked algorithm at our chunk size Q, 2 b L (Q g n + Q h p + 2 h p n) forward and 3x that
+forward+backward; the floor is that count at this machine's fp32 matmul rate, measured right before and right
+after each variant's timed calls, the faster of the two (this shared VM moves between a slow and a fast state,
+sometimes within seconds). For the Mamba-1 scan (elementwise work, no matmuls) it is 6 b L d n per forward. "fwd"
+runs under no_grad; "fwd+bwd" backpropagates a random output gradient into every input. bf16 inputs are computed
+in fp32 inside every variant.
 
 Peak memory comes from one extra call per row, made with glibc's mmap threshold fixed at 128 KiB and the heap's
 free memory returned to the OS first (malloc_trim): every larger tensor is then its own mapping, returned to the
 OS when freed, so VmHWM (reset through /proc/self/clear_refs) minus the resident size before the call is the
-call's peak. The timed calls run with the threshold at 32 MiB and
-the trim threshold at 64 MiB, where glibc's own dynamic thresholds settle in a loop that frees and reallocates
-tensors (a training step): freed memory below 32 MiB is reused without page faults, larger tensors are mapped
-afresh each time. They run back to back, as timeit's do (a garbage collection before each call would evict the
-caches, which costs a small call about as much as its floor). Every variant runs with PyTorch's transparent huge pages for large CPU tensors
+call's peak. The timed calls run with the threshold at 32 MiB and the trim threshold at 64 MiB, where glibc's own
+dynamic thresholds settle in a loop that frees and reallocates tensors (a training step): freed memory below
+32 MiB is reused without page faults, larger tensors are mapped afresh each time. They run back to back, as
+timeit's do (a garbage collection before each call would evict the caches, which costs a small call about as much
+as its floor). Every variant runs with PyTorch's transparent huge pages for large CPU tensors
 (THP_MEM_ALLOC_ENABLE=1, which importing distill sets, as it does for training).
 
     python scripts/bench_kernels.py            # the full table (several minutes on 2 cores)
@@ -62,6 +63,7 @@ def clock():
 
 
 LIBC = ctypes.CDLL(None)
+MIN_TIMED_SECONDS = 1.0
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
@@ -72,7 +74,8 @@ def malloc_thresholds(mmap_bytes, trim_bytes):
 
 
 def measure(fn, reps):
-    """(best seconds, peak extra bytes) of fn(): one call for memory, then `reps` timed calls (see the docstring)."""
+    """(best seconds, peak extra bytes, matmul FLOP/s) of fn(): one call for memory, then `reps` timed calls between
+    two measurements of the matmul rate (see the docstring)."""
     malloc_thresholds(128 << 10, 128 << 10)
     gc.collect()
     LIBC.malloc_trim(0)  # free heap memory left resident by earlier calls would hide part of this call's peak
@@ -84,12 +87,16 @@ def measure(fn, reps):
     once = clock() - start
     peak = memory_status()["VmHWM"] - before
     malloc_thresholds(32 << 20, 64 << 20)
-    best = float("inf")
-    for _ in range(reps if once < 20 else 1):  # one timed run is enough for the slowest rows
+    rate = matmul_rate(reps=3)
+    best, spent, calls = float("inf"), 0.0, 0
+    # At least `reps` calls and MIN_TIMED_SECONDS of them, so a fast row's best is not from one slow moment of
+    # the VM; one call for the slowest rows.
+    while calls < (reps if once < 20 else 1) or spent < MIN_TIMED_SECONDS:
         start = clock()
         fn()
-        best = min(best, clock() - start)
-    return best, peak
+        elapsed = clock() - start
+        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
+    return best, peak, max(rate, matmul_rate(reps=3))
 
 
 def matmul_rate(size=1024, reps=5):
@@ -168,13 +175,12 @@ def bench_mamba2(args, rows):
                     for L in args.lengths:
                         inputs = ssd_inputs(b, L, args.heads, args.headdim, n, DTYPES[dtype_name])
                         flops = ssd_flops(b, L, args.heads, args.headdim, n, args.chunk) * (3 if backward else 1)
-                        rate = matmul_rate()  # re-measured per row block: the machine's load drifts
                         results = {}
                         for name, fn in variants.items():
                             if name == "naive loop" and L > args.naive_max_len:
                                 continue
                             results[name] = run_case(fn, inputs, backward, args.reps)
-                        add_rows(rows, "mamba2", dtype_name, backward, b, L, n, results, flops, rate)
+                        add_rows(rows, "mamba2", dtype_name, backward, b, L, n, results, flops)
                         print_row_block(rows[-len(results):])
 
 
@@ -212,7 +218,6 @@ def bench_mamba1(args, rows):
                         "D": torch.randn(d),
                     }
                     flops = 6 * b * L * d * n * (3 if backward else 1)
-                    rate = matmul_rate()
                     results = {}
                     for name, fn in variants.items():
                         if name == "naive loop" and L > args.naive_max_len:
@@ -220,7 +225,7 @@ def bench_mamba1(args, rows):
                         if name == "mambapy pscan" and dtype != torch.float32:
                             continue  # mambapy computes in the input dtype; a bf16 scan is not comparable
                         results[name] = run_case(fn, inputs, backward, args.reps)
-                    add_rows(rows, "mamba1", dtype_name, backward, b, L, n, results, flops, rate)
+                    add_rows(rows, "mamba1", dtype_name, backward, b, L, n, results, flops)
                     print_row_block(rows[-len(results):])
 
 
@@ -231,9 +236,9 @@ HEADER = ("| scan | dtype | mode | b | L | n | variant | ms | GFLOP/s | matmul G
           "| time / ours | memory / ours |")
 
 
-def add_rows(rows, op, dtype, backward, b, L, n, results, flops, rate):
-    ours_time, ours_mem = results["ours (torch)"]
-    for name, (seconds, peak) in results.items():
+def add_rows(rows, op, dtype, backward, b, L, n, results, flops):
+    ours_time, ours_mem, _ = results["ours (torch)"]
+    for name, (seconds, peak, rate) in results.items():
         rows.append(
             f"| {op} | {dtype} | {'fwd+bwd' if backward else 'fwd'} | {b} | {L} | {n} | {name} | {seconds * 1e3:.1f} "
             f"| {flops / seconds / 1e9:.1f} | {rate / 1e9:.0f} | {seconds / (flops / rate):.1f} | {peak / 2**20:.0f} "
@@ -246,7 +251,7 @@ def print_row_block(block):
         print(row, flush=True)
 
 
-def tune(args, rate):
+def tune(args):
     b, L = args.batch[-1], args.lengths[-1]
     n = args.dstate[0]
     inputs = ssd_inputs(b, L, args.heads, args.headdim, n, torch.float32)
@@ -255,8 +260,8 @@ def tune(args, rate):
     print("|---|---|---|---|")
     for chunk in args.tune_chunks:
         fn = functools.partial(ssd_chunked, chunk_size=chunk, dt_softplus=True)
-        fwd, _ = run_case(fn, inputs, False, args.reps)
-        fwd_bwd, _ = run_case(fn, inputs, True, args.reps)
+        fwd, _, rate = run_case(fn, inputs, False, args.reps)
+        fwd_bwd, _, _ = run_case(fn, inputs, True, args.reps)
         floor = ssd_flops(b, L, args.heads, args.headdim, n, chunk) / rate
         print(f"| {chunk} | {fwd * 1e3:.1f} | {fwd_bwd * 1e3:.1f} | {fwd / floor:.1f} |", flush=True)
 
@@ -293,10 +298,10 @@ def main():
         torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our chunk size {args.chunk}; "
-          "matmul GFLOP/s = best fp32 1024^3 GEMM, measured before each block of rows; "
+          "matmul GFLOP/s = best fp32 1024^3 GEMM, measured right before and after each variant's timed calls, the faster; "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by importing distill)")
     if args.tune:
-        tune(args, matmul_rate())
+        tune(args)
         return
     rows = []
     print(HEADER)
