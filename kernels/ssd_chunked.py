@@ -215,7 +215,8 @@ def ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace):
     x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
     scores, B_end, C_in, same_doc = chunk_operands(B, C, doc, c, Q)
     carry = w if same_doc is None else w * same_doc
-    T = None if state is None else state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)  # (b, g, n, r, p), the GEMMs' layout
+    # (b, g, n, r, p): the layout of the GEMMs
+    T = None if state is None else state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
     if not inplace:
         T = x_scale.new_zeros(b, g, n, r, p) if T is None else T
         y, T = factored_block(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T, D)

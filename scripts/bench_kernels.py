@@ -298,7 +298,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our chunk size {args.chunk}; "
-          "matmul GFLOP/s = best fp32 1024^3 GEMM, measured right before and after each variant's timed calls, the faster; "
+          "matmul GFLOP/s = best fp32 1024^3 GEMM, right before and after each variant's timed calls, the faster; "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by importing distill)")
     if args.tune:
         tune(args)
