@@ -193,7 +193,7 @@ def carried(state, doc, start):
     exactly there (it must not see the previous document's state)."""
     if doc is None or not start:
         return state
-    return state * (doc[:, start] == doc[:, start - 1]).to(state.dtype).view(-1, *[1] * (state.dim() - 1))
+    return state * (doc[:, start] == doc[:, start - 1]).to(state.dtype)[:, None, None, None]
 
 
 def ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace):
@@ -217,35 +217,34 @@ def ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace):
     carry = w if same_doc is None else w * same_doc
     # (b, g, n, r, p): the layout of the GEMMs
     T = None if state is None else state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
+    u_last = u_last.view(b, g, 1, r, 1)
     if not inplace:
         T = x_scale.new_zeros(b, g, n, r, p) if T is None else T
         y, T = factored_block(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T, D)
         y = skip_and_gate(y[:, :l], x, None, z).to(x.dtype)
-    else:
-        work = _workspace.__dict__
-        # The carried states of each batch row are one buffer, slot k + 1 right after slot k (pass_states_): slot 0
-        # holds the T coming into a block, copied there from the previous block's last slot.
-        slots = scratch(work, "states", (b, min(c, BLOCK_CHUNKS) + 1, g, n, r * p), x_scale)
-        if T is None:
-            slots[:, 0].zero_()
-        else:
-            slots[:, 0].view(b, g, n, r, p).copy_(T)
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        # silu of the whole z as in skip_and_gate: silu's vectorized and scalar tails differ in the last bit
-        gate = None if z is None else F.silu(z.to(x_scale.dtype))
-        for k in range(0, c, BLOCK_CHUNKS):
-            m = min(BLOCK_CHUNKS, c - k)
-            if k:
-                slots[:, 0].copy_(slots[:, BLOCK_CHUNKS])
-            rows, chunks = slice(k * Q, (k + m) * Q), slice(k, k + m)
-            factored_block_(x[:, rows], x_scale[:, chunks], out_scale[:, chunks], w[:, chunks], carry[:, chunks],
-                            scores[:, chunks], B_end[:, chunks], C_in[:, chunks], D,
-                            None if gate is None else gate[:, rows], work, slots[:, :m + 1], y[:, rows])
-        T = slots[:, m].view(b, g, n, r, p)
-    u_last = u_last.view(b, g, 1, r, 1)
-    if not inplace:
         return y, (T * u_last).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+
+    work = _workspace.__dict__
+    # The carried states of each batch row are one buffer, slot k + 1 right after slot k (pass_states_): slot 0
+    # holds the T coming into a block, copied there from the previous block's last slot.
+    slots = scratch(work, "states", (b, min(c, BLOCK_CHUNKS) + 1, g, n, r * p), x_scale)
+    if T is None:
+        slots[:, 0].zero_()
+    else:
+        slots[:, 0].view(b, g, n, r, p).copy_(T)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # silu of the whole z as in skip_and_gate: silu's vectorized and scalar tails differ in the last bit
+    gate = None if z is None else F.silu(z.to(x_scale.dtype))
+    for k in range(0, c, BLOCK_CHUNKS):
+        m = min(BLOCK_CHUNKS, c - k)
+        if k:
+            slots[:, 0].copy_(slots[:, BLOCK_CHUNKS])
+        rows, chunks = slice(k * Q, (k + m) * Q), slice(k, k + m)
+        factored_block_(x[:, rows], x_scale[:, chunks], out_scale[:, chunks], w[:, chunks], carry[:, chunks],
+                        scores[:, chunks], B_end[:, chunks], C_in[:, chunks], D,
+                        None if gate is None else gate[:, rows], work, slots[:, :m + 1], y[:, rows])
     final = torch.empty(b, h, p, n, dtype=x_scale.dtype, device=x.device)
+    T = slots[:, m].view(b, g, n, r, p)
     torch.mul(T, u_last, out=final.view(b, g, r, p, n).permute(0, 1, 4, 2, 3))  # the transpose written once
     return y, final
 

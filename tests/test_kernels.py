@@ -137,14 +137,19 @@ def test_ssd_seq_idx_equals_separate_documents():
 
 
 def test_ssd_documents_starting_at_block_boundaries():
-    """chunk 4 -> blocks of 32 positions: documents that start exactly at a block or chunk edge reset exactly."""
+    """chunk 4 -> blocks of 32 positions: documents that start exactly at a block or chunk edge, or inside a chunk,
+    reset exactly, in the no-grad blocks and, to the bit, under autograd."""
     inputs, options = ssd_inputs(4, 2, 70, 1, 2, 3, 4, "h", True, True, 1, False)
     seq_idx = torch.zeros(2, 70, dtype=torch.int32)
     seq_idx[0, 32:], seq_idx[0, 64:] = 1, 2
-    seq_idx[1, 36:] = 1
+    seq_idx[1, 36:], seq_idx[1, 50:] = 1, 2
     y, s = ssd_chunked(**inputs, **options, seq_idx=seq_idx, chunk_size=4, return_final_states=True)
     y_ref, s_ref = ssd_naive(**inputs, **options, seq_idx=seq_idx, return_final_states=True)
     assert rel_err(y, y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+    x = inputs["x"].clone().requires_grad_(True)
+    y_grad, s_grad = ssd_chunked(**{**inputs, "x": x}, **options, seq_idx=seq_idx, chunk_size=4,
+                                 return_final_states=True)
+    assert torch.equal(y, y_grad.detach()) and torch.equal(s, s_grad.detach())
 
 
 PATHS = {"factored": ([0.05] * 4, ["ssd_factored"]), "pairwise": ([3.0] * 4, ["ssd_pairwise"]),
@@ -224,24 +229,6 @@ def test_ssd_no_grad_in_place_equals_autograd(dtype, shape):
     x = args["x"].clone().requires_grad_(True)
     y1, s1 = ssd_chunked(**{**args, "x": x}, chunk_size=8, return_final_states=True)
     assert torch.equal(y0, y1.detach()) and torch.equal(s0, s1.detach())
-
-
-def test_ssd_documents_at_block_and_chunk_boundaries():
-    """Documents that start exactly where a block of the no-grad path starts (position 64 at chunk 8), where a chunk
-    starts and inside a chunk: the state is reset there, with and without autograd, against the float64 loop."""
-    inputs, options = ssd_inputs(15, 2, 150, 2, 3, 4, 4, "h", True, True, 1, True)
-    seq_idx = torch.zeros(2, 150, dtype=torch.int32)
-    for row, cuts in enumerate(([64, 128], [8, 64, 101])):
-        for cut in cuts:
-            seq_idx[row, cut:] += 1
-    args = {**inputs, **options, "seq_idx": seq_idx}
-    y_ref, s_ref = ssd_naive(**args, return_final_states=True)
-    with torch.no_grad():
-        y, s = ssd_chunked(**args, chunk_size=8, return_final_states=True)
-    assert rel_err(y, y_ref) <= 1e-12 and rel_err(s, s_ref) <= 1e-12
-    x = args["x"].clone().requires_grad_(True)
-    y_grad, s_grad = ssd_chunked(**{**args, "x": x}, chunk_size=8, return_final_states=True)
-    assert torch.equal(y, y_grad.detach()) and torch.equal(s, s_grad.detach())
 
 
 def test_ssd_workspace_reuse_keeps_results_apart():
