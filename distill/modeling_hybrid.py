@@ -82,8 +82,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_hybrid import HybridConfig
 
 try:
-    from distill import kernels as _kernels
-    from distill.kernels import (
+    from distill.kernels import dispatch as _dispatch
+    from distill.kernels.dispatch import (
         causal_conv1d_fn,
         causal_conv1d_update,
         mamba_chunk_scan_combined,
@@ -92,7 +92,7 @@ try:
         selective_state_update,
     )
 
-    KERNELS_DIR = Path(_kernels.__file__).parent
+    KERNELS_DIR = Path(_dispatch.__file__).parent
 except ImportError:  # remote code: the kernels' files were copied next to this one
     from .dispatch import (
         causal_conv1d_fn,
@@ -541,8 +541,13 @@ class HybridModel(HybridPreTrainedModel):
 
         has_attention = "full_attention" in self.config.layer_types
         if position_ids is None:
-            # Only attention layers count cached tokens; positions matter to nothing else.
-            past_seen_tokens = cache.get_seq_length() if cache is not None and has_attention else 0
+            # Only attention layers count cached tokens; positions matter to nothing else. Ask an attention layer:
+            # a Mamba layer's cache counts the conv windows it was given (transformers >= 5.25), not tokens.
+            past_seen_tokens = (
+                cache.get_seq_length(self.config.layer_types.index("full_attention"))
+                if cache is not None and has_attention
+                else 0
+            )
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 

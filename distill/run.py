@@ -77,7 +77,7 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     import torch
 
     from distill.data import build_datasets, check_source
-    from distill.eval import evaluate
+    from distill.eval.evaluation import evaluate
     from distill.export import export
     from distill.init import hybrid_from_teacher
     from distill.stages import StageContext, run_stage

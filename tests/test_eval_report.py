@@ -7,7 +7,8 @@ import torch
 from datasets import Dataset
 from test_eval_lm_eval import save_tiny_checkpoint
 
-from distill.eval import evaluate, markdown_table
+from distill.eval.evaluation import evaluate
+from distill.eval.report import markdown_table
 from distill.recipe import EvalConfig, StudentConfig, recipe_from_dict
 
 TEXT = "Mamba layers keep a fixed-size state, so decoding does not slow down as the context grows. " * 6

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distill import kernels
+from distill.kernels import dispatch as kernels
 from distill.kernels.conv1d import causal_conv1d_naive, causal_conv1d_torch
 from distill.kernels.rmsnorm import rmsnorm_torch
 from distill.kernels.selective_scan import selective_scan_torch

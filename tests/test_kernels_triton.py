@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distill import kernels
+from distill.kernels import dispatch as kernels
 from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_naive import ssd_naive
 from distill.kernels.state_update import selective_state_update_torch
