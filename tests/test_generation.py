@@ -13,6 +13,7 @@ LAYOUTS = {
     "mamba2": ["mamba2", "mamba2"],
     "mamba1": ["mamba1", "mamba1"],
     "mixed": ["attention", "mamba2", "mamba1", "mamba2"],
+    "mamba-first": ["mamba2", "attention", "mamba1", "attention"],  # positions must not come from layer 0's cache
 }
 
 
@@ -29,16 +30,18 @@ def test_token_by_token_decoding_equals_the_parallel_forward(layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_prefill_then_chunk_then_steps(layout):
-    """A prompt, a multi-token continuation from the cache, then single steps: all equal the parallel pass."""
+    """A prompt, a multi-token continuation from the cache, then single steps: all equal the parallel pass.
+
+    No position_ids are passed: the model derives them from the cache, as generate() relies on."""
     model = random_model(LAYOUTS[layout])
     ids = torch.randint(0, 128, (2, 14))
     with torch.no_grad():
         parallel = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
         parts = [model(ids[:, :5], cache=cache).logits]
-        parts.append(model(ids[:, 5:11], cache=cache, position_ids=torch.arange(5, 11)[None]).logits)
+        parts.append(model(ids[:, 5:11], cache=cache).logits)
         for t in range(11, 14):
-            parts.append(model(ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([[t]])).logits)
+            parts.append(model(ids[:, t : t + 1], cache=cache).logits)
     assert (torch.cat(parts, dim=1) - parallel).abs().max() <= 1e-4
 
 
