@@ -189,18 +189,33 @@ def distill_kl(
     return total / mask.sum().clamp(min=1)
 
 
-def alignment_mse(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False, reduction="mean"
-) -> torch.Tensor:
-    """Per-token mean squared error between hidden states, in fp32, summed or averaged over `mask` tokens.
+ALIGNMENT_OBJECTIVES = ("mse", "token_normalized_mse", "layer_normalized_mse", "l2")
 
-    normalize divides each token's error by the target's mean square, so layers whose outputs have very
-    different scales weigh alike.
+
+def alignment_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, objective: str = "mse", reduction="mean"
+) -> torch.Tensor:
+    """Per-token alignment error between hidden states, in fp32, summed or averaged over `mask` tokens.
+
+    - `mse`: the mean over channels of the squared error;
+    - `token_normalized_mse`: that divided by the target token's mean square;
+    - `layer_normalized_mse`: that divided by the target's mean square over the batch's tokens (a constant
+      per layer and batch), so layers whose outputs have very different scales weigh alike;
+    - `l2`: the L2 norm of the error (not squared; MOHAWK's and RADLADS' choice), so tokens with large errors
+      weigh less than under the squared error.
     """
+    if objective not in ALIGNMENT_OBJECTIVES:
+        raise ValueError(f"alignment objective {objective!r}: use one of {', '.join(ALIGNMENT_OBJECTIVES)}")
     mask = mask.bool()
     pred, target = pred[mask].float(), target[mask].float()
-    per_token = (pred - target).pow(2).mean(-1)
-    if normalize:
+    error = pred - target
+    if objective == "l2":
+        per_token = error.pow(2).sum(-1).sqrt()
+    else:
+        per_token = error.pow(2).mean(-1)
+    if objective == "token_normalized_mse":
         per_token = per_token / target.pow(2).mean(-1).clamp(min=1e-6)
+    elif objective == "layer_normalized_mse":
+        per_token = per_token / target.pow(2).mean().clamp(min=1e-6)
     total = per_token.sum()
     return total if reduction == "sum" else total / mask.sum().clamp(min=1)

@@ -66,7 +66,9 @@ class StudentConfig(_Section):
     """Which layers keep attention, which mixer replaces the others, and how the mixers start."""
 
     mixer: Literal["mamba2", "mamba1"] = "mamba2"
-    attention_layers: list[Annotated[int, Field(ge=0)]] | None = None
+    # a list, or "auto": the round(attention_fraction * layers) layers whose swap for an aligned mixer hurts the
+    # teacher most (see the recipe's `selection`); the resolved recipe.yaml records the chosen list
+    attention_layers: list[Annotated[int, Field(ge=0)]] | Literal["auto"] | None = None
     attention_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     init: Literal["attention", "random"] = "attention"
     norm_init: Literal["ones", "rms_ratio"] = "ones"
@@ -79,14 +81,16 @@ class StudentConfig(_Section):
     A_init_range: tuple[float, float] = (1.0, 16.0)
     mamba1_d_state: int | None = Field(default=None, ge=1)  # None: the teacher's head_dim
     mamba1_dt_rank: int | None = Field(default=None, ge=1)  # None: ceil(hidden / 16)
+    bc_norm: bool = True  # Qwen3 teachers: per-head RMSNorm on B and C from k_norm / q_norm (others: no effect)
 
     @model_validator(mode="after")
     def _check(self) -> StudentConfig:
-        if self.attention_layers is not None and self.attention_fraction is not None:
+        auto = self.attention_layers == "auto"
+        if self.attention_layers is not None and not auto and self.attention_fraction is not None:
             raise ValueError("set either attention_layers or attention_fraction, not both")
-        if self.attention_layers is None and self.attention_fraction is None:
+        if (self.attention_layers is None or auto) and self.attention_fraction is None:
             self.attention_fraction = 0.5
-        if self.attention_layers is not None and len(set(self.attention_layers)) != len(self.attention_layers):
+        if isinstance(self.attention_layers, list) and len(set(self.attention_layers)) != len(self.attention_layers):
             raise ValueError(f"attention_layers has duplicates: {self.attention_layers}")
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
@@ -139,7 +143,13 @@ class LayerwiseStage(_StageBase):
 
     name: Literal["layerwise"]
     target: Literal["mixer_output", "block_output"] = "mixer_output"
-    normalize: bool = False  # divide the per-token MSE by the target's per-token mean square
+    # the per-layer error (distill.losses.alignment_loss): mse, token_normalized_mse, layer_normalized_mse, l2
+    objective: Literal["mse", "token_normalized_mse", "layer_normalized_mse", "l2"] = "mse"
+    # online: a teacher forward per step; cached: the teacher's activations for max_tokens / cache_epochs
+    # tokens of rows are captured once (bf16, in memory) and trained on for cache_epochs epochs
+    activations: Literal["online", "cached"] = "online"
+    cache_epochs: int = Field(default=4, ge=1)
+    cache_max_gb: float = Field(default=8.0, gt=0)  # refuse to start when the captured activations would not fit
 
 
 class StepwiseStage(_StageBase, _KLOptions):
@@ -162,9 +172,27 @@ class EndToEndStage(_StageBase, _KLOptions):
 
     name: Literal["end_to_end"]
     trainable: Literal["mixers", "all", "lora"] = "mixers"
+    mixer_lr: float | None = Field(default=None, gt=0)  # the Mamba mixers' lr when other weights train too; None: lr
     lora: LoraOptions = LoraOptions()
     teacher_logits: Literal["online", "topk"] = "online"
     topk: int = Field(default=64, ge=1)
+
+
+class AlignConfig(LayerwiseStage):
+    """The alignment of every layer's mixer that layer selection scores (a layerwise stage's settings)."""
+
+    name: Literal["layerwise"] = "layerwise"
+    max_tokens: TokenCount = 100_000
+
+
+class SelectionConfig(_Section):
+    """Align once, assemble later: a Mamba mixer is aligned for every layer (cached; see distill.selection),
+    the student's mixers start from them, and `student.attention_layers: auto` keeps attention where swapping
+    the teacher's attention for its aligned mixer raises the held-out KL most."""
+
+    align: AlignConfig = AlignConfig()
+    score_rows: int = Field(default=8, ge=1)  # held-out rows on which each single-layer swap is scored
+    cache_dir: str | None = None  # where aligned mixers are kept; None: $MAMBA_DISTILL_CACHE/aligned
 
 
 Stage = Annotated[LayerwiseStage | StepwiseStage | EndToEndStage, Field(discriminator="name")]
@@ -223,6 +251,7 @@ class Recipe(_Section):
     student: StudentConfig = StudentConfig()
     data: DataConfig = DataConfig()
     stages: list[Stage]
+    selection: SelectionConfig | None = None
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     output_dir: str = "outputs/run"
@@ -234,11 +263,14 @@ class Recipe(_Section):
     def _check(self) -> Recipe:
         if not self.stages:
             raise ValueError("stages is empty; list at least one stage, e.g. [{name: end_to_end, max_tokens: 1e5}]")
+        if self.student.attention_layers == "auto" and self.selection is None:
+            self.selection = SelectionConfig()
         return self
 
     def check_against_teacher(self, num_layers: int) -> None:
         """Cross-checks that need the teacher's config; raises RecipeError."""
-        for index in self.student.attention_layers or []:
+        layers = self.student.attention_layers
+        for index in layers if isinstance(layers, list) else []:
             if index >= num_layers:
                 raise RecipeError(
                     f"student.attention_layers: layer {index} is out of range; the teacher has {num_layers} "

@@ -119,19 +119,19 @@ def batches(dataset, batch_size: int, device, limit: int | None = None):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, with no weight decay on SSM dynamics (A_log, dt_bias, D), norms and biases."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, mixer_lr: float | None = None) -> list[dict]:
+    """Trainable parameters, with no weight decay on SSM dynamics (A_log, dt_bias, D), norms and biases, and
+    with `mixer_lr` (when set) for the Mamba mixers' parameters and `lr` for every other one."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES or "norm" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    if not decay and not no_decay:
+        no_decay = param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES or "norm" in name
+        groups.setdefault((mixer_lr is not None and ".mamba." in f".{name}", no_decay), []).append(param)
+    if not groups:
         raise TrainingError("no trainable parameters: the stage froze everything; check its `trainable` setting")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": mixer_lr if mixer else lr}
+            for (mixer, no_decay), params in sorted(groups.items())]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -247,7 +247,8 @@ def train(
     plan = DataPlan(ctx.train, cfg.batch_size * cfg.grad_accum * world, seed, max_tokens)
     total_steps = len(plan.step_tokens)
 
-    optimizer = torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    groups = param_groups(objective, cfg.weight_decay, cfg.lr, getattr(cfg, "mixer_lr", None))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     # Not passed through accelerator.prepare: its wrapper would step the schedule once per process.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, round(cfg.warmup_ratio * total_steps), total_steps, min_lr_rate=cfg.min_lr_ratio

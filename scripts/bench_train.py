@@ -51,7 +51,7 @@ def run_variant(precision: str, teacher_fp32, student_cfg, batch: dict, args) ->
     teacher = teacher_fp32.to(torch.bfloat16) if bf16 else teacher_fp32
     student = hybrid_from_teacher(teacher_fp32, student_cfg, seed=0).train()
     set_trainable(student, args.trainable)
-    optimizer = torch.optim.AdamW(param_groups(student, 0.0), lr=1e-5)
+    optimizer = torch.optim.AdamW(param_groups(student, 0.0, 1e-5), lr=1e-5)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     mask = loss_positions(batch["labels"])
     if args.stage == "layerwise":

@@ -82,7 +82,7 @@ def test_teacher_capture_is_each_layers_attention_input_and_output(tiny_llama):
 def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_llama, target):
     student = tiny_hybrid(tiny_llama)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    stage = {"name": "layerwise", "max_tokens": 4000, "lr": 1e-2, "target": target, "normalize": True}
+    stage = {"name": "layerwise", "max_tokens": 4000, "lr": 1e-2, "target": target, "objective": "token_normalized_mse"}
     student, summary, _ = run(tmp_path, tiny_llama, student, stage)
     assert summary["layers"] == [0, 2]
     for i in summary["layers"]:
@@ -90,6 +90,58 @@ def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_ll
     # only the mixers trained; MLPs, norms, embeddings and the attention layers are untouched
     moved = changed(before, student.state_dict())
     assert moved and all(".mamba." in name for name in moved)
+
+
+def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_path, tiny_llama):
+    from distill.stages.layerwise import ActivationCache, LayerwiseObjective, capture_teacher
+
+    recipe = make_recipe(tmp_path, {"name": "layerwise", "max_tokens": 10, "objective": "l2"})
+    ctx = make_context(recipe, tiny_llama)
+    student = tiny_hybrid(tiny_llama)
+    objective = LayerwiseObjective(student, [0, 2], recipe.stages[0])
+    capture = capture_teacher(ctx.accelerator, tiny_llama, [0, 2], "mixer_output")
+    cache = ActivationCache(capture, num_rows=len(ctx.train), row_bytes=1, max_gb=1)
+    rows = ctx.train.with_format("torch")
+    first = {**rows[[0, 1, 2]], "row": torch.tensor([0, 1, 2])}
+    second = {**rows[[2, 5, 0]], "row": torch.tensor([2, 5, 0])}  # rows 0 and 2 come from memory now
+    with torch.no_grad():
+        cache(first)
+        for batch in (first, second):
+            online, cached = objective(batch, capture(batch)), objective(batch, cache(batch))
+            for key in online:
+                # the cache keeps bf16 copies (relative rounding 2^-9 per element); the error's relative change
+                # is then about 2^-9 * |target| / |error|, a few 1e-3 for these random mixers: allow 2e-2
+                assert float(cached[key]) == pytest.approx(float(online[key]), rel=2e-2), key
+    assert sorted(cache.rows) == [0, 1, 2, 5]
+
+
+def test_cached_activations_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_llama):
+    from distill.trainer import TrainingError
+
+    stage = {"name": "layerwise", "max_tokens": 4000, "activations": "cached", "cache_max_gb": 1e-6}
+    with pytest.raises(TrainingError, match=r"^activations: cached needs .* GiB .* raise cache_epochs[^\n]*$"):
+        run(tmp_path, tiny_llama, tiny_hybrid(tiny_llama), stage)
+
+
+def test_cached_layerwise_runs_the_teacher_once_per_row_and_trains_several_epochs(tmp_path, tiny_llama, monkeypatch):
+    from distill.stages import layerwise
+
+    captured = []
+    original = layerwise.capture_teacher
+
+    def counting(*args):
+        step = original(*args)
+        return lambda batch: captured.extend(batch["row"].tolist()) or step(batch)
+
+    monkeypatch.setattr(layerwise, "capture_teacher", counting)
+    stage = {"name": "layerwise", "max_tokens": 1200, "lr": 1e-2, "activations": "cached", "cache_epochs": 4,
+             "held_out_rows": 0}
+    _, summary, ctx = run(tmp_path, tiny_llama, tiny_hybrid(tiny_llama), stage)
+    # the cached rows hold the first 1200 / 4 tokens of a permutation (rows have at most 32), and the teacher ran
+    # once per row although the stage went over them 4 times
+    rows = layerwise.cached_rows(ctx.train, ctx.recipe.stages[0], seed=ctx.recipe.seed)
+    assert 300 <= sum(sum(mask) for mask in rows["attention_mask"]) < 300 + 32
+    assert sorted(captured) == list(range(len(rows))) and summary["tokens"] >= 1200
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -179,16 +179,30 @@ def test_no_weight_decay_on_ssm_dynamics_norms_and_biases():
             self.dt_bias, self.D = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
             self.norm = torch.nn.LayerNorm(4)
 
-    decay, no_decay = param_groups(Mixer(), 0.1)
-    names = {id(p): n for n, p in Mixer().named_parameters()}
     mixer = Mixer()
     names = {id(p): n for n, p in mixer.named_parameters()}
-    decay, no_decay = param_groups(mixer, 0.1)
+    decay, no_decay = param_groups(mixer, 0.1, lr=1e-3)
     assert [names[id(p)] for p in decay["params"]] == ["in_proj.weight"]
     assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
         ["in_proj.bias", "A_log", "dt_bias", "D", "norm.weight", "norm.bias"]
     )
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_mixer_lr_gives_the_mamba_mixers_their_own_learning_rate(tmp_path):
+    from distill.trainer import param_groups
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mamba = torch.nn.Linear(4, 4)
+            self.mlp = torch.nn.Linear(4, 4)
+
+    block = Block()
+    names = {id(p): n for n, p in block.named_parameters()}
+    lr_of = {names[id(p)]: group["lr"] for group in param_groups(block, 0.0, 1e-4, mixer_lr=1e-3) for p in group["params"]}
+    assert lr_of == {"mamba.weight": 1e-3, "mamba.bias": 1e-3, "mlp.weight": 1e-4, "mlp.bias": 1e-4}
+    assert {g["lr"] for g in param_groups(block, 0.0, 1e-4)} == {1e-4}
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):

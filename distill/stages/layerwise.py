@@ -7,17 +7,26 @@ the layers are independent and there is no student forward through the stack. On
 
 `target: block_output` instead runs the student's whole decoder block (norms, mixer, MLP, residuals) on the
 teacher block's input and matches the teacher block's output.
+
+`activations: cached` makes alignment tokens cheaper: the teacher forward (about a third of a step) runs once
+per row on max_tokens / cache_epochs tokens of rows, whose activations are kept in memory (bf16), and the
+mixers train cache_epochs epochs on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from distill.losses import alignment_mse
+from distill.losses import alignment_loss
 from distill.stages.end_to_end import model_inputs, set_trainable
 from distill.trainer import TrainingError, evaluate, finish, load_final, stage_finished, train
+
+logger = logging.getLogger(__name__)
 
 
 def mamba_layers(student) -> list[int]:
@@ -66,8 +75,53 @@ def capture_teacher(accelerator, teacher, layers: list[int], target: str):
     return step
 
 
+class ActivationCache:
+    """teacher_step for a fixed set of rows: a row's captured activations are kept (bf16, in memory) the
+    first time a batch needs it and served from memory afterwards, in the dtype the teacher produced."""
+
+    def __init__(self, capture, num_rows: int, row_bytes: int, max_gb: float):
+        need = num_rows * row_bytes / 2**30
+        if need > max_gb:
+            raise TrainingError(
+                f"activations: cached needs {need:.1f} GiB for {num_rows} rows of teacher activations but "
+                f"cache_max_gb is {max_gb:g}; raise cache_epochs, raise cache_max_gb, or use activations: online"
+            )
+        self.capture, self.rows, self.dtypes = capture, {}, {}
+
+    def __call__(self, batch: dict) -> dict:
+        rows = batch["row"].tolist()
+        first = {row: k for k, row in reversed(list(enumerate(rows)))}  # a batch may hold a row twice (epoch end)
+        todo = [k for row, k in first.items() if row not in self.rows]
+        if todo:
+            index = torch.as_tensor(todo, device=batch["input_ids"].device)
+            captured = self.capture({key: value[index] for key, value in batch.items()})
+            for part, tensors in captured.items():
+                for layer, tensor in tensors.items():
+                    self.dtypes[part, layer] = tensor.dtype
+            for k, position in enumerate(todo):
+                self.rows[rows[position]] = {
+                    part: {layer: t[k].to(torch.bfloat16, copy=True) for layer, t in tensors.items()}
+                    for part, tensors in captured.items()
+                }
+        parts = self.rows[rows[0]]
+        return {
+            part: {layer: torch.stack([self.rows[row][part][layer] for row in rows]).to(self.dtypes[part, layer])
+                   for layer in parts[part]}
+            for part in parts
+        }
+
+
+def cached_rows(train, cfg, seed: int):
+    """The training rows whose activations `activations: cached` captures: max_tokens / cache_epochs tokens of
+    rows, the first of a seeded permutation (the trainer then visits them cache_epochs times)."""
+    tokens = np.asarray(train.with_format("numpy")["attention_mask"]).sum(axis=1)
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed)).numpy()
+    count = int(np.searchsorted(np.cumsum(tokens[order]), cfg.max_tokens / cfg.cache_epochs)) + 1
+    return train.select(sorted(order[: min(count, len(order))].tolist()))
+
+
 class LayerwiseObjective(torch.nn.Module):
-    """Sum over the replaced layers of the per-token MSE between the student's and the teacher's outputs."""
+    """Sum over the replaced layers of each layer's per-token alignment error (`cfg.objective`)."""
 
     def __init__(self, student, layers: list[int], cfg):
         super().__init__()
@@ -85,16 +139,14 @@ class LayerwiseObjective(torch.nn.Module):
                 out = layer.mamba(x, attention_mask=None, position_ids=position_ids)
             else:
                 out = layer(x, attention_mask=None, position_ids=position_ids)
-            losses[f"layer{i}"] = alignment_mse(
-                out, teacher_out["outputs"][i], mask, normalize=self.cfg.normalize, reduction="sum"
+            losses[f"layer{i}"] = alignment_loss(
+                out, teacher_out["outputs"][i], mask, objective=self.cfg.objective, reduction="sum"
             )
         return {"loss": sum(losses.values()), **losses}
 
 
-def run(ctx, index: int, cfg, student):
-    stage_dir = Path(ctx.output_dir) / f"stage{index}-{cfg.name}"
-    if stage_finished(stage_dir):
-        return load_final(student, stage_dir)
+def align(ctx, stage_dir: Path, cfg, student, *, seed: int, label: str) -> dict:
+    """Train every Mamba mixer of `student` towards the teacher layer it replaces; returns the summary."""
     layers = mamba_layers(student)
     if not layers:
         raise TrainingError("layerwise: the student has no Mamba layers to align; drop the stage or lower "
@@ -102,17 +154,34 @@ def run(ctx, index: int, cfg, student):
     ctx.teacher.requires_grad_(False)
     set_trainable(student, "mixers")
     objective = LayerwiseObjective(student, layers, cfg)
-    teacher_step = capture_teacher(ctx.accelerator, ctx.teacher, layers, cfg.target)
+    capture = capture_teacher(ctx.accelerator, ctx.teacher, layers, cfg.target)
+    train_ctx, teacher_step = ctx, capture
+    if cfg.activations == "cached":
+        rows = cached_rows(ctx.train, cfg, seed)
+        config = ctx.teacher.config
+        row_bytes = 2 * 2 * len(rows[0]["input_ids"]) * config.hidden_size * len(layers)  # in + out, bf16
+        teacher_step = ActivationCache(capture, len(rows), row_bytes, cfg.cache_max_gb)
+        train_ctx = dataclasses.replace(ctx, train=rows)
+        logger.info("%s: teacher activations of %d rows cached (%.2f GiB), %d epochs over them", label, len(rows),
+                    len(rows) * row_bytes / 2**30, cfg.cache_epochs)
 
     def held_out():
         if not cfg.held_out_rows:
             return None
-        return evaluate(ctx.accelerator, objective, teacher_step, ctx.held_out, cfg, cfg.held_out_rows)
+        return evaluate(ctx.accelerator, objective, capture, ctx.held_out, cfg, cfg.held_out_rows)
 
     before = held_out()
-    summary = train(ctx, stage_dir, cfg, objective, teacher_step=teacher_step, seed=ctx.recipe.seed + index,
-                    label=f"stage {index} ({cfg.name})")
+    summary = train(train_ctx, stage_dir, cfg, objective, teacher_step=teacher_step, seed=seed, label=label)
     summary.update(held_out_before=before, held_out_after=held_out(), layers=layers)
     student.requires_grad_(False)
+    return summary
+
+
+def run(ctx, index: int, cfg, student):
+    stage_dir = Path(ctx.output_dir) / f"stage{index}-{cfg.name}"
+    if stage_finished(stage_dir):
+        return load_final(student, stage_dir)
+    label = f"stage {index} ({cfg.name})"
+    summary = align(ctx, stage_dir, cfg, student, seed=ctx.recipe.seed + index, label=label)
     finish(ctx.accelerator, stage_dir, student, {"name": cfg.name, "index": index, **summary})
     return student
