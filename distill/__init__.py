@@ -1,4 +1,9 @@
-"""mamba-distill: turn a pretrained Llama-family Transformer into an attention/Mamba hybrid."""
+"""mamba-distill: turn a pretrained Llama-family Transformer into an attention/Mamba hybrid.
+
+`import distill` loads neither torch nor transformers, so `distill validate` and `distill --help` answer at once.
+Importing the model (`from distill import HybridForCausalLM`, or `distill.modeling_hybrid`) registers it with the
+Auto classes, after which `AutoModelForCausalLM.from_pretrained(checkpoint)` works without `trust_remote_code`.
+"""
 
 import os
 
@@ -7,13 +12,13 @@ import os
 # Every entry point imports distill first; THP_MEM_ALLOC_ENABLE=0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from distill.configuration_hybrid import HybridConfig
-from distill.modeling_hybrid import HybridForCausalLM
-
 __version__ = "0.1.0"
 
-# `AutoModelForCausalLM.from_pretrained(checkpoint)` works for our checkpoints once `distill` is imported.
-AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
-AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+
+def __getattr__(name: str):
+    """`distill.HybridConfig` and `distill.HybridForCausalLM`, imported on first use (PEP 562)."""
+    if name in ("HybridConfig", "HybridForCausalLM"):
+        from distill import modeling_hybrid
+
+        return getattr(modeling_hybrid, name)
+    raise AttributeError(f"module 'distill' has no attribute {name!r}")

@@ -641,3 +641,9 @@ def write_remote_code(directory) -> None:
 
 
 __all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "write_remote_code"]
+
+if __name__ == "distill.modeling_hybrid":  # our package; transformers registers a remote-code copy from its auto_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
+    AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)

@@ -11,7 +11,7 @@ from conftest import tiny_llama_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModelForCausalLM
 
-import distill  # noqa: F401  (registers the Auto classes)
+import distill.modeling_hybrid  # noqa: F401  (registers the Auto classes)
 from distill.configuration_hybrid import HybridConfig
 from distill.init import hybrid_from_teacher
 from distill.modeling_hybrid import HybridForCausalLM

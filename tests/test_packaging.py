@@ -1,0 +1,59 @@
+"""The checkout never shadows an installed distribution, and the light commands stay light.
+
+Python run from the repo root puts the root first on `sys.path` (`python -m distill`, `python -m pytest`,
+`python -c`), so a top-level folder with an `__init__.py` would hide a PyPI package of the same name. transformers
+>= 5.25 requires PyPI's `kernels` and imports it from `transformers.modeling_utils`; our `kernels/` has no
+`__init__.py` and so can only ever be a namespace portion, which loses to any regular package.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_from_root(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def test_only_distill_is_a_regular_package_at_the_top():
+    """Any other top-level `X/__init__.py` or `X.py` would win over an installed `X` when run from the root."""
+    importable = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {p.stem for p in ROOT.glob("*.py")}
+    assert importable == {"distill"}, f"top-level importable names besides distill: {importable - {'distill'}}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kernels") is None, reason="PyPI's kernels is not installed")
+def test_transformers_imports_from_the_repo_root():
+    code = ("import kernels, transformers.modeling_utils, json, pathlib; "
+            "print(json.dumps([str(pathlib.Path(p).resolve()) for p in [kernels.__file__]]))")
+    done = run_from_root("-c", code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (kernels_file,) = json.loads(done.stdout)
+    assert not Path(kernels_file).is_relative_to(ROOT.resolve()), f"`import kernels` resolved into the checkout"
+
+
+def test_cli_help_and_collection_work_from_the_repo_root():
+    done = run_from_root("-m", "distill", "--help")
+    assert done.returncode == 0 and "validate" in done.stdout, done.stderr[-2000:]
+    done = run_from_root("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+
+
+def test_validate_imports_no_torch(tmp_path):
+    """`distill validate` checks a recipe without torch or transformers (their import alone takes seconds)."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"teacher: {{source: {teacher}}}\nstages: [{{name: end_to_end, max_tokens: 1e4}}]\n")
+    code = ("import sys; from distill.cli import main; assert main(['validate', sys.argv[1]]) == 0; "
+            "heavy = sorted({'torch', 'transformers', 'accelerate', 'datasets'} & set(sys.modules)); "
+            "assert not heavy, heavy")
+    done = run_from_root("-c", code, str(recipe))
+    assert done.returncode == 0, done.stderr[-2000:]
