@@ -35,7 +35,7 @@ def test_transformers_imports_from_the_repo_root():
     done = run_from_root("-c", code)
     assert done.returncode == 0, done.stderr[-2000:]
     (kernels_file,) = json.loads(done.stdout)
-    assert not Path(kernels_file).is_relative_to(ROOT.resolve()), f"`import kernels` resolved into the checkout"
+    assert not Path(kernels_file).is_relative_to(ROOT.resolve()), "`import kernels` resolved into the checkout"
 
 
 def test_cli_help_and_collection_work_from_the_repo_root():
