@@ -65,7 +65,8 @@ def causal_conv1d_naive(x, weight, bias=None, seq_idx=None, initial_states=None,
                 term = term * (doc[:, t + k] == doc[:, t + width - 1]).to(f)[:, None]
             acc = acc + term
         columns.append(acc)
-    return _finish(torch.stack(columns, dim=-1), xpad, width, x, activation, return_final_states)
+    out = torch.stack(columns, dim=-1) if columns else xpad[..., :0]  # an empty sequence: empty out
+    return _finish(out, xpad, width, x, activation, return_final_states)
 
 
 def causal_conv1d_torch(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,

@@ -91,7 +91,11 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=N
                               initial_states=None, seq_idx=None, dt_softplus=False, dt_limit=(0.0, math.inf),
                               return_final_states=False):
     """Mamba-2 scan. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n), D (h,) or (h, p), z like x,
-    initial_states (b, h, p, n), seq_idx (b, l) int32. Returns y (like x) [and the final states]."""
+    initial_states (b, h, p, n), seq_idx (b, l) int32. Returns y (like x) [and the final states].
+
+    The chunk size changes the cost, not the result. The GPU backends (mamba_ssm, triton) take the caller's; the
+    torch path always runs at its own fastest, DEFAULT_CHUNK_SIZE (at Mamba2Config's default of 256 it would be
+    about 3x slower forward+backward on CPU)."""
     backend = resolve_backend(x)
     if backend == "mamba_ssm":
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as scan
@@ -100,7 +104,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=N
     elif backend == "naive":
         scan = ssd_naive
     else:
-        scan = ssd_chunked
+        scan, chunk_size = ssd_chunked, DEFAULT_CHUNK_SIZE
     return scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                 seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_states)
 

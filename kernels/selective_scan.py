@@ -55,12 +55,13 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     per_state = (t[:, :, 0].permute(3, 0, 1, 2) for t in (B, C))  # (l, b, g, n)
     pieces = zip(*(t.split(SEGMENT, dim=0) for t in (*per_group, *per_state)))
     ys = []
-    for segment in pieces:
+    for segment in pieces if l else ():  # split gives an empty sequence one empty piece
         if torch.is_grad_enabled():
             y, state = checkpoint(scan_segment, state, A, *segment, use_reentrant=False)
         else:
             y, state = scan_segment(state, A, *segment)
         ys.append(y)
-    y = torch.cat(ys).permute(1, 2, 3, 0).reshape(b, d, l)
+    # an empty sequence: empty y, zero state
+    y = torch.cat(ys).permute(1, 2, 3, 0).reshape(b, d, l) if ys else u.new_zeros(b, d, 0, dtype=f)
     out = finish_selective_scan(y, u, D, z, f)
     return (out, state.view(b, d, n).to(u.dtype)) if return_last_state else out

@@ -56,5 +56,6 @@ def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), uf.unbind(-1), B.unbind(-1), C.unbind(-1)):
         state = torch.exp(delta_t[..., None] * A) * state + (delta_t * u_t)[..., None] * B_t
         ys.append((state * C_t).sum(-1))
-    out = finish_selective_scan(torch.stack(ys, dim=-1), u, D, z, f)
+    y = torch.stack(ys, dim=-1) if ys else torch.zeros_like(uf)  # an empty sequence: empty y, zero state
+    out = finish_selective_scan(y, u, D, z, f)
     return (out, state.to(u.dtype)) if return_last_state else out

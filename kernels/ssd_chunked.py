@@ -37,10 +37,11 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .ssd_naive import check_ssd_shapes, compute_dtype, process_dt, skip_and_gate
+from .ssd_naive import check_ssd_shapes, compute_dtype, empty_scan, process_dt, skip_and_gate
 
 # Tuned on a 2-core x86 CPU with scripts/bench_kernels.py --tune (fp32, h=16, p=64, n=64): 64 is the fastest
 # forward and forward+backward of 32 / 64 / 128 / 256 (larger chunks also send fast-decaying heads pairwise).
+# The dispatcher's mamba_chunk_scan_combined runs this path at this chunk size whatever its caller passes.
 DEFAULT_CHUNK_SIZE = 64
 BLOCK_CHUNKS = 8
 _workspace = threading.local()  # the no-grad forward's block buffers, kept between calls on this thread
@@ -119,6 +120,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK_SIZE, D=None, z=None, d
     """mamba_chunk_scan_combined's contract: factored decays for the heads whose chunks all allow them, pairwise
     decays for the others. Autocast is off inside: the scan computes in fp32 whatever the caller's autocast."""
     check_ssd_shapes(x, dt, A, B, C, D, z, initial_states, seq_idx)
+    if not x.shape[1]:
+        return empty_scan(x, B, initial_states, return_final_states)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     f = compute_dtype(x.dtype)

@@ -66,10 +66,23 @@ def skip_and_gate(y, x, D=None, z=None):
     return y
 
 
+def empty_scan(x, B, initial_states, return_final_states):
+    """The scan of an empty sequence (l = 0): an empty y, and the initial state (zeros without one) as the final
+    state, in x's dtype."""
+    y = torch.empty_like(x)
+    if not return_final_states:
+        return y
+    b, _, h, p = x.shape
+    state = x.new_zeros(b, h, p, B.shape[3]) if initial_states is None else initial_states.to(x.dtype, copy=True)
+    return y, state
+
+
 def ssd_naive(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
               dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False):
     """Sequential SSD scan; `chunk_size` is accepted for signature compatibility and ignored."""
     check_ssd_shapes(x, dt, A, B, C, D, z, initial_states, seq_idx)
+    if not x.shape[1]:
+        return empty_scan(x, B, initial_states, return_final_states)
     b, _, h, p = x.shape
     f = compute_dtype(x.dtype)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, f)

@@ -16,7 +16,7 @@ import math
 import torch
 
 from .ssd_chunked import document_index
-from .ssd_naive import check_ssd_shapes, process_dt, skip_and_gate
+from .ssd_naive import check_ssd_shapes, empty_scan, process_dt, skip_and_gate
 
 try:
     import triton
@@ -213,6 +213,8 @@ def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, init
         raise ValueError("the triton kernel backend needs the triton package; pip install triton or set "
                          "DISTILL_KERNELS=torch")
     check_ssd_shapes(x, dt, A, B, C, D, z, initial_states, seq_idx)
+    if not x.shape[1]:
+        return empty_scan(x, B, initial_states, return_final_states)
     b, h, p, n = x.shape[0], x.shape[2], x.shape[3], B.shape[3]
     f = torch.float32
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, f).contiguous()
