@@ -64,7 +64,7 @@ def _stage_summaries(out: Path, recipe) -> list[dict]:
 def _check_kernel_backend() -> None:
     """A bad $DISTILL_KERNELS is a user mistake: say so before anything heavy starts."""
     from distill.errors import UserError
-    from distill.kernels import get_backend
+    from distill.kernels.dispatch import get_backend
 
     try:
         get_backend()
@@ -104,10 +104,17 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     teacher.to(accelerator.device)
     # norm_init: rms_ratio calibrates each mixer's output scale on a few training rows
     calibration = torch.tensor(train[:4]["input_ids"]) if recipe.student.norm_init == "rms_ratio" else None
-    student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration)
-
     ctx = StageContext(recipe=recipe, accelerator=accelerator, teacher=teacher, tokenizer=tokenizer,
                        train=train, held_out=held_out, output_dir=out)
+    if recipe.selection is not None:  # mixers aligned for every layer (cached); `auto` layers chosen from data
+        from distill.selection import prepare_student
+
+        recipe, student = prepare_student(ctx, calibration)
+        ctx.recipe = recipe
+        if accelerator.is_main_process:
+            (out / "recipe.yaml").write_text(recipe.dump())  # the chosen layers: a rerun of it skips the scoring
+    else:
+        student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration)
     for index, stage in enumerate(recipe.stages):  # a stage that finished on an earlier run just reloads
         student = run_stage(ctx, index, stage, student)
     student = accelerator.unwrap_model(student)
@@ -116,6 +123,8 @@ def run(recipe, recipe_path: str | None = None) -> Path:
         save_final(student, tokenizer, out / "final")
         run_info = {"recipe": recipe_path, "output_dir": str(out), "num_processes": accelerator.num_processes,
                     "stages": _stage_summaries(out, recipe), "wall_time_s": round(time.time() - started, 1)}
+        if (out / "selection" / "scores.json").is_file():
+            run_info["selection"] = json.loads((out / "selection" / "scores.json").read_text())
         if recipe.eval.enabled:
             evaluate(recipe.eval, student=student, teacher=teacher, tokenizer=tokenizer, held_out=held_out,
                      out_dir=out / "eval", run_info=run_info)

@@ -69,6 +69,9 @@ def evaluate(cfg, *, student, teacher, tokenizer, held_out, out_dir: Path, run_i
             out = run_lm_eval(model, cfg.lm_eval_tasks, tokenizer=tokenizer, limit=cfg.lm_eval_limit)
             report[name]["lm_eval"] = summarize(out["results"])
     plots = [rep.plot_losses(_stage_logs(run_info), out_dir / "training_loss.png")]
+    if run_info.get("selection"):  # distill.selection's layer scores
+        report["selection"] = run_info["selection"]
+        plots.append(rep.plot_selection(report["selection"], out_dir / "selection.png"))
     if cfg.speed:
         from distill.eval.speed import benchmark
 

@@ -99,6 +99,8 @@ def to_markdown(report: dict) -> str:
         parts += ["## Stages", _stages_table(report["stages"])]
         if total is not None:
             parts.append(f"Whole run wall time: {total:.0f} s.")
+    if report.get("selection"):
+        parts += ["## Attention layers chosen from data", _selection_text(report["selection"])]
     if report.get("speed_note"):
         parts.append(report["speed_note"])
     parts += [f"![{Path(name).stem}]({name})" for name in report.get("plots", [])]
@@ -107,6 +109,23 @@ def to_markdown(report: dict) -> str:
         body = json.dumps(recipe, indent=2) if isinstance(recipe, dict) else str(recipe)
         parts += ["## Recipe", f"```{'json' if isinstance(recipe, dict) else ''}\n{body}\n```"]
     return "\n\n".join(parts) + "\n"
+
+
+def _selection_text(record: dict) -> str:
+    """The layer scores of `distill.selection` and the choice they made."""
+    scores = record["scores"]
+    lines = [
+        (f"Attention kept at {record['attention_layers']} (uniform placement: {record['uniform_layers']}). Each "
+        f"layer's score is the teacher's held-out KL with that one layer's attention swapped for its aligned mixer "
+        f"({record['score_rows']} rows); the highest keep attention. Alignment of every layer: "
+        f"{record['align_tokens']:,} tokens, {record['align_seconds']:.0f} s"
+        f"{' (reused from the cache)' if record.get('align_reused') else ''}; scoring {record['score_seconds']:.0f} s."),
+        "",
+        "| layer | " + " | ".join(str(i) for i in range(len(scores))) + " |",
+        "|---|" + "---:|" * len(scores),
+        "| KL | " + " | ".join(f"{value:.3f}" for value in scores) + " |",
+    ]
+    return "\n".join(lines)
 
 
 def write_report(report: dict, out_dir: Path) -> None:
@@ -161,6 +180,21 @@ def _per_batch_plot(rows: list[dict], value, ylabel: str, title: str, path: Path
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_selection(record: dict, path: Path) -> Path:
+    """Bar plot of each layer's swap score (`distill.selection`), the layers that keep attention in red."""
+    import matplotlib.pyplot as plt
+
+    scores, kept = record["scores"], set(record["attention_layers"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(scores)), 3.5))
+    ax.bar(range(len(scores)), scores, color=["tab:red" if i in kept else "tab:blue" for i in range(len(scores))])
+    ax.set(xlabel="layer (red: keeps attention)", ylabel="teacher's KL with the layer swapped",
+           title=f"layer selection: {len(kept)} of {len(scores)} layers keep attention", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

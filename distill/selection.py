@@ -1,0 +1,197 @@
+"""Attention layers chosen from data, and "align once, assemble later" (a recipe's `selection` section).
+
+1. Align: a student with a Mamba mixer at every layer is aligned layerwise (one teacher pass feeds all of them;
+   `distill.stages.layerwise.align`). Its mixers are cached under `selection.cache_dir` (default
+   `$MAMBA_DISTILL_CACHE/aligned`), keyed by the teacher, the data, the student's mixer settings, the
+   alignment settings and the seed, so any later recipe that differs only in its attention layers reuses them.
+2. Score: for each layer, the teacher with that one layer's attention swapped for its aligned mixer runs on
+   `score_rows` held-out rows; the layer's score is that model's KL to the teacher (nats per loss token),
+   i.e. how much the teacher suffers when exactly that layer loses its attention. Cached with the mixers.
+3. Choose (`student.attention_layers: auto`): attention stays at the round(fraction x layers) layers with the
+   highest scores. The resolved recipe.yaml records the list, and `selection/scores.json` the scores.
+4. Assemble: whatever the attention layers, the student's mixers start from the aligned ones, so the recipe's
+   own layerwise stage continues from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.losses import distill_kl, loss_positions
+from distill.stages.end_to_end import model_inputs
+from distill.trainer import batches
+
+logger = logging.getLogger(__name__)
+
+
+def cache_key(recipe, teacher) -> dict:
+    """Everything the aligned mixers depend on (not the attention layers, stages, eval or output_dir)."""
+    student = recipe.student.model_dump(mode="json", exclude={"attention_layers", "attention_fraction"})
+    align = recipe.selection.align.model_dump(mode="json", exclude={
+        "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows", "cache_max_gb"})
+    return {
+        "teacher": recipe.teacher.model_dump(mode="json"),
+        "teacher_checksum": float(teacher.lm_head.weight.detach().double().sum()),
+        "teacher_layers": teacher.config.num_hidden_layers,
+        "data": recipe.data.model_dump(mode="json"),
+        "student": student,
+        "align": align,
+        "seed": recipe.seed,
+        "precision": recipe.precision,
+    }
+
+
+def cache_dir(recipe, teacher) -> Path:
+    key = cache_key(recipe, teacher)
+    root = recipe.selection.cache_dir or Path(os.environ.get("MAMBA_DISTILL_CACHE", Path.home() / ".cache" /
+                                                             "mamba-distill")) / "aligned"
+    return Path(root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def all_mamba_student(ctx, calibration_input_ids):
+    """The student with a Mamba mixer at every layer, initialised like the recipe's student."""
+    from distill.init import hybrid_from_teacher
+
+    cfg = ctx.recipe.student.model_copy(update={"attention_layers": [], "attention_fraction": None})
+    return hybrid_from_teacher(ctx.teacher, cfg, seed=ctx.recipe.seed, calibration_input_ids=calibration_input_ids)
+
+
+def aligned_mixers(ctx, calibration_input_ids) -> tuple[dict[str, torch.Tensor], Path, dict]:
+    """Every layer's aligned mixer weights (from the cache, or aligned now and cached), the cache folder and
+    the alignment's summary (with `reused`: whether it came from the cache)."""
+    from distill.stages.layerwise import align
+
+    folder = cache_dir(ctx.recipe, ctx.teacher)
+    weights = folder / "mixers.safetensors"
+    if weights.is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+        logger.info("selection: reusing the mixers aligned for every layer in %s (%d tokens, %.0f s when aligned); "
+                    "no alignment runs", folder, summary["tokens"], summary["wall_time_s"])
+        return load_file(weights), folder, {**summary, "reused": True}
+    student = all_mamba_student(ctx, calibration_input_ids)
+    stage_dir = Path(ctx.output_dir) / "selection" / "align"
+    cfg = ctx.recipe.selection.align
+    logger.info("selection: aligning a mixer for each of the %d layers on %d tokens (cached in %s)",
+                student.config.num_hidden_layers, cfg.max_tokens, folder)
+    summary = align(ctx, stage_dir, cfg, student, seed=ctx.recipe.seed, label="selection (align every layer)")
+    state = {name: p.detach().contiguous() for name, p in student.state_dict().items() if ".mamba." in name}
+    if ctx.accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "key.json").write_text(json.dumps(cache_key(ctx.recipe, ctx.teacher), indent=2))
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_file(state, folder / ".mixers.tmp")
+        os.replace(folder / ".mixers.tmp", weights)  # last: its presence means the folder is complete
+    ctx.accelerator.wait_for_everyone()
+    return state, folder, {**summary, "reused": False}
+
+
+@torch.no_grad()
+def swap_scores(accelerator, teacher, mixers: dict[int, torch.nn.Module], rows, batch_size: int) -> list[float]:
+    """Per layer i: the KL(teacher || teacher with layer i's attention output replaced by mixers[i]'s output)
+    in nats per loss token on `rows`, one layer swapped at a time."""
+    totals, count = dict.fromkeys(mixers, 0.0), 0
+    for batch in batches(rows, batch_size, accelerator.device):
+        inputs, mask = model_inputs(batch), loss_positions(batch["labels"])
+        with accelerator.autocast():
+            reference = teacher.model(**inputs).last_hidden_state
+        count += int(mask.sum())
+        for i, mixer in mixers.items():
+            def swap(module, args, kwargs, output, mixer=mixer, position_ids=batch["position_ids"]):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                return (mixer(hidden, attention_mask=None, position_ids=position_ids), *output[1:])
+
+            handle = teacher.model.layers[i].self_attn.register_forward_hook(swap, with_kwargs=True)
+            try:
+                with accelerator.autocast():
+                    hidden = teacher.model(**inputs).last_hidden_state
+            finally:
+                handle.remove()
+            totals[i] += float(distill_kl(hidden, reference, mask, student_head=teacher.lm_head.weight,
+                                          teacher_head=teacher.lm_head.weight, reduction="sum"))
+    return [totals[i] / max(count, 1) for i in sorted(mixers)]
+
+
+def layer_scores(ctx, student, folder: Path) -> tuple[list[float], float]:
+    """Each layer's swap score (cached next to the aligned mixers) and the seconds scoring took (0 if cached)."""
+    rows = ctx.recipe.selection.score_rows
+    path = folder / f"scores-{rows}rows.json"
+    if path.is_file():
+        logger.info("selection: reusing the layer scores in %s", path)
+        return json.loads(path.read_text())["scores"], 0.0
+    started = time.perf_counter()
+    mixers = {i: layer.mamba for i, layer in enumerate(student.model.layers)}
+    held_out = ctx.held_out.select(range(min(rows, len(ctx.held_out))))
+    scores = swap_scores(ctx.accelerator, ctx.teacher, mixers, held_out, batch_size=4)
+    seconds = time.perf_counter() - started
+    if ctx.accelerator.is_main_process:
+        path.write_text(json.dumps({"scores": scores, "rows": rows, "seconds": seconds}))
+    return scores, seconds
+
+
+def choose(scores: list[float], fraction: float) -> list[int]:
+    """The round(fraction x layers) layers whose swap hurts the teacher most, in order."""
+    k = round(fraction * len(scores))
+    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:k])
+
+
+def uniform_layers(num_layers: int, fraction: float) -> list[int]:
+    from distill.init import select_attention_layers
+
+    return select_attention_layers(num_layers, attention_fraction=fraction) if round(fraction * num_layers) else []
+
+
+def prepare_student(ctx, calibration_input_ids):
+    """Resolve `attention_layers: auto` and build the student with its mixers from the aligned ones.
+
+    Returns (recipe with the attention layers as a list, student). The choice is recorded in
+    `output_dir/selection/scores.json`; a rerun of the same recipe reads it back instead of scoring again.
+    """
+    from distill.eval.report import plot_selection
+    from distill.init import hybrid_from_teacher
+
+    recipe, out = ctx.recipe, Path(ctx.output_dir) / "selection"
+    started = time.perf_counter()
+    state, folder, align_summary = aligned_mixers(ctx, calibration_input_ids)
+    record_path = out / "scores.json"
+    if recipe.student.attention_layers == "auto":
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if record and record["cache"] == folder.name and record["fraction"] == recipe.student.attention_fraction:
+            logger.info("selection: reusing the recorded choice in %s: attention at %s", record_path,
+                        record["attention_layers"])
+            layers = record["attention_layers"]
+        else:
+            student = all_mamba_student(ctx, calibration_input_ids)
+            student.load_state_dict(state, strict=False)
+            scores, score_seconds = layer_scores(ctx, student, folder)
+            del student
+            fraction = recipe.student.attention_fraction
+            layers = choose(scores, fraction)
+            record = {"attention_layers": layers, "fraction": fraction, "scores": scores,
+                      "uniform_layers": uniform_layers(len(scores), fraction), "cache": folder.name,
+                      "align_tokens": align_summary["tokens"], "align_seconds": align_summary["wall_time_s"],
+                      "align_reused": align_summary["reused"],
+                      "score_seconds": score_seconds, "score_rows": recipe.selection.score_rows,
+                      "seconds": time.perf_counter() - started}
+            if ctx.accelerator.is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
+                record_path.write_text(json.dumps(record, indent=2))
+                plot_selection(record, out / "scores.png")
+            logger.info("selection: attention kept at %s (uniform placement would keep %s)", layers,
+                        record["uniform_layers"])
+        student_cfg = recipe.student.model_copy(update={"attention_layers": layers, "attention_fraction": None})
+        recipe = recipe.model_copy(update={"student": student_cfg})
+    student = hybrid_from_teacher(ctx.teacher, recipe.student, seed=recipe.seed,
+                                  calibration_input_ids=calibration_input_ids)
+    mine = {name: value for name, value in state.items() if name in student.state_dict()}
+    student.load_state_dict(mine, strict=False)
+    logger.info("selection: the student's %d mixers start from the aligned ones", len(
+        {name.split(".mamba.")[0] for name in mine}))
+    return recipe, student
