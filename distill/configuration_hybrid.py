@@ -1,9 +1,11 @@
 """Configuration of the attention/Mamba hybrid student.
 
-A Llama configuration plus, per layer, which mixer it uses (`mixer_types`: "attention", "mamba2" or
-"mamba1") and the mixers' hyper-parameters. `layer_types` is derived from it in transformers' own vocabulary
-("full_attention" / "linear_attention"), so transformers builds the right cache (`DynamicCache(config)`: KV for
-attention layers, conv + SSM state for Mamba layers) and the right masks without model-specific code.
+The teacher's configuration (a Llama, Mistral, Qwen2, Qwen3 or SmolLM3 one, named by `teacher_model_type`)
+plus, per layer, which mixer it uses (`mixer_types`: "attention", "mamba2" or "mamba1") and the mixers'
+hyper-parameters. `layer_types` is derived from it in transformers' own vocabulary ("full_attention" /
+"sliding_attention" for attention layers, as the teacher had them, "linear_attention" for Mamba layers), so
+transformers builds the right cache (`DynamicCache(config)`: KV, windowed KV, or conv + SSM state) and the right
+masks without model-specific code.
 
 This file, like `modeling_hybrid.py`, imports only torch/transformers: both are copied into every checkpoint
 so that it loads with `trust_remote_code=True` where mamba-distill is not installed.
@@ -17,6 +19,8 @@ from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 MIXER_TYPES = ("attention", "mamba2", "mamba1")
+TEACHER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")  # transformers' model_type of each family
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
 AUTO_MAP = {
     "AutoConfig": "configuration_hybrid.HybridConfig",
     "AutoModelForCausalLM": "modeling_hybrid.HybridForCausalLM",
@@ -26,9 +30,21 @@ AUTO_MAP = {
 @strict
 class HybridConfig(PreTrainedConfig):
     r"""
-    The Llama fields keep Llama's meaning. The hybrid fields:
+    The Llama fields keep Llama's meaning. The teacher-family fields:
 
-    mixer_types (`list[str]`): per layer, "attention" (a Llama attention layer), "mamba2" or "mamba1".
+    teacher_model_type: the teacher's `model_type` (one of `TEACHER_MODEL_TYPES`); attention layers, MLPs,
+        norms and rotary embedding are that family's transformers classes, so they compute what the teacher's do.
+    attention_types (`list[str]`): per layer, the teacher's attention: "full_attention" or "sliding_attention"
+        (a causal window of `sliding_window` tokens). None: all full.
+    sliding_window: the window of the sliding layers (None: no sliding layer).
+    no_rope_layers (`list[int]`): SmolLM3's per-layer flag, 1 = RoPE, 0 = no positional encoding (NoPE).
+    mamba_proj_bias: the mixers' in_proj and out_proj have biases (teachers with q/k/v biases: they start from
+        the q/k/v biases, out_proj's from o_proj's or zero), as Bamba's `mamba_proj_bias`.
+    mamba_bc_norm: a per-head RMSNorm on B and C right after in_proj, where Qwen3 applies k_norm and q_norm.
+
+    The hybrid fields:
+
+    mixer_types (`list[str]`): per layer, "attention" (the teacher family's attention), "mamba2" or "mamba1".
         Defaults to attention on odd layers and Mamba-2 on even ones.
     d_conv: width of the depthwise causal convolution of the Mamba mixers.
     chunk_size: chunk length of the Mamba-2 chunked scan.
@@ -63,6 +79,13 @@ class HybridConfig(PreTrainedConfig):
     attention_dropout: int | float | None = 0.0
     mlp_bias: bool = False
 
+    teacher_model_type: str = "llama"
+    attention_types: list[str] | None = None
+    sliding_window: int | None = None
+    no_rope_layers: list[int] | None = None
+    mamba_proj_bias: bool = False
+    mamba_bc_norm: bool = False
+
     mixer_types: list[str] | None = None
     d_conv: int = 4
     chunk_size: int = 128
@@ -82,6 +105,11 @@ class HybridConfig(PreTrainedConfig):
         if self.mixer_types is None:
             self.mixer_types = ["attention" if i % 2 else "mamba2" for i in range(self.num_hidden_layers)]
         self.mixer_types = list(self.mixer_types)
+        if self.attention_types is None:
+            self.attention_types = ["full_attention"] * self.num_hidden_layers
+        self.attention_types = list(self.attention_types)
+        if self.no_rope_layers is None and self.teacher_model_type == "smollm3":
+            self.no_rope_layers = [1] * self.num_hidden_layers
         self.A_init_range = [float(v) for v in self.A_init_range]
         if self.mamba_norm_eps is None:
             self.mamba_norm_eps = self.rms_norm_eps
@@ -95,7 +123,15 @@ class HybridConfig(PreTrainedConfig):
     @property
     def layer_types(self) -> list[str]:
         """transformers' layer vocabulary, which picks the cache layer and the mask of each layer."""
-        return ["full_attention" if m == "attention" else "linear_attention" for m in self.mixer_types]
+        return [
+            kind if mixer == "attention" else "linear_attention"
+            for mixer, kind in zip(self.mixer_types, self.attention_types)
+        ]
+
+    @property
+    def use_sliding_window(self) -> bool:
+        """Read by SmolLM3's attention (which only slides when this is set)."""
+        return self.sliding_window is not None
 
     def validate_architecture(self):
         """Part of `@strict` validation: the mixers' shapes must be realisable."""
@@ -112,6 +148,16 @@ class HybridConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.teacher_model_type not in TEACHER_MODEL_TYPES:
+            raise ValueError(
+                f"teacher_model_type {self.teacher_model_type!r} is not supported; use one of {TEACHER_MODEL_TYPES}"
+            )
+        if len(self.attention_types) != self.num_hidden_layers or set(self.attention_types) - set(ATTENTION_TYPES):
+            raise ValueError(f"attention_types must give one of {ATTENTION_TYPES} per layer, got {self.attention_types}")
+        if "sliding_attention" in self.attention_types and self.sliding_window is None:
+            raise ValueError("attention_types has sliding_attention layers but sliding_window is None")
+        if self.no_rope_layers is not None and len(self.no_rope_layers) != self.num_hidden_layers:
+            raise ValueError(f"no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_hidden_layers} layers")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {self.A_init_range}")
 

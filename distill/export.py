@@ -20,7 +20,11 @@ Two formats, both written atomically (a temp folder next to `out`, then one rena
   nh * hd == hidden_size; its gated norm uses `rms_norm_eps` with group = intermediate / n_groups = hd
   (per-group only since transformers 5.23), and its rotary factor defaults to 0.5 unless the rope
   parameters say 1.0. Every one of these is checked, and the export finishes by comparing the two
-  models' logits on a short random sequence.
+  models' logits on a short random sequence. Teacher families: Bamba's attention is Llama's, so a Llama or
+  Mistral (without sliding window) teacher's student converts; what Bamba computes differently in the layers
+  of this student is refused in one line naming it: Qwen3's q/k norms, a per-head B/C norm in the mixers,
+  sliding-window or NoPE attention layers, and in_proj biases (Qwen2's q/k/v biases: Bamba's mixer adds
+  its in_proj bias at padded positions too, so a left-padded row would no longer equal the row alone).
 
 `--push-to-hub REPO_ID` uploads the finished folder with `huggingface_hub`.
 """
@@ -78,6 +82,7 @@ def bamba_config(cfg):
             "this hybrid has Mamba-1 layers, which no stock transformers architecture implements; "
             "use --format native (loads with trust_remote_code=True)"
         )
+    _refuse_what_bamba_lacks(cfg)
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if nh * hd != cfg.hidden_size:
         raise UserError(
@@ -122,6 +127,32 @@ def bamba_config(cfg):
         eos_token_id=cfg.eos_token_id,
         dtype=cfg.dtype,
     )
+
+
+def _refuse_what_bamba_lacks(cfg) -> None:
+    """One-line refusal naming a teacher-family feature of this student that BambaForCausalLM cannot compute."""
+    attention = [i for i, kind in enumerate(cfg.mixer_types) if kind == "attention"]
+    sliding = [i for i in attention if cfg.attention_types[i] == "sliding_attention"]
+    nope = [i for i in attention if cfg.no_rope_layers is not None and not cfg.no_rope_layers[i]]
+    lacking = []
+    if cfg.teacher_model_type == "qwen3" and attention:
+        lacking.append(f"per-head q/k norms (Qwen3's q_norm/k_norm) in attention layers {attention}")
+    if cfg.mamba_proj_bias and set(cfg.mixer_types) != {"attention"}:
+        lacking.append(
+            "biases on the mixers' in_proj (from the teacher's q/k/v biases), which Bamba also adds at padded "
+            "positions, so padded batches would differ"
+        )
+    if cfg.mamba_bc_norm:
+        lacking.append("a per-head RMSNorm on the mixers' B and C (mamba_bc_norm, from Qwen3's q/k norms)")
+    if sliding:
+        lacking.append(f"sliding-window attention ({cfg.sliding_window} tokens) in layers {sliding}")
+    if nope:
+        lacking.append(f"attention without RoPE (SmolLM3's NoPE) in layers {nope}")
+    if lacking:
+        raise UserError(
+            f"Bamba cannot express {'; '.join(lacking)}: a stock Bamba would load but compute something else; "
+            f"use --format native (loads with trust_remote_code=True)"
+        )
 
 
 def _repeat_kv_rows(rows: torch.Tensor, num_kv: int, repeats: int) -> torch.Tensor:

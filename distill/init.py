@@ -1,9 +1,19 @@
 """Build the student from the teacher: pick the attention layers, map attention weights into the mixers.
 
+Teachers: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3 and SmolLM3 (`TEACHER_MODEL_TYPES`); the student reuses the
+family's own attention, MLP and norm classes, and carries over what makes the family differ (q/k/v biases,
+q/k norms, sliding windows, NoPE layers, RoPE scaling, tied or untied embeddings).
+
 Everything the teacher has is copied: embeddings, final norm, lm_head, every block's norms and MLP, and the
-attention layers that stay. A Mamba layer takes C, B, x from q_proj, k_proj, v_proj (rows of `in_proj`) and
-`out_proj` from o_proj (`init: attention`); z, dt, A, D and the conv start fresh, drawn from `seed`.
+attention layers that stay. A Mamba layer takes C, B, x from q_proj, k_proj, v_proj (rows of `in_proj`, with
+their biases when the teacher has q/k/v biases; the z and dt rows' bias starts at zero) and `out_proj` from
+o_proj (its bias, or zero) (`init: attention`); z, dt, A, D and the conv start fresh, drawn from `seed`.
 `init: random` leaves the whole mixer fresh: the ablation baseline.
+
+Qwen3 normalises each head of q and k (q_norm, k_norm) before RoPE. `bc_norm: true` (the default) gives the
+mixer the same: a per-head RMSNorm on in_proj's C and B rows, initialised from q_norm and k_norm, so C and B
+start as exactly the normed q and k the attention scored with; `bc_norm: false` drops the norms (C, B = the
+raw q_proj, k_proj outputs). See docs/design.md for the measurement behind the default.
 
 Two optional fixes, to be measured: `conv_init: identity` starts the conv as a delta on the current token, so
 the mixer initially sees silu(q), silu(k), silu(v) rather than a random mix of the last four tokens;
@@ -17,7 +27,7 @@ import copy
 
 import torch
 
-from distill.configuration_hybrid import HybridConfig
+from distill.configuration_hybrid import TEACHER_MODEL_TYPES, HybridConfig
 from distill.modeling_hybrid import HybridForCausalLM, HybridMamba2Mixer
 from distill.recipe import RecipeError, StudentConfig
 
@@ -71,24 +81,47 @@ def select_attention_layers(
     return [(j + 1) * num_layers // k - 1 for j in range(k)]
 
 
-def hybrid_config_from_teacher(teacher_config, student_cfg: StudentConfig) -> HybridConfig:
-    """The student's config: the teacher's Llama fields, the chosen layer types and the mixer settings."""
-    if getattr(teacher_config, "model_type", None) != "llama":
+def check_teacher_family(model_type: str | None) -> None:
+    """Refuse, in one line, a teacher whose family the student cannot reproduce."""
+    if model_type not in TEACHER_MODEL_TYPES:
         raise RecipeError(
-            f"teacher is a {getattr(teacher_config, 'model_type', '?')!r} model; the hybrid student is built from "
-            "Llama-architecture teachers (LlamaForCausalLM)"
+            f"teacher is a {model_type!r} model, which mamba-distill does not support; supported teacher "
+            f"model_types: {', '.join(TEACHER_MODEL_TYPES)}"
         )
+
+
+def family_fields(teacher_config) -> dict:
+    """The HybridConfig fields that carry the family's differences: attention kinds, window, NoPE, bias, norms."""
+    model_type = teacher_config.model_type
+    num_layers = teacher_config.num_hidden_layers
+    window = getattr(teacher_config, "sliding_window", None)
+    if model_type == "smollm3" and not teacher_config.use_sliding_window:
+        window = None  # SmolLM3's attention only slides with use_sliding_window (Qwen's config nulls the window)
+    teacher_types = getattr(teacher_config, "layer_types", None)
+    if window is None:
+        kinds = ["full_attention"] * num_layers
+    elif teacher_types is None:  # Mistral: one window for every layer
+        kinds = ["sliding_attention"] * num_layers
+    else:
+        kinds = ["sliding_attention" if kind == "sliding_attention" else "full_attention" for kind in teacher_types]
+    return {
+        "teacher_model_type": model_type,
+        "attention_types": kinds,
+        "sliding_window": window if "sliding_attention" in kinds else None,
+        "no_rope_layers": list(teacher_config.no_rope_layers) if model_type == "smollm3" else None,
+        "mamba_proj_bias": model_type == "qwen2" or bool(getattr(teacher_config, "attention_bias", False)),
+    }
+
+
+def hybrid_config_from_teacher(teacher_config, student_cfg: StudentConfig) -> HybridConfig:
+    """The student's config: the teacher's fields, the chosen layer types and the mixer settings."""
+    check_teacher_family(getattr(teacher_config, "model_type", None))
     num_layers = teacher_config.num_hidden_layers
     attention = set(
         select_attention_layers(num_layers, student_cfg.attention_layers, student_cfg.attention_fraction)
     )
     mixer_types = ["attention" if i in attention else student_cfg.mixer for i in range(num_layers)]
     head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
-    if teacher_config.attention_bias and len(attention) < num_layers:
-        raise RecipeError(
-            "the teacher's attention has biases but the Mamba in_proj has none, so q/k/v cannot be copied "
-            "exactly; use a teacher with attention_bias=False or keep every layer as attention"
-        )
     kv_width = teacher_config.num_key_value_heads * head_dim
     if student_cfg.mixer == "mamba1" and kv_width % (student_cfg.mamba1_d_state or head_dim):
         raise RecipeError(
@@ -100,6 +133,8 @@ def hybrid_config_from_teacher(teacher_config, student_cfg: StudentConfig) -> Hy
     fields["head_dim"] = head_dim
     return HybridConfig(
         **fields,
+        **family_fields(teacher_config),
+        mamba_bc_norm=student_cfg.bc_norm and teacher_config.model_type == "qwen3",
         mixer_types=mixer_types,
         d_conv=student_cfg.d_conv,
         chunk_size=student_cfg.chunk_size,
@@ -120,7 +155,7 @@ def hybrid_from_teacher(
     seed: int = 0,
     calibration_input_ids: torch.Tensor | None = None,
 ) -> HybridForCausalLM:
-    """A fp32 `HybridForCausalLM` initialised from `teacher` (a LlamaForCausalLM), on the teacher's device.
+    """A fp32 `HybridForCausalLM` initialised from `teacher` (a supported *ForCausalLM), on the teacher's device.
 
     `seed` draws every fresh parameter (without touching the global RNG). `calibration_input_ids`, a
     (batch, seq) or (seq,) LongTensor of a few hundred tokens of ordinary text (e.g. a training row), is
@@ -159,13 +194,28 @@ def hybrid_from_teacher(
 
 
 def copy_attention_into_mixer(attention, mixer) -> None:
-    """in_proj's x, B, C rows <- v_proj, k_proj, q_proj; out_proj <- o_proj (both mixers order rows z|x|B|C)."""
-    q, k, v = attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight
+    """in_proj's x, B, C rows <- v_proj, k_proj, q_proj; out_proj <- o_proj (both mixers order rows z|x|B|C).
+
+    Biases go along (the other in_proj rows' bias and a bias-free o_proj's counterpart are zero), and with
+    `mamba_bc_norm` B_norm <- k_norm, C_norm <- q_norm.
+    """
     start = mixer.d_inner  # z comes first
-    for source in (v, k, q):
-        mixer.in_proj.weight[start : start + source.shape[0]].copy_(source)
-        start += source.shape[0]
+    if mixer.in_proj.bias is not None:
+        mixer.in_proj.bias.zero_()
+    for source in (attention.v_proj, attention.k_proj, attention.q_proj):
+        rows = slice(start, start + source.weight.shape[0])
+        mixer.in_proj.weight[rows].copy_(source.weight)
+        if source.bias is not None:
+            mixer.in_proj.bias[rows].copy_(source.bias)
+        start += source.weight.shape[0]
     mixer.out_proj.weight.copy_(attention.o_proj.weight)
+    if mixer.out_proj.bias is not None and attention.o_proj.bias is not None:
+        mixer.out_proj.bias.copy_(attention.o_proj.bias)
+    elif mixer.out_proj.bias is not None:
+        mixer.out_proj.bias.zero_()
+    if mixer.bc_norm:
+        mixer.B_norm.weight.copy_(attention.k_norm.weight)
+        mixer.C_norm.weight.copy_(attention.q_norm.weight)
 
 
 def match_output_rms(teacher, student, input_ids: torch.Tensor) -> None:

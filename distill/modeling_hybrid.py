@@ -1,8 +1,10 @@
-"""The hybrid student: a Llama whose attention is replaced by a Mamba mixer in some layers.
+"""The hybrid student: the teacher (a Llama, Mistral, Qwen2, Qwen3 or SmolLM3) with a Mamba mixer in some layers.
 
-Attention layers are transformers' own `LlamaAttention` (same names, same sdpa path, same masks), so a
-hybrid without Mamba layers is the teacher. Each Mamba layer keeps the block's `input_layernorm`,
-`post_attention_layernorm` and `mlp` and swaps `self_attn` for `mamba`, fed the same normed hidden states.
+Attention layers, MLPs, norms and the rotary embedding are transformers' own classes of the teacher's family
+(`FAMILIES`, picked by `config.teacher_model_type`: same names, same sdpa path, same masks, and the family's
+q/k/v biases, Qwen3's q_norm/k_norm, sliding windows and SmolLM3's NoPE layers), so a hybrid without Mamba
+layers is the teacher. Each Mamba layer keeps the block's `input_layernorm`, `post_attention_layernorm` and
+`mlp` and swaps `self_attn` for `mamba`, fed the same normed hidden states.
 
 Notation: nh heads, nkv kv-heads, hd head_dim, r = nh / nkv, d_inner = nh*hd, d_xb = nkv*hd, u the mixer input.
 
@@ -18,6 +20,9 @@ Mamba-2 mixer (`HybridMamba2Mixer`, "Mamba2InLlama")::
 
 At initialisation from the teacher C, B, x come from q_proj, k_proj, v_proj and out_proj from o_proj, so
 C.B plays the role of q.k (linear attention without softmax) and the state accumulates values.
+Two options follow the teacher's attention (both mixers): `mamba_proj_bias` gives in_proj and out_proj biases
+(for q/k/v biases), and `mamba_bc_norm` applies a per-head RMSNorm to in_proj's B and C rows before the conv,
+`B_norm` and `C_norm` (hd weights, shared by the heads), where Qwen3 applies k_norm and q_norm.
 
 Mamba-1 mixer (`HybridMamba1Mixer`, MambaInLlama's `Mamba`), n = d_state (hd by default), k = dt_rank::
 
@@ -53,7 +58,7 @@ This file imports only torch/transformers (plus the kernels, whose files are cop
 import math
 import shutil
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,17 +69,17 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
     create_causal_mask,
     create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
     find_packed_sequence_indices,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaMLP,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-)
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.smollm3 import modeling_smollm3
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -104,6 +109,28 @@ except ImportError:  # remote code: the kernels' files were copied next to this 
     )
 
     KERNELS_DIR = Path(__file__).parent
+
+
+class Family(NamedTuple):
+    """A teacher family's transformers modules, which the hybrid's attention layers and blocks reuse."""
+
+    attention: type[nn.Module]
+    mlp: type[nn.Module]
+    norm: type[nn.Module]
+    rotary: type[nn.Module]
+
+
+def _family(module, prefix: str) -> Family:
+    return Family(*(getattr(module, prefix + part) for part in ("Attention", "MLP", "RMSNorm", "RotaryEmbedding")))
+
+
+FAMILIES = {  # keys: configuration_hybrid.TEACHER_MODEL_TYPES
+    "llama": _family(modeling_llama, "Llama"),
+    "mistral": _family(modeling_mistral, "Mistral"),
+    "qwen2": _family(modeling_qwen2, "Qwen2"),
+    "qwen3": _family(modeling_qwen3, "Qwen3"),
+    "smollm3": _family(modeling_smollm3, "SmolLM3"),
+}
 
 
 def repeat_heads(x: torch.Tensor, groups: int, repeats: int) -> torch.Tensor:
@@ -152,6 +179,11 @@ def last_conv_window(x: torch.Tensor, width: int, seq_idx: torch.Tensor | None) 
     return window.contiguous()
 
 
+def norm_heads(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A per-head norm (Qwen3's q_norm / k_norm) applied to (..., heads * head_dim)."""
+    return norm(x.unflatten(-1, (-1, head_dim))).flatten(-2)
+
+
 def inverse_softplus(dt: torch.Tensor) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
@@ -194,7 +226,12 @@ class HybridMamba2Mixer(nn.Module):
         self.d_xb = self.num_kv_heads * self.head_dim
         self.conv_dim = 2 * self.d_xb + self.d_inner
 
-        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=False)
+        bias = config.mamba_proj_bias
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=bias)
+        self.bc_norm = config.mamba_bc_norm
+        if self.bc_norm:
+            self.B_norm = modeling_llama.LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.C_norm = modeling_llama.LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, padding=self.d_conv - 1, bias=True
         )
@@ -202,7 +239,16 @@ class HybridMamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = HybridRMSNormGated(self.d_inner, group_size=self.head_dim, eps=config.mamba_norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=bias)
+
+    def _project(self, hidden_states: torch.Tensor):
+        """z, [x | B | C] (B and C normed per head with `mamba_bc_norm`) and dt, from in_proj."""
+        z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        if self.bc_norm:
+            x, B, C = xbc.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+            B, C = norm_heads(self.B_norm, B, self.head_dim), norm_heads(self.C_norm, C, self.head_dim)
+            xbc = torch.cat([x, B, C], dim=-1)
+        return z, xbc, dt
 
     def _split_xbc(self, xbc: torch.Tensor):
         """[x | B | C] -> x, B repeated to nh heads and C, each (..., nh, hd)."""
@@ -230,7 +276,7 @@ class HybridMamba2Mixer(nn.Module):
 
         mask = padding_mask(attention_mask, seq_len)
         seq_idx = document_index(position_ids, batch)
-        z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z, xbc, dt = self._project(hidden_states)
         if mask is not None:
             xbc = xbc * mask[..., None].to(xbc.dtype)
 
@@ -268,7 +314,7 @@ class HybridMamba2Mixer(nn.Module):
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One decode step; updates the cached conv and SSM states in place."""
-        z, xbc, dt = self.in_proj(hidden_states[:, 0]).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z, xbc, dt = self._project(hidden_states[:, 0])
         xbc = causal_conv1d_update(
             xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
@@ -304,18 +350,25 @@ class HybridMamba1Mixer(nn.Module):
         self.repeats = self.d_inner // self.d_xb
         self.splits = [self.d_inner, self.d_xb, self.d_xb, self.d_inner, self.dt_rank]
 
-        self.in_proj = nn.Linear(config.hidden_size, sum(self.splits), bias=False)
+        self.head_dim = config.head_dim
+        self.in_proj = nn.Linear(config.hidden_size, sum(self.splits), bias=config.mamba_proj_bias)
+        self.bc_norm = config.mamba_bc_norm
+        if self.bc_norm:
+            self.B_norm = modeling_llama.LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.C_norm = modeling_llama.LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1, bias=True
         )
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
 
     def _project(self, hidden_states: torch.Tensor):
         """z, x and B (repeated to d_inner), C, and the fp32 time step dt, all (..., d_inner)."""
         z, x, B, C, dt = self.in_proj(hidden_states).split(self.splits, dim=-1)
+        if self.bc_norm:  # per attention head, before B and C are read in groups of d_state
+            B, C = norm_heads(self.B_norm, B, self.head_dim), norm_heads(self.C_norm, C, self.head_dim)
         kv_groups = self.d_xb // self.d_state
         x, B = repeat_heads(x, kv_groups, self.repeats), repeat_heads(B, kv_groups, self.repeats)
         return z, x, B, C, F.softplus(self.dt_proj(dt).float())
@@ -420,18 +473,19 @@ MIXERS = {"mamba2": HybridMamba2Mixer, "mamba1": HybridMamba1Mixer}
 
 
 class HybridDecoderLayer(GradientCheckpointingLayer):
-    """A Llama block whose mixer is `self_attn` (Llama attention) or `mamba` (a Mamba mixer)."""
+    """The teacher family's block whose mixer is `self_attn` (the family's attention) or `mamba` (a Mamba mixer)."""
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
+        family = FAMILIES[config.teacher_model_type]
         self.mixer_type = config.mixer_types[layer_idx]
         if self.mixer_type == "attention":
-            self.self_attn = LlamaAttention(config, layer_idx)
+            self.self_attn = family.attention(config, layer_idx)
         else:
             self.mamba = MIXERS[self.mixer_type](config, layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = family.mlp(config)
+        self.input_layernorm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -481,7 +535,10 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _is_stateful = True
     _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["A_log"]  # so that exp(dt * A) cannot underflow
-    _can_record_outputs: ClassVar[dict] = {"hidden_states": HybridDecoderLayer, "attentions": LlamaAttention}
+    _can_record_outputs: ClassVar[dict] = {
+        "hidden_states": HybridDecoderLayer,
+        "attentions": tuple(family.attention for family in FAMILIES.values()),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -514,8 +571,9 @@ class HybridModel(HybridPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([HybridDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        family = FAMILIES[config.teacher_model_type]
+        self.norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = family.rotary(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -539,12 +597,14 @@ class HybridModel(HybridPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
-        has_attention = "full_attention" in self.config.layer_types
+        layer_types = set(self.config.layer_types)
+        has_attention = "attention" in self.config.mixer_types
         if position_ids is None:
-            # Only attention layers count cached tokens; positions matter to nothing else. Ask an attention layer:
-            # a Mamba layer's cache counts the conv windows it was given (transformers >= 5.25), not tokens.
+            # Only attention layers count cached tokens; positions matter to nothing else. Ask an attention layer
+            # (a sliding one counts every token too): a Mamba layer's cache counts the conv windows it was given
+            # (transformers >= 5.25), not tokens.
             past_seen_tokens = (
-                cache.get_seq_length(self.config.layer_types.index("full_attention"))
+                cache.get_seq_length(self.config.mixer_types.index("attention"))
                 if cache is not None and has_attention
                 else 0
             )
@@ -558,10 +618,12 @@ class HybridModel(HybridPreTrainedModel):
             "cache": cache,
             "position_ids": position_ids,
         }
-        masks = {
-            "full_attention": create_causal_mask(**mask_kwargs) if has_attention else None,
-            "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+        mask_functions = {
+            "full_attention": create_causal_mask,
+            "sliding_attention": create_sliding_window_causal_mask,
+            "linear_attention": create_recurrent_attention_mask,
         }
+        masks = {kind: mask_functions[kind](**mask_kwargs) for kind in layer_types}
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)

@@ -5,7 +5,9 @@ would pull dependencies we do not want), pull the one file we need out with `zip
 Q4_1 GGUF into a plain fp32 `LlamaForCausalLM` safetensors folder once. Every later run loads that
 folder like any other local checkpoint.
 
-A teacher can also be a local HF folder, a hub id or a `.gguf` file; all go through `from_pretrained`.
+A teacher can also be a local HF folder, a hub id or a `.gguf` file; all go through `from_pretrained`. Its
+family must be one the student reproduces (`distill.init.check_teacher_family`: Llama, Mistral, Qwen2/2.5,
+Qwen3, SmolLM3); `teacher_config` refuses any other before anything is loaded.
 """
 
 from __future__ import annotations
@@ -148,8 +150,11 @@ def _load_error(cfg: TeacherConfig, source: str, err: Exception) -> RecipeError:
 
 
 def teacher_config(cfg: TeacherConfig):
-    """The teacher's `LlamaConfig` without loading weights (for recipe cross-checks and student shapes)."""
+    """The teacher's config (`LlamaConfig`, `Qwen3Config`, ...) without loading weights (for recipe cross-checks
+    and student shapes); a family the student cannot reproduce is refused here, in one line."""
     from transformers import AutoConfig
+
+    from distill.init import check_teacher_family
 
     source, gguf_file = _resolve(cfg)
     try:
@@ -158,6 +163,7 @@ def teacher_config(cfg: TeacherConfig):
         raise _load_error(cfg, source, err) from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    check_teacher_family(config.model_type)
     return config
 
 
@@ -206,7 +212,8 @@ def _from_pretrained(source: str, gguf_file: str | None, revision: str | None, d
 
 
 def load_teacher(cfg: TeacherConfig, dtype) -> tuple:
-    """(frozen teacher in eval mode, tokenizer). `dtype` is a torch dtype."""
+    """(frozen teacher in eval mode, tokenizer). `dtype` is a torch dtype. Any causal LM loads; the student is
+    built only from the families `distill.init.check_teacher_family` accepts."""
     source, gguf_file = _resolve(cfg)
     try:
         model, tokenizer = _from_pretrained(source, gguf_file, cfg.revision, dtype)

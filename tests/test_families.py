@@ -1,0 +1,345 @@
+"""Teacher families beyond Llama: tiny random Llama 3.x, Mistral, Qwen2, Qwen3 and SmolLM3 teachers, built with
+transformers' own config classes, each with the feature that sets it apart switched on and exercised."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_stages import run, tiny_hybrid
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+    SmolLM3Config,
+)
+
+from distill.errors import UserError
+from distill.init import hybrid_config_from_teacher, hybrid_from_teacher
+from distill.modeling_hybrid import FAMILIES, HybridForCausalLM, repeat_heads
+from distill.recipe import RecipeError, StudentConfig
+
+torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
+
+COMMON = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+    "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "attn_implementation": "sdpa",
+}
+WINDOW = 5  # shorter than the test sequences, so sliding layers see fewer tokens than full ones
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+# At attention_fraction 0.5 layers 1 and 3 keep attention: each family's feature is in a kept layer.
+CONFIGS = {
+    "llama3": lambda: LlamaConfig(**COMMON, head_dim=16, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE),
+    "mistral": lambda: MistralConfig(**COMMON, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False),
+    # q/k/v biases; layers >= max_window_layers slide
+    "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
+                                 tie_word_embeddings=True),
+    # q/k norms; head_dim 24: nh * hd = 96 != hidden_size (Qwen3-0.6B has 2048 != 1024)
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=True),
+    # layer 3 has no RoPE
+    "smollm3": lambda: SmolLM3Config(**COMMON, no_rope_layer_interval=4, tie_word_embeddings=True),
+}
+
+
+def teacher_model(family: str):
+    """A seeded tiny teacher whose norms and biases are random too (zeros and ones would hide a dropped one)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+            elif "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def perturb_mixers(student, seed: int = 1):
+    """Perturb every Mamba parameter, so that all of them show in the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if ".mamba." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return student.eval()
+
+
+def ids_and_mask(length: int = 16):
+    ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # the second row is left-padded
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- config and init
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_zero_mamba_student_is_the_teacher(family):
+    teacher = teacher_model(family)
+    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=1.0)).eval()
+    for mine, theirs in zip(student.model.layers, teacher.model.layers):
+        assert type(mine.self_attn) is type(theirs.self_attn) and type(mine.mlp) is type(theirs.mlp)
+    assert student.config.tie_word_embeddings == teacher.config.tie_word_embeddings
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        for kwargs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+            want, got = teacher(**kwargs).logits, student(**kwargs).logits
+            # same modules, same weights, same masks: only summation-order noise of fp32 (logits are O(1))
+            assert (got - want).abs().max() <= 1e-5, family
+
+
+# What sets each family apart, switched off: the teacher must then compute something else (else the tests above
+# could not tell whether the student carries it over).
+WITHOUT_FEATURE = {
+    "llama3": lambda c: setattr(c, "rope_parameters", {"rope_type": "default", "rope_theta": 500000.0}),
+    "mistral": lambda c: setattr(c, "sliding_window", None),
+    "qwen2": lambda c: (setattr(c, "sliding_window", None), setattr(c, "layer_types", ["full_attention"] * 4)),
+    "qwen3": None,  # q/k norms cannot be switched off; their random weights are checked to matter instead
+    "smollm3": lambda c: setattr(c, "no_rope_layers", [1, 1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_each_tiny_teacher_exercises_its_feature(family):
+    teacher = teacher_model(family)
+    config = CONFIGS[family]()
+    if WITHOUT_FEATURE[family] is not None:
+        WITHOUT_FEATURE[family](config)
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    plain.load_state_dict(teacher.state_dict())
+    if family == "qwen3":
+        with torch.no_grad():
+            for layer in plain.model.layers:
+                layer.self_attn.q_norm.weight.fill_(1.0)
+                layer.self_attn.k_norm.weight.fill_(1.0)
+    ids, _ = ids_and_mask()
+    with torch.no_grad():
+        assert (teacher(ids).logits - plain(ids).logits).abs().max() > 1e-3
+
+
+def test_family_fields_carry_over():
+    llama = hybrid_config_from_teacher(CONFIGS["llama3"](), StudentConfig())
+    assert llama.rope_parameters["rope_type"] == "llama3" and llama.rope_parameters["factor"] == 8.0
+    assert not llama.tie_word_embeddings and not llama.mamba_proj_bias
+    mistral = hybrid_config_from_teacher(CONFIGS["mistral"](), StudentConfig())
+    assert mistral.sliding_window == WINDOW
+    assert mistral.layer_types == ["linear_attention", "sliding_attention"] * 2
+    qwen2 = hybrid_config_from_teacher(CONFIGS["qwen2"](), StudentConfig())
+    assert qwen2.layer_types == ["linear_attention", "full_attention", "linear_attention", "sliding_attention"]
+    assert qwen2.mamba_proj_bias
+    qwen3 = hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig())
+    assert qwen3.head_dim == 24 and qwen3.mamba_bc_norm and not qwen3.mamba_proj_bias
+    assert not hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig(bc_norm=False)).mamba_bc_norm
+    smol = hybrid_config_from_teacher(CONFIGS["smollm3"](), StudentConfig())
+    assert smol.no_rope_layers == [1, 1, 1, 0] and smol.sliding_window is None
+
+
+def test_unsupported_family_is_one_line_naming_it():
+    with pytest.raises(RecipeError) as err:
+        hybrid_config_from_teacher(GemmaConfig(**COMMON), StudentConfig())
+    message = str(err.value)
+    assert "'gemma'" in message and "llama, mistral, qwen2, qwen3, smollm3" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_biases_and_qk_norms_land_in_the_mixer(family, mixer):
+    """in_proj's C and B rows (bias and, for Qwen3, the per-head norm) give exactly the teacher's q and k."""
+    teacher = teacher_model(family)
+    student = hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, attention_layers=[1, 3]))
+    u = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        for i in (0, 2):
+            attn, mamba = teacher.model.layers[i].self_attn, student.model.layers[i].mamba
+            hd = attn.head_dim
+            q, k, v = attn.q_proj(u), attn.k_proj(u), attn.v_proj(u)
+            if family == "qwen3":
+                q = attn.q_norm(q.unflatten(-1, (-1, hd))).flatten(-2)
+                k = attn.k_norm(k.unflatten(-1, (-1, hd))).flatten(-2)
+            if mixer == "mamba2":
+                _, xbc, _ = mamba._project(u)
+                x, B, C = xbc.split([mamba.d_xb, mamba.d_xb, mamba.d_inner], dim=-1)
+            else:  # Mamba-1's x and B come repeated to every head, as GQA repeats v and k
+                _, x, B, C, _ = mamba._project(u)
+                v, k = repeat_heads(v, 2, 2), repeat_heads(k, 2, 2)
+            # the same affine maps (and norms) on the same input: equal up to fp32 rounding of O(1) values
+            torch.testing.assert_close(x, v, atol=1e-6, rtol=0)
+            torch.testing.assert_close(B, k, atol=1e-6, rtol=0)
+            torch.testing.assert_close(C, q, atol=1e-6, rtol=0)
+            assert torch.equal(mamba.out_proj.weight, attn.o_proj.weight)
+            if family == "qwen3":  # no biases anywhere
+                assert mamba.in_proj.bias is None and mamba.out_proj.bias is None
+                continue
+            bias, dt_rows = mamba.in_proj.bias, mamba.in_proj.out_features - 2 * (mamba.d_inner + mamba.d_xb)
+            assert torch.equal(bias[: mamba.d_inner], torch.zeros(mamba.d_inner))  # z rows
+            assert torch.equal(bias[-dt_rows:], torch.zeros(dt_rows))  # dt rows
+            assert torch.equal(mamba.out_proj.bias, torch.zeros(64))  # Qwen2's o_proj has no bias
+
+
+# ----------------------------------------------------------------------------- training, generation, save/load
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_layerwise_loss_falls(tmp_path, family):
+    teacher = teacher_model(family)
+    student = tiny_hybrid(teacher)
+    stage = {"name": "layerwise", "max_tokens": 3000, "lr": 1e-2}
+    student, summary, _ = run(tmp_path, teacher, student, stage)
+    assert summary["layers"] == [0, 2]
+    for i in summary["layers"]:
+        assert summary["held_out_after"][f"layer{i}"] < 0.8 * summary["held_out_before"][f"layer{i}"], summary
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+@pytest.mark.parametrize("family", CONFIGS)
+def test_batched_left_padded_generation_equals_unbatched(family, mixer):
+    teacher = teacher_model(family)
+    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, attention_fraction=0.5)))
+    student.generation_config.pad_token_id = 0
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    greedy = {"max_new_tokens": 8, "do_sample": False}  # 7 + 8 tokens: past the sliding window of 5
+    with torch.no_grad():
+        batched = student.generate(ids, attention_mask=mask, **greedy)
+        for row, prompt in enumerate(prompts):
+            alone = student.generate(prompt[None], **greedy)
+            assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), row
+            assert torch.equal(alone, student.generate(prompt[None], use_cache=False, **greedy)), row
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_save_then_load_is_bit_exact(tmp_path, family):
+    teacher = teacher_model(family)
+    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5)))
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    saved = {k: v for k, v in student.config.to_dict().items() if k != "_name_or_path"}
+    assert {k: v for k, v in loaded.config.to_dict().items() if k != "_name_or_path"} == saved
+    want, got = student.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        assert torch.equal(student(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits)
+
+
+REMOTE = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["distill"] = None  # any import of our package fails
+    from transformers import AutoModelForCausalLM
+    for folder in sys.argv[1:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        want = torch.load(folder + "/want.pt")
+        with torch.no_grad():
+            got = model(want["ids"]).logits
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        # another process, maybe other kernels' blocking: fp32 rounding of O(1) logits
+        assert (got - want["logits"]).abs().max() <= 1e-4, folder
+    print("ok")
+    """
+)
+
+
+def test_remote_code_loads_every_family_without_our_package(tmp_path):
+    folders = []
+    for family in CONFIGS:
+        student = perturb_mixers(hybrid_from_teacher(teacher_model(family), StudentConfig(attention_fraction=0.5)))
+        folder = tmp_path / family
+        student.save_pretrained(folder)
+        ids, _ = ids_and_mask()
+        with torch.no_grad():
+            torch.save({"ids": ids, "logits": student(ids).logits}, folder / "want.pt")
+        folders.append(str(folder))
+    (tmp_path / "remote.py").write_text(REMOTE)
+    result = subprocess.run([sys.executable, str(tmp_path / "remote.py"), *folders], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_families_table_matches_the_config():
+    from distill.configuration_hybrid import TEACHER_MODEL_TYPES
+
+    assert tuple(FAMILIES) == TEACHER_MODEL_TYPES
+
+
+# ----------------------------------------------------------------------------- Bamba export
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral-no-window"])
+def test_bamba_export_of_expressible_families_equals_native(tmp_path, family):
+    from test_export import char_tokenizer
+    from transformers import BambaForCausalLM
+
+    from distill.export import export
+
+    if family == "mistral-no-window":
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_config(MistralConfig(**COMMON, head_dim=16, sliding_window=None)).eval()
+    else:
+        teacher = teacher_model(family)
+    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5)))
+    student.save_pretrained(tmp_path / "ckpt")
+    char_tokenizer().save_pretrained(tmp_path / "ckpt")
+    out = export(tmp_path / "ckpt", "bamba", tmp_path / "bamba")  # itself compares logits on a random sequence
+    bamba = BambaForCausalLM.from_pretrained(out).eval()
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        # the same computation, with x and B repeated to full width: fp32 rounding of O(1) logits
+        assert (bamba(ids, attention_mask=mask).logits - student(ids, attention_mask=mask).logits).abs().max() < 1e-4
+        # and padding does not leak into the padded row (it would with in_proj biases, which are refused)
+        assert (bamba(ids, attention_mask=mask).logits[1, 4:] - bamba(ids[1:, 4:]).logits[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("family", "student", "feature"),
+    [
+        ("qwen3", {"attention_fraction": 0.5}, r"per-head q/k norms \(Qwen3's q_norm/k_norm\) in attention layers \[1, 3\]"),
+        ("qwen3", {"attention_fraction": 0.0}, r"per-head RMSNorm on the mixers' B and C"),
+        ("mistral", {"attention_fraction": 0.5}, r"sliding-window attention \(5 tokens\) in layers \[1, 3\]"),
+        ("qwen2", {"attention_fraction": 0.5}, r"sliding-window attention \(5 tokens\) in layers \[3\]"),
+        ("qwen2", {"attention_layers": [1]}, r"^Bamba cannot express biases on the mixers' in_proj"),
+        ("smollm3", {"attention_fraction": 0.5}, r"attention without RoPE \(SmolLM3's NoPE\) in layers \[3\]"),
+    ],
+)
+def test_bamba_refuses_what_it_cannot_express(tmp_path, family, student, feature):
+    from distill.export import export
+
+    model = hybrid_from_teacher(teacher_model(family), StudentConfig(**student))
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(UserError, match=feature) as err:
+        export(tmp_path / "ckpt", "bamba", tmp_path / "bamba")
+    assert "\n" not in str(err.value) and "--format native" in str(err.value)
+    assert not (tmp_path / "bamba").exists()
+
+
+def test_qwen3_without_attention_or_bc_norm_is_expressible_but_needs_hidden_width():
+    """Without kept attention and B/C norms nothing Qwen3-specific is left; its head_dim still stops Bamba."""
+    from distill.export import bamba_config
+
+    config = hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig(attention_fraction=0.0, bc_norm=False))
+    with pytest.raises(UserError, match=r"num_attention_heads\*head_dim = 4\*24 != hidden_size = 64"):
+        bamba_config(config)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = hybrid_config_from_teacher(CONFIGS["smollm3"](), StudentConfig())
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["teacher_model_type"] == "smollm3" and saved["no_rope_layers"] == [1, 1, 1, 0]
+    assert isinstance(HybridForCausalLM(type(config).from_pretrained(tmp_path)), HybridForCausalLM)
