@@ -2,6 +2,8 @@
 
 Works on a run's output (`--student outputs/run/final`: the run's recipe, held-out split and stage logs are
 picked up from the folder above) and on any pair of HF checkpoint folders (teacher vs itself gives KL = 0).
+A stock transformers student with Mamba layers (e.g. our `distill export --format bamba` output) runs our CPU
+kernels through transformers' kernel hook (distill.kernels.transformers_hook), as the native hybrid does.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import distill  # noqa: F401  (registers the hybrid with the Auto classes)
     from distill.data import build_datasets
     from distill.eval.evaluation import evaluate
+    from distill.kernels.transformers_hook import use_in_transformers
     from distill.recipe import DataConfig, EvalConfig, Recipe, TeacherConfig, load_recipe
     from distill.teacher import load_teacher
 
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, tokenizer = load_teacher(teacher_cfg, dtype=torch.float32)
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32, trust_remote_code=True)
     teacher.to(args.device)
-    student.to(args.device)
+    student = use_in_transformers(student.to(args.device))
     _, held_out = build_datasets(data_cfg, tokenizer, seed=recipe.seed if recipe else 0)
 
     cfg = EvalConfig(

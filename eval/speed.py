@@ -16,6 +16,8 @@ the thread's CPU time, so other processes on a shared machine do not inflate the
   cache exists and decoding runs (process RSS on CPU, the allocator's peak on CUDA).
 
 Decode speed does not depend on trained weights: the hybrids are freshly initialised from the teacher.
+`--checkpoints DIR ...` adds checkpoint folders (a run's final/, or an export such as our stock Bamba one, which
+runs our CPU kernels through transformers' kernel hook as in `distill eval`).
 """
 
 from __future__ import annotations
@@ -258,12 +260,26 @@ def hybrids_of(teacher, fractions: list[float], seed: int = 0) -> dict:
     return models
 
 
+def load_checkpoint(folder: Path, device: str):
+    """A checkpoint folder to measure; stock transformers Mamba-family models get our CPU kernels."""
+    from transformers import AutoModelForCausalLM
+
+    import distill  # noqa: F401  (registers the native hybrid with the Auto classes)
+    from distill.kernels.transformers_hook import use_in_transformers
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
+    return use_in_transformers(model.to(device).eval())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Decode/prefill speed and memory: teacher vs hybrids.")
     parser.add_argument(
         "--teacher", default="smollm2-135m-instruct", help="teacher.source (builtin, folder, hub id)"
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.0])
+    parser.add_argument(
+        "--checkpoints", type=Path, nargs="*", default=[], help="checkpoint folders to add (e.g. a Bamba export)"
+    )
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=6, help="timed decode steps per measurement (median)")
@@ -291,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     teacher, _ = load_teacher(TeacherConfig(source=args.teacher), dtype=torch.float32)
     models = hybrids_of(teacher.to(args.device), args.fractions)
+    models.update({folder.name: load_checkpoint(folder, args.device) for folder in args.checkpoints})
     timer = "thread CPU time" if clock(torch.device(args.device)) is time.thread_time else "wall time"
     note = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, timed by {timer}."
     print(note)

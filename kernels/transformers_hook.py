@@ -111,11 +111,14 @@ def use_in_transformers(model):
     """Make a stock transformers model (on CPU) run our scan, decode step and conv; returns the model.
 
     Registers our CPU mapping with `kernels` (merged into the current one) and kernelizes the model through
-    transformers' `set_use_kernels(True)`. A model that has none of these ops is returned unchanged."""
+    transformers' `set_use_kernels(True)`. A model that ends up with none of our ops (no Mamba layers, or on a GPU,
+    where transformers' own mapping applies) is reset to how it was, so this is safe to call on any model."""
     from kernels import register_kernel_mapping
 
     register_kernel_mapping(kernel_mapping())
     model.set_use_kernels(True)
+    if not ops_in_use(model):
+        model.reset_kernels()
     return model
 
 

@@ -1,14 +1,17 @@
 """Benchmark the scan kernels side by side, in one run, and print markdown tables with ratios.
 
-Mamba-2 (SSD) scan: our chunked PyTorch path vs transformers' own pure-torch fallback
-(`transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan`, what Mamba2/Bamba run without mamba-ssm)
-vs the sequential reference loop. Mamba-1 selective scan: our PyTorch path vs mambapy's parallel scan
+Mamba-2 (SSD) scan: our public `mamba_chunk_scan_combined` (torch backend: the chunked PyTorch path, at its own
+block size whatever chunk size it is given) vs transformers' own pure-torch fallback
+(`transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan`, what its Mamba-2 family runs without mamba-ssm)
+vs the sequential reference loop. Both are called with each chunk size of --chunks (a model's `chunk_size`; 256
+is Mamba2Config's and BambaConfig's default), and each row's ratios are against ours at the same chunk size; after
+each case a "best" line compares each implementation at its fastest of those chunk sizes. Mamba-1 selective scan: our PyTorch path vs mambapy's parallel scan
 (`mambapy.mamba.MambaBlock.selective_scan`) vs the loop.
 
 For each row: time (the best of at least --reps calls and at least one second of calls), effective GFLOP/s, the
 ratio to the matmul-bound floor, the peak memory the call adds on top of its inputs, and time / memory ratios
 against ours. GFLOP/s use one FLOP count per problem for every variant (so they compare like speeds): for SSD the
-matmul work of the chunked algorithm at our chunk size Q, 2 b L (Q g n + Q h p + 2 h p n) forward and 3x that
+matmul work of the chunked algorithm at our block size Q = DEFAULT_CHUNK_SIZE, 2 b L (Q g n + Q h p + 2 h p n) forward and 3x that
 forward+backward; the floor is that count at this machine's fp32 matmul rate, measured right before and right
 after each variant's timed calls, the faster of the two (this shared VM moves between a slow and a fast state,
 sometimes within seconds). For the Mamba-1 scan (elementwise work, no matmuls) it is 6 b L d n per forward. "fwd"
@@ -27,7 +30,9 @@ as its floor). Every variant runs with PyTorch's transparent huge pages for larg
 
     python scripts/bench_kernels.py            # the full table (several minutes on 2 cores)
     python scripts/bench_kernels.py --quick    # a small subset, about a minute
-    python scripts/bench_kernels.py --tune     # our SSD time per chunk size, to pick DEFAULT_CHUNK_SIZE
+    python scripts/bench_kernels.py --tune     # our SSD time per block size, to pick DEFAULT_CHUNK_SIZE
+    python scripts/bench_kernels.py --no-mamba1 --modes fwd+bwd --batch 2 --lengths 4096 --chunks 64 128 256
+                                               # one targeted case: fwd+bwd at three chunk sizes
 """
 
 import argparse
@@ -39,6 +44,7 @@ import os
 import torch
 
 from distill.eval.speed import clock as speed_clock
+from distill.kernels import dispatch
 from distill.kernels.selective_scan import selective_scan_torch
 from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_chunked import DEFAULT_CHUNK_SIZE, ssd_chunked
@@ -160,21 +166,31 @@ def ssd_flops(b, L, h, p, n, chunk, g=1):
     return 2 * b * L * (chunk * g * n + chunk * h * p + 2 * h * p * n)
 
 
+def ours_scan(chunk, **kw):
+    """Our public scan, as a model calls it, on the torch backend."""
+    dispatch.set_backend("torch")
+    try:
+        return dispatch.mamba_chunk_scan_combined(chunk_size=chunk, dt_softplus=True, **kw)
+    finally:
+        dispatch.set_backend(None)
+
+
 def bench_mamba2(args, rows):
     hf = hf_mamba2_scan()
-    variants = {
-        "ours (torch)": lambda **kw: ssd_chunked(chunk_size=args.chunk, dt_softplus=True, **kw),
-        f"transformers fallback (chunk {args.hf_chunk})": lambda **kw: hf(
-            kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), args.hf_chunk, dt_softplus=True, **kw),
-        "naive loop": lambda **kw: ssd_naive(dt_softplus=True, **kw),
-    }
+    variants = {}
+    for chunk in args.chunks:
+        variants[f"ours (chunk {chunk})"] = functools.partial(ours_scan, chunk)
+        variants[f"transformers fallback (chunk {chunk})"] = functools.partial(
+            lambda chunk, **kw: hf(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), chunk,
+                                   dt_softplus=True, **kw), chunk)
+    variants["naive loop"] = lambda **kw: ssd_naive(dt_softplus=True, **kw)
     for n in args.dstate:
         for dtype_name in args.dtypes:
             for backward in args.modes:
                 for b in args.batch:
                     for L in args.lengths:
                         inputs = ssd_inputs(b, L, args.heads, args.headdim, n, DTYPES[dtype_name])
-                        flops = ssd_flops(b, L, args.heads, args.headdim, n, args.chunk) * (3 if backward else 1)
+                        flops = ssd_flops(b, L, args.heads, args.headdim, n, DEFAULT_CHUNK_SIZE) * (3 if backward else 1)
                         results = {}
                         for name, fn in variants.items():
                             if name == "naive loop" and L > args.naive_max_len:
@@ -182,6 +198,17 @@ def bench_mamba2(args, rows):
                             results[name] = run_case(fn, inputs, backward, args.reps)
                         add_rows(rows, "mamba2", dtype_name, backward, b, L, n, results, flops)
                         print_row_block(rows[-len(results):])
+                        print(best_vs_best(results), flush=True)
+
+
+def best_vs_best(results):
+    """Each implementation at its fastest chunk size: the honest headline ratio."""
+    best = {}
+    for who in ("ours", "transformers"):
+        name = min((k for k in results if k.startswith(who)), key=lambda k: results[k][0])
+        best[who] = (name, results[name][0])
+    (ours, t_ours), (theirs, t_theirs) = best["ours"], best["transformers"]
+    return f"best: {ours} {t_ours * 1e3:.1f} ms vs {theirs} {t_theirs * 1e3:.1f} ms: {t_theirs / t_ours:.2f}x"
 
 
 # ----------------------------------------------------------------------------- Mamba-1
@@ -198,7 +225,7 @@ def mambapy_scan(u, delta, A, B, C, D):
 
 def bench_mamba1(args, rows):
     variants = {
-        "ours (torch)": lambda **kw: selective_scan_torch(**kw),
+        "ours": lambda **kw: selective_scan_torch(**kw),
         "mambapy pscan": lambda **kw: mambapy_scan(**kw),
         "naive loop": lambda **kw: selective_scan_naive(**kw),
     }
@@ -236,9 +263,15 @@ HEADER = ("| scan | dtype | mode | b | L | n | variant | ms | GFLOP/s | matmul G
           "| time / ours | memory / ours |")
 
 
+def baseline(name, results):
+    """The row's "ours": ours at the same chunk size, else ours at the first one."""
+    same = "ours " + name[name.index("("):] if "(chunk" in name else None
+    return results[same] if same in results else next(v for k, v in results.items() if k.startswith("ours"))
+
+
 def add_rows(rows, op, dtype, backward, b, L, n, results, flops):
-    ours_time, ours_mem, _ = results["ours (torch)"]
     for name, (seconds, peak, rate) in results.items():
+        ours_time, ours_mem, _ = baseline(name, results)
         rows.append(
             f"| {op} | {dtype} | {'fwd+bwd' if backward else 'fwd'} | {b} | {L} | {n} | {name} | {seconds * 1e3:.1f} "
             f"| {flops / seconds / 1e9:.1f} | {rate / 1e9:.0f} | {seconds / (flops / rate):.1f} | {peak / 2**20:.0f} "
@@ -277,8 +310,8 @@ def main():
     parser.add_argument("--dstate", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="our chunk size")
-    parser.add_argument("--hf-chunk", type=int, default=256, help="transformers' chunk size (Mamba2Config default)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[64, 256],
+                        help="chunk sizes passed to both scans (a model's chunk_size; 256 is Mamba2Config's default)")
     parser.add_argument("--naive-max-len", type=int, default=512, help="run the sequential loop only up to this L")
     parser.add_argument("--d-inner", type=int, default=1024)
     parser.add_argument("--m1-dstate", type=int, default=16)
@@ -297,7 +330,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our chunk size {args.chunk}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our block size {DEFAULT_CHUNK_SIZE}; "
           "matmul GFLOP/s = best fp32 1024^3 GEMM, right before and after each variant's timed calls, the faster; "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by importing distill)")
     if args.tune:

@@ -167,3 +167,42 @@ def test_every_layer_signature_matches_transformers():
                 ours = inspect.signature(LAYERS[name].forward).parameters.values()
                 assert [(p.name, p.kind) for p in ours] == [(p.name, p.kind) for p in theirs], (family, name)
     assert seen == set(LAYERS)
+
+
+def test_distill_eval_and_speed_run_our_kernels_on_a_bamba_export(tmp_path, monkeypatch):
+    """`distill eval` of our Bamba export runs our scan and scores it as the native student it came from; the speed
+    benchmark measures a Bamba export with our kernels too."""
+    import json
+
+    from test_eval_cli import SENTENCES
+    from test_eval_lm_eval import save_tiny_checkpoint
+    from test_export import make_hybrid
+
+    from distill.eval.cli import main as eval_main
+    from distill.eval.speed import benchmark, load_checkpoint
+    from distill.export import write_bamba
+    from distill.kernels import dispatch
+
+    monkeypatch.setenv("MAMBA_DISTILL_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(SENTENCES[i:] + SENTENCES[:i])}) + "\n" for i in range(4)) * 3)
+    teacher, _ = save_tiny_checkpoint(tmp_path / "llama")
+    student = make_hybrid(teacher, attention_layers=[1], chunk_size=16)
+    student.save_pretrained(tmp_path / "native")
+    write_bamba(student, tmp_path / "bamba", "1GB")
+    calls = []
+    scan = dispatch.ssd_chunked  # what the dispatcher runs on CPU, looked up at each call
+    monkeypatch.setattr(dispatch, "ssd_chunked", lambda *a, **k: calls.append(1) or scan(*a, **k))
+    perplexity = {}
+    for name in ("native", "bamba"):
+        out = tmp_path / f"report-{name}"
+        args = ["--student", str(tmp_path / name), "--teacher", str(tmp_path / "llama"), "--data", str(data),
+                "--max-length", "64", "--max-sequences", "4", "--out", str(out)]
+        assert eval_main(args) == 0
+        perplexity[name] = json.loads((out / "report.json").read_text())["student"]["perplexity"]
+        assert calls, name  # both ran our scan
+        calls.clear()
+    # the same fp32 model in two layouts: only rounding differs (see LOGIT_TOL), and perplexity is exp(mean NLL)
+    assert perplexity["bamba"] == pytest.approx(perplexity["native"], rel=1e-4)
+    rows = benchmark({"bamba": load_checkpoint(tmp_path / "bamba", "cpu")}, [24], [2], 2, 64, log=lambda _: None)
+    assert calls and rows[0]["prefill_tok_s"] > 0 and rows[0]["ssm_state_bytes"] > 0
