@@ -191,7 +191,7 @@ class SelectionConfig(_Section):
     the teacher's attention for its aligned mixer raises the held-out KL most."""
 
     align: AlignConfig = AlignConfig()
-    score_rows: int = Field(default=8, ge=1)  # held-out rows on which each single-layer swap is scored
+    score_rows: int = Field(default=8, ge=1)  # rows (the last training rows) each single-layer swap is scored on
     cache_dir: str | None = None  # where aligned mixers are kept; None: $MAMBA_DISTILL_CACHE/aligned
 
 

@@ -5,8 +5,9 @@
    `$MAMBA_DISTILL_CACHE/aligned`), keyed by the teacher, the data, the student's mixer settings, the
    alignment settings and the seed, so any later recipe that differs only in its attention layers reuses them.
 2. Score: for each layer, the teacher with that one layer's attention swapped for its aligned mixer runs on
-   `score_rows` held-out rows; the layer's score is that model's KL to the teacher (nats per loss token),
-   i.e. how much the teacher suffers when exactly that layer loses its attention. Cached with the mixers.
+   the last `score_rows` training rows (not the held-out rows, which judge the result); the layer's score is
+   that model's KL to the teacher (nats per loss token), i.e. how much the teacher suffers when exactly that
+   layer loses its attention. Cached with the mixers.
 3. Choose (`student.attention_layers: auto`): attention stays at the round(fraction x layers) layers with the
    highest scores. The resolved recipe.yaml records the list, and `selection/scores.json` the scores.
 4. Assemble: whatever the attention layers, the student's mixers start from the aligned ones, so the recipe's
@@ -120,16 +121,18 @@ def swap_scores(accelerator, teacher, mixers: dict[int, torch.nn.Module], rows, 
 
 
 def layer_scores(ctx, student, folder: Path) -> tuple[list[float], float]:
-    """Each layer's swap score (cached next to the aligned mixers) and the seconds scoring took (0 if cached)."""
+    """Each layer's swap score (cached next to the aligned mixers) and the seconds scoring took (when done)."""
     rows = ctx.recipe.selection.score_rows
     path = folder / f"scores-{rows}rows.json"
     if path.is_file():
         logger.info("selection: reusing the layer scores in %s", path)
-        return json.loads(path.read_text())["scores"], 0.0
+        cached = json.loads(path.read_text())
+        return cached["scores"], cached["seconds"]
     started = time.perf_counter()
     mixers = {i: layer.mamba for i, layer in enumerate(student.model.layers)}
-    held_out = ctx.held_out.select(range(min(rows, len(ctx.held_out))))
-    scores = swap_scores(ctx.accelerator, ctx.teacher, mixers, held_out, batch_size=4)
+    # the last training rows, not the held-out ones: the final evaluation must not have picked the layers
+    scored = ctx.train.select(range(max(0, len(ctx.train) - rows), len(ctx.train)))
+    scores = swap_scores(ctx.accelerator, ctx.teacher, mixers, scored, batch_size=4)
     seconds = time.perf_counter() - started
     if ctx.accelerator.is_main_process:
         path.write_text(json.dumps({"scores": scores, "rows": rows, "seconds": seconds}))

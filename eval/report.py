@@ -116,8 +116,8 @@ def _selection_text(record: dict) -> str:
     scores = record["scores"]
     lines = [
         (f"Attention kept at {record['attention_layers']} (uniform placement: {record['uniform_layers']}). Each "
-        f"layer's score is the teacher's held-out KL with that one layer's attention swapped for its aligned mixer "
-        f"({record['score_rows']} rows); the highest keep attention. Alignment of every layer: "
+        f"layer's score is the teacher's KL with that one layer's attention swapped for its aligned mixer "
+        f"({record['score_rows']} training rows); the highest keep attention. Alignment of every layer: "
         f"{record['align_tokens']:,} tokens, {record['align_seconds']:.0f} s"
         f"{' (reused from the cache)' if record.get('align_reused') else ''}; scoring {record['score_seconds']:.0f} s."),
         "",

@@ -2,13 +2,16 @@
 
     python scripts/bench_train.py [--batch-size 4 --seq-len 512 --steps 4 --trainable mixers]
     python scripts/bench_train.py --stage layerwise      # the layerwise alignment step instead
+    python scripts/bench_train.py --stage layerwise --precisions bf16 --activations online cached
 
 Each variant runs the training step the `end_to_end` stage runs (the same functions): the teacher forward
 under inference_mode, the student forward to its final hidden states, the chunked KL (whose forward also
 computes its gradient), the student backward and the AdamW step. `--stage layerwise` times that stage's
 step instead: the teacher forward with the capture hooks (it stops after the deepest replaced layer), each
-mixer's forward on its captured input and the MSE, the backward and the AdamW step. It prints tokens/s per
-variant, the share of the step in each part, and the bf16/fp32 ratio. bf16 means what `precision: bf16` does:
+mixer's forward on its captured input and the MSE, the backward and the AdamW step; with `--activations
+cached` the teacher forward is replaced by reading the captured activations from `ActivationCache` (what
+`activations: cached` does after a row's first epoch). It prints tokens/s per variant, the share of the step
+in each part, and the ratio of the last variant to the first. bf16 means what `precision: bf16` does:
 the teacher's weights in bf16, the student's fp32 master weights under bf16 autocast.
 """
 
@@ -41,7 +44,7 @@ class AutocastOnly:
         return self.context
 
 
-def run_variant(precision: str, teacher_fp32, student_cfg, batch: dict, args) -> dict:
+def run_variant(precision: str, activations: str, teacher_fp32, student_cfg, batch: dict, args) -> dict:
     from distill.init import hybrid_from_teacher
     from distill.losses import distill_kl, loss_positions
     from distill.stages.end_to_end import model_inputs, set_trainable
@@ -61,6 +64,11 @@ def run_variant(precision: str, teacher_fp32, student_cfg, batch: dict, args) ->
         layers = mamba_layers(student)
         objective = LayerwiseObjective(student, layers, LayerwiseStage(name="layerwise", max_tokens=1))
         capture = capture_teacher(AutocastOnly(autocast), teacher, layers, "mixer_output")
+        if activations == "cached":
+            from distill.stages.layerwise import ActivationCache
+
+            capture = ActivationCache(capture, num_rows=len(batch["row"]), row_bytes=0, max_gb=1)
+            capture(batch)  # the first epoch's capture; the timed steps read the cache
 
     clock: dict[str, float] = {}
     for step in range(args.warmup + args.steps):
@@ -86,7 +94,7 @@ def run_variant(precision: str, teacher_fp32, student_cfg, batch: dict, args) ->
             optimizer.zero_grad(set_to_none=True)
     total = sum(clock.values())
     tokens = int(batch["attention_mask"].sum()) * args.steps
-    return {"precision": precision, "tok_s": tokens / total, "step_s": total / args.steps, "parts": clock,
+    return {"variant": f"{precision}-{activations}" if args.stage == "layerwise" else precision, "tok_s": tokens / total, "step_s": total / args.steps, "parts": clock,
             "loss": float(loss.detach())}
 
 
@@ -100,6 +108,8 @@ def main() -> None:
     parser.add_argument("--trainable", choices=["mixers", "all"], default="mixers")
     parser.add_argument("--stage", choices=["end_to_end", "layerwise"], default="end_to_end")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--activations", nargs="+", choices=["online", "cached"], default=["online"],
+                        help="layerwise only: teacher forward per step, or activations read from the cache")
     args = parser.parse_args()
 
     from distill.recipe import StudentConfig, TeacherConfig
@@ -111,22 +121,24 @@ def main() -> None:
     shape = (args.batch_size, args.seq_len)
     ids = torch.randint(0, teacher.config.vocab_size, shape, generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "position_ids": torch.arange(args.seq_len).expand(shape).contiguous(), "labels": ids.clone()}
+             "position_ids": torch.arange(args.seq_len).expand(shape).contiguous(), "labels": ids.clone(),
+             "row": torch.arange(args.batch_size)}
     student_cfg = StudentConfig(mixer="mamba2", attention_fraction=0.5, chunk_size=64)  # as the demo recipe
 
     print(f"SmolLM2-135M teacher -> 50% Mamba-2 student, {args.stage} step, trainable={args.trainable}, batch "
           f"{args.batch_size} x {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, torch threads "
           f"{torch.get_num_threads()}")
-    results = [run_variant(p, teacher, student_cfg, batch, args) for p in args.precisions]
+    activations = args.activations if args.stage == "layerwise" else ["online"]
+    results = [run_variant(p, a, teacher, student_cfg, batch, args) for p in args.precisions for a in activations]
     parts = list(results[0]["parts"])
-    header = f"{'variant':8} {'tok/s':>8} {'s/step':>7}  " + "  ".join(f"{p:>17}" for p in parts)
+    header = f"{'variant':12} {'tok/s':>8} {'s/step':>7}  " + "  ".join(f"{p:>17}" for p in parts)
     print(header)
     for r in results:
         shares = "  ".join(f"{100 * r['parts'][p] / sum(r['parts'].values()):16.1f}%" for p in parts)
-        print(f"{r['precision']:8} {r['tok_s']:8.1f} {r['step_s']:7.2f}  {shares}")
-    if len(results) == 2:
-        print(f"{results[1]['precision']}/{results[0]['precision']} throughput ratio: "
-              f"{results[1]['tok_s'] / results[0]['tok_s']:.2f}x")
+        print(f"{r['variant']:12} {r['tok_s']:8.1f} {r['step_s']:7.2f}  {shares}")
+    if len(results) >= 2:
+        print(f"{results[-1]['variant']}/{results[0]['variant']} throughput ratio: "
+              f"{results[-1]['tok_s'] / results[0]['tok_s']:.2f}x")
 
 
 if __name__ == "__main__":

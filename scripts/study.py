@@ -40,6 +40,11 @@ LONG = (5e5, 2e5)  # the best 50% recipe at about 1 CPU-hour, for the issue's qu
 XL = (1e6, 2e5)  # twice LONG's layerwise tokens: the long arm's layerwise held-out loss was still falling
 E2E_PILOT = (LONG[0], 4e4)  # end-to-end variants that all start from the long arm's finished layerwise stage
 REFERENCE_INIT = ["student.norm_init=ones", "student.conv_init=random"]
+# Issue 16's levers. `auto` arms align a mixer for every layer on the arm's first budget (the recipe's own
+# layerwise stage is dropped: the student's mixers come aligned), score each layer and keep attention where a
+# swap hurts most; the 50% and 25% auto arms share one alignment (the cache), but each counts its full cost.
+AUTO = ["student.attention_layers=auto", "selection.score_rows=8"]
+CACHED = ["stages.0.activations=cached", "stages.0.cache_epochs=4"]
 
 ARMS: dict[str, tuple[str, list[str], tuple[float, float]]] = {
     "attn50-mamba2-long": ("budget", ["stages.0.checkpoint_every_tokens=1e5", "stages.1.checkpoint_every_tokens=5e4"], LONG),
@@ -62,6 +67,13 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, float]]] = {
     "attn50-mamba2-e2e-mixers-lr1e-4": ("e2e", ["stages.1.lr=1e-4"], E2E_PILOT),
     "attn50-mamba2-e2e-all-lr3e-4": ("e2e", ["stages.1.trainable=all"], E2E_PILOT),
     "attn50-mamba2-e2e-all-lr1e-4": ("e2e", ["stages.1.trainable=all", "stages.1.lr=1e-4"], E2E_PILOT),
+    "attn50-mamba2-auto": ("selection", AUTO, SHORT),
+    "attn25-mamba2-auto": ("selection", [*AUTO, "student.attention_fraction=0.25"], SHORT),
+    "attn50-mamba2-l2": ("objective", ["stages.0.objective=l2"], SHORT),
+    "attn50-mamba2-layer-normalized": ("objective", ["stages.0.objective=layer_normalized_mse"], SHORT),
+    "attn50-mamba2-cached": ("activations", CACHED, SHORT),
+    "attn50-mamba2-e2e-all-mixer-lr": ("e2e", ["stages.1.trainable=all", "stages.1.lr=3e-5", "stages.1.mixer_lr=3e-4"],
+                                       E2E_PILOT),
 }
 # arm -> the arm whose finished layerwise stage it links instead of rerunning (same recipe up to stage 0)
 SHARED_FIRST_STAGE = {name: "attn50-mamba2-long" for name, (comparison, _, _) in ARMS.items() if comparison == "e2e"}
@@ -75,6 +87,12 @@ def arm_overrides(name: str, out: Path, scale: float) -> list[str]:
         stage = yaml.safe_load(BASE.read_text())["stages"][1]
         stage["max_tokens"] = int(e2e * scale)
         return sets + ["stages=" + json.dumps([stage])] + overrides
+    if "student.attention_layers=auto" in overrides:  # the first budget aligns every layer; no layerwise stage
+        stage = yaml.safe_load(BASE.read_text())["stages"]
+        align = {**stage[0], "max_tokens": int(first * scale)}
+        del align["name"]
+        return sets + ["selection.align=" + json.dumps(align), "stages=" + json.dumps(
+            [{**stage[1], "max_tokens": int(e2e * scale)}])] + overrides
     sets += [f"stages.0.max_tokens={int(first * scale)}", f"stages.1.max_tokens={int(e2e * scale)}"]
     return sets + overrides
 
@@ -161,18 +179,28 @@ def collect(out: Path, arms: list[str], lm_eval_limit: int | None, speed_context
         wall = sum(stage.get("wall_time_s", 0) for stage in report["stages"])
         threads_file = out / name / "threads"
         arm_threads = int(threads_file.read_text()) if threads_file.is_file() else threads
+        stage_tokens = {stage["name"]: stage.get("tokens", 0) for stage in report["stages"]}
+        stage_wall = {stage["name"]: stage.get("wall_time_s", 0) for stage in report["stages"]}
+        fraction = recipe["student"]["attention_fraction"]
+        selection = report.get("selection")
+        if selection:  # its alignment and scoring count in full, even when another arm paid for them first
+            stage_tokens = {"selection": selection["align_tokens"], **stage_tokens}
+            stage_wall = {"selection": selection["align_seconds"] + selection["score_seconds"], **stage_wall}
+            wall += stage_wall["selection"]
+            fraction = selection["fraction"]
         results["teacher"] = teacher
         results["arms"][name] = {
             "comparison": ARMS[name][0],
             "mixer": recipe["student"]["mixer"],
-            "attention_fraction": recipe["student"]["attention_fraction"],
+            "attention_fraction": fraction,
+            "attention_layers": selection["attention_layers"] if selection else None,
             "perplexity": student["perplexity"],
             "perplexity_ratio": student["perplexity"] / teacher["perplexity"],
             "kl_to_teacher": student["kl_to_teacher"],
             "top1_agreement": student["top1_agreement"],
-            "stage_tokens": {stage["name"]: stage.get("tokens", 0) for stage in report["stages"]},
-            "stage_wall_s": {stage["name"]: stage.get("wall_time_s", 0) for stage in report["stages"]},
-            "tokens": sum(stage.get("tokens", 0) for stage in report["stages"]),
+            "stage_tokens": stage_tokens,
+            "stage_wall_s": stage_wall,
+            "tokens": sum(stage_tokens.values()),
             "wall_time_s": wall,
             "threads": arm_threads,
             "cpu_hours": wall * arm_threads / 3600,
@@ -361,9 +389,48 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
         fig.tight_layout()
         fig.savefig(docs / "results_curves.png", dpi=120)
         plt.close(fig)
+        plot_frontier(arms, docs / "results_frontier.png")
         lines += ["", "![perplexity ratio and KL per arm](results.png)", "",
+                  "![quality vs CPU-hours: every arm, the frontier joined](results_frontier.png)", "",
                   "![training loss curves](results_curves.png)"]
     (docs / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (cost, loss, name) points that no cheaper point beats on loss, cheapest first."""
+    best, kept = math.inf, []
+    for cost, loss, name in sorted(points):
+        if loss < best:
+            best = loss
+            kept.append((cost, loss, name))
+    return kept
+
+
+def plot_frontier(arms: dict, path: Path) -> None:
+    """KL and perplexity ratio against CPU-hours for every arm (selection's cost included), per attention
+    fraction; the frontier of each fraction is joined."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fractions = sorted({a["attention_fraction"] for a in arms.values() if a["mixer"] == "mamba2"}, reverse=True)
+    for ax, key, label in ((axes[0], "kl_to_teacher", "KL(teacher‖student), nats/token"),
+                           (axes[1], "perplexity_ratio", "held-out perplexity / teacher's")):
+        for index, fraction in enumerate(fractions):
+            color = plt.get_cmap("tab10")(index)
+            points = [(a["cpu_hours"], a[key], n) for n, a in arms.items()
+                      if a["mixer"] == "mamba2" and a["attention_fraction"] == fraction]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], color=color, s=18,
+                       label=f"{fraction:.0%} attention")
+            line = frontier(points)
+            ax.plot([p[0] for p in line], [p[1] for p in line], color=color, lw=1)
+            for cost, value, name in points:
+                ax.annotate(name.replace("-mamba2", ""), (cost, value), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+        ax.set(xlabel="CPU-hours (distillation, selection included)", ylabel=label, xscale="log", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:

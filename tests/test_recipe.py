@@ -79,3 +79,16 @@ def test_file_errors(tmp_path):
     (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(RecipeError, match="must be a YAML mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def test_auto_attention_layers_take_the_fraction_and_bring_a_selection_section():
+    recipe = recipe_from_dict({"stages": [dict(E2E)], "student": {"attention_layers": "auto",
+                                                                 "attention_fraction": 0.25}})
+    assert recipe.student.attention_layers == "auto" and recipe.student.attention_fraction == 0.25
+    assert recipe.selection is not None and recipe.selection.align.max_tokens == 100_000
+    assert recipe_from_dict({"stages": [dict(E2E)], "student": {"attention_layers": "auto"}}).student.attention_fraction == 0.5
+    recipe.check_against_teacher(30)  # nothing to check until the layers are chosen
+    with pytest.raises(RecipeError, match="student.attention_layers"):
+        recipe_from_dict({"stages": [dict(E2E)], "student": {"attention_layers": "best"}})
+    with pytest.raises(RecipeError, match=r"unknown key 'selection.align.objectiv'; did you mean 'objective'\?"):
+        recipe_from_dict({"stages": [dict(E2E)], "selection": {"align": {"objectiv": "l2"}}})
