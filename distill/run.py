@@ -34,10 +34,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _console_filter(record: logging.LogRecord) -> bool:
+    """The console shows the run's own lines (start, one per stage, the held-out summary) and real problems.
+
+    The rest goes to run.log only: data and kernel notes, and accelerate's chatter at every checkpoint (its
+    `[RANK 0] Saving current state ...` lines and the `Removed shared tensor` warning for the tied lm_head).
+    """
+    if record.name.startswith("accelerate"):
+        return record.levelno >= logging.ERROR
+    return record.levelno >= logging.WARNING or record.name in ("distill.run", "distill.eval")
+
+
 def _log_to_file(path: Path) -> None:
+    """Everything at INFO and above goes to `path`; the console handlers keep what `_console_filter` passes."""
+    root = logging.getLogger()
+    for console in root.handlers:
+        console.addFilter(_console_filter)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
+    root.addHandler(handler)
+
+
+def _stage_line(index: int, summary: dict) -> str:
+    line = (f"stage {index} ({summary['name']}): {summary.get('tokens', 0):,} tokens in "
+            f"{summary.get('wall_time_s', 0):.0f} s, final loss {summary.get('final_loss', float('nan')):.4g}")
+    before, after = summary.get("held_out_before") or {}, summary.get("held_out_after") or {}
+    if "loss" in before and "loss" in after:
+        line += f", held-out loss {before['loss']:.4g} -> {after['loss']:.4g}"
+    return line
 
 
 def save_final(student, tokenizer, out: Path) -> None:
@@ -75,6 +99,7 @@ def _check_kernel_backend() -> None:
 def run(recipe, recipe_path: str | None = None) -> Path:
     """Run `recipe` end to end; returns the output directory."""
     import torch
+    import transformers
 
     from distill.data import build_datasets, check_source
     from distill.eval.evaluation import evaluate
@@ -85,6 +110,7 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     from distill.trainer import make_accelerator
 
     started = time.time()
+    transformers.utils.logging.disable_progress_bar()  # its per-load/save bars would sit between the stage bars
     accelerator = make_accelerator(recipe)
     out = Path(recipe.output_dir)
     with accelerator.main_process_first():  # the first process downloads, converts and caches; the rest reuse
@@ -117,6 +143,8 @@ def run(recipe, recipe_path: str | None = None) -> Path:
         student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration)
     for index, stage in enumerate(recipe.stages):  # a stage that finished on an earlier run just reloads
         student = run_stage(ctx, index, stage, student)
+        if accelerator.is_main_process:
+            logger.info(_stage_line(index, _stage_summaries(out, recipe)[index]))
     student = accelerator.unwrap_model(student)
 
     if accelerator.is_main_process:

@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-accelerate launch --config_file recipes/accelerate/cpu.yaml distill/run.py \
+# accelerate would otherwise pick the same thread count and print a notice about it.
+threads=$("${PYTHON:-python}" -c "import psutil; print(psutil.cpu_count(logical=False) or 1)")
+accelerate launch --config_file recipes/accelerate/cpu.yaml --num_cpu_threads_per_process "$threads" distill/run.py \
   recipes/smollm2-135m/hybrid50-mamba2.yaml "$@"

@@ -52,7 +52,7 @@ def tiny_run(tmp_path_factory):
         "student: {attention_layers: [0, 2], chunk_size: 16}\n"
         "data: {source: chat.jsonl, max_length: 128, held_out_size: 4}\n"
         "stages:\n"
-        "  - {name: layerwise, max_tokens: 1000, batch_size: 4}\n"
+        "  - {name: layerwise, max_tokens: 1000, batch_size: 4, checkpoint_every_tokens: 500}\n"
         "  - {name: end_to_end, max_tokens: 1000, batch_size: 4}\n"
         "eval: {max_sequences: 4}\n"
         "output_dir: out\n"
@@ -75,7 +75,13 @@ def test_pipeline_writes_every_output_and_resumes(tiny_run):
     out = tiny_run / "out"
     assert f"outputs in {out.resolve()}" in first.stdout
     assert "seed: 3" in (out / "recipe.yaml").read_text()
-    assert "(NO, 1 process(es))" in (out / "run.log").read_text()
+    log = (out / "run.log").read_text()
+    assert "(NO, 1 process(es))" in log
+    # a quiet console: bars, the run's lines, one line per stage; accelerate's checkpoint chatter in run.log only
+    assert "Saving current state" in log and "Saving current state" not in first.stderr
+    assert "[RANK 0]" not in first.stderr and "Removed shared tensor" not in first.stderr
+    assert "Loading weights" not in first.stderr and "Writing model shards" not in first.stderr
+    assert "stage 0 (layerwise): " in first.stderr and "stage 1 (end_to_end): " in first.stderr
     summaries = [json.loads((out / d / "summary.json").read_text()) for d in ("stage0-layerwise", "stage1-end_to_end")]
     assert all(s["finished"] and s["tokens"] >= 1000 for s in summaries)
     report = json.loads((out / "eval" / "report.json").read_text())
