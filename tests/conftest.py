@@ -33,6 +33,18 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**fields)
 
 
+def reordering_bound(config, dtype: torch.dtype, scale: float) -> float:
+    """How far two correct runs of one model may differ when only the order of their sums differs.
+
+    Another thread count, process, kernel or mask layout sums the same products in another order. A sum of n
+    products rounds differently by up to about n * eps of the sum of their magnitudes, which for these random
+    models is a few times the result's magnitude (`scale`, e.g. max |logits|); the errors of the layers add up.
+    The factor 2 covers that sum-of-magnitudes ratio (about sqrt(n) / 4 at n = 128 in practice).
+    """
+    longest = max(config.hidden_size, config.intermediate_size)
+    return 2 * config.num_hidden_layers * longest * torch.finfo(dtype).eps * scale
+
+
 @pytest.fixture
 def tiny_llama():
     """A seeded tiny random LlamaForCausalLM in fp32, eval mode."""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import reordering_bound
 from test_model import random_model
 from transformers import DynamicCache
 
@@ -25,7 +26,9 @@ def test_token_by_token_decoding_equals_the_parallel_forward(layout):
         parallel = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
         steps = [model(ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([[t]])).logits for t in range(13)]
-    assert (torch.cat(steps, dim=1) - parallel).abs().max() <= 1e-4
+    # the step recurrence and the chunked scan are the same sums in another order (fp32 state in both)
+    assert (torch.cat(steps, dim=1) - parallel).abs().max() <= reordering_bound(model.config, torch.float32,
+                                                                                 parallel.abs().max())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -42,7 +45,8 @@ def test_prefill_then_chunk_then_steps(layout):
         parts.append(model(ids[:, 5:11], cache=cache).logits)
         for t in range(11, 14):
             parts.append(model(ids[:, t : t + 1], cache=cache).logits)
-    assert (torch.cat(parts, dim=1) - parallel).abs().max() <= 1e-4
+    assert (torch.cat(parts, dim=1) - parallel).abs().max() <= reordering_bound(model.config, torch.float32,
+                                                                                 parallel.abs().max())
 
 
 @pytest.mark.parametrize("layout", ["mamba2", "mamba1"])
@@ -56,7 +60,7 @@ def test_packed_prefill_leaves_only_the_last_document_in_the_state(layout):
         model(torch.cat([first, last], dim=1), cache=cache, position_ids=position_ids)
         packed = model(nxt, cache=cache, position_ids=torch.tensor([[2]])).logits
         want = model(torch.cat([last, nxt], dim=1), use_cache=False).logits[:, -1:]
-    assert (packed - want).abs().max() <= 1e-5
+    assert (packed - want).abs().max() <= reordering_bound(model.config, torch.float32, want.abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
