@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import reordering_bound
 
 from distill.errors import UserError
 from distill.export import export, main
@@ -83,11 +84,13 @@ def test_bamba_export_equals_native(checkpoint, tmp_path):
     ids, mask = _batch()
     with torch.no_grad():
         expected, got = native(ids).logits, bamba(ids).logits
-        assert (expected - got).abs().max() < 1e-4
+        # the same model computed by other code (transformers' Bamba scan): the same sums in another order
+        bound = reordering_bound(native.config, torch.float32, expected.abs().max())
+        assert (expected - got).abs().max() <= bound
         padded_expected = native(ids, attention_mask=mask).logits[1, 3:]
         padded_got = bamba(ids, attention_mask=mask).logits[1, 3:]
-        assert (padded_expected - padded_got).abs().max() < 1e-4
-        assert (padded_got - bamba(ids[1:, 3:]).logits[0]).abs().max() < 1e-4  # padding does not leak
+        assert (padded_expected - padded_got).abs().max() <= bound
+        assert (padded_got - bamba(ids[1:, 3:]).logits[0]).abs().max() <= bound  # padding does not leak
 
 
 @pytest.mark.slow
@@ -144,7 +147,7 @@ def test_native_export_folder(checkpoint, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids, _ = _batch()
     with torch.no_grad():
-        assert torch.equal(native(ids).logits, reloaded(ids).logits)
+        assert torch.equal(native(ids).logits, reloaded(ids).logits)  # same process, weights and kernels
 
 
 def test_native_then_bamba_then_reload(checkpoint, tmp_path):
@@ -157,7 +160,9 @@ def test_native_then_bamba_then_reload(checkpoint, tmp_path):
     bamba = AutoModelForCausalLM.from_pretrained(tmp_path / "bamba").eval()
     ids, _ = _batch()
     with torch.no_grad():
-        assert (native(ids).logits - bamba(ids).logits).abs().max() < 1e-4
+        expected = native(ids).logits
+        assert (expected - bamba(ids).logits).abs().max() <= reordering_bound(native.config, torch.float32,
+                                                                               expected.abs().max())
 
 
 def test_wrong_eps_is_refused(checkpoint, tmp_path):
@@ -231,7 +236,10 @@ def test_native_export_loads_without_our_package(checkpoint, tmp_path):
     final, native = checkpoint
     out = export(final, "native", tmp_path / "native")
     ids, _ = _batch()
-    torch.save({"ids": ids, "logits": native(ids).logits.detach()}, tmp_path / "expected.pt")
+    logits = native(ids).logits.detach()
+    # another process may use another thread count and so another order of sums: compare within that bound
+    bound = reordering_bound(native.config, torch.float32, logits.abs().max())
+    torch.save({"ids": ids, "logits": logits, "bound": bound}, tmp_path / "expected.pt")
     script = f"""
 import sys, torch
 sys.modules["distill"] = None  # any import of our package fails
@@ -239,7 +247,7 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 expected = torch.load({str(tmp_path / "expected.pt")!r})
 with torch.no_grad():
-    assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+    assert (model(expected["ids"]).logits - expected["logits"]).abs().max() <= expected["bound"]
 print(type(model).__module__)
 """
     result = subprocess.run(

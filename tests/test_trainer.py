@@ -293,6 +293,8 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path):
     resumed = launch({"out": str(tmp_path / "killed"), "stage": stage})
     assert "resuming from" in resumed.stdout + resumed.stderr
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    # bit-equal by construction: both runs are processes on this machine with OMP_NUM_THREADS=1 (single-threaded CPU
+    # kernels sum in a fixed order), and resuming restores weights, optimizer, scheduler, RNG and data position
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     log = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
