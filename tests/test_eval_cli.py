@@ -45,6 +45,7 @@ def test_teacher_against_itself(tmp_path, text_data):
     ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
+    # the student is the teacher: every KL term p (log p - log q) is exactly 0, the perplexities equal
     assert abs(report["student"]["kl_to_teacher"]) < 1e-6
     assert report["student"]["top1_agreement"] == 1.0
     assert report["student"]["perplexity"] == pytest.approx(report["teacher"]["perplexity"], rel=1e-6)

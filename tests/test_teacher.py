@@ -72,7 +72,7 @@ def test_local_folder_teacher_is_frozen(tmp_path, tiny_llama, tiny_tokenizer):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert tokenizer.chat_template == tiny_tokenizer.chat_template
     for name, value in tiny_llama.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)  # saved and loaded: same bits
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match="not a loadable HF checkpoint folder"):
         teacher.load_teacher(TeacherConfig(source=str(tmp_path / "empty")), dtype=torch.float32)
@@ -122,4 +122,5 @@ def test_gguf_path_teacher_matches_the_converted_one(smollm2):
     assert not hasattr(gguf_model.config, "quantization_config")
     ids = tokenizer("Distillation moves knowledge from a teacher to a student.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
+        # the same dequantized weights through the same LlamaForCausalLM code in one process: equal up to sum order
         torch.testing.assert_close(gguf_model(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
