@@ -62,9 +62,12 @@ def build_cache(model, batch: int, context: int):
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() > 0:
-            shape = (*keys.shape[:2], context, keys.shape[-1])
+            window = getattr(layer, "sliding_window", None)  # a sliding layer keeps its last window - 1 tokens
+            shape = (*keys.shape[:2], context if window is None else min(context, window - 1), keys.shape[-1])
             layer.keys = torch.randn(shape, dtype=keys.dtype, device=device)
             layer.values = torch.randn(shape, dtype=keys.dtype, device=device)
+            if window is not None:
+                layer.cumulative_length = context
     return cache
 
 

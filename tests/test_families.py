@@ -343,3 +343,42 @@ def test_config_round_trips_through_json(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["teacher_model_type"] == "smollm3" and saved["no_rope_layers"] == [1, 1, 1, 0]
     assert isinstance(HybridForCausalLM(type(config).from_pretrained(tmp_path)), HybridForCausalLM)
+
+
+# ----------------------------------------------------------------------------- the whole pipeline
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])  # q/k norms; sliding windows (KV cache in eval)
+def test_pipeline_runs_on_each_family(tmp_path, monkeypatch, family):
+    """distill run on a tiny teacher of the family: layerwise, end-to-end, eval (lm-eval, decode speed), export."""
+    from conftest import make_tiny_tokenizer
+
+    from distill.recipe import recipe_from_dict
+    from distill.run import run as distill_run
+
+    monkeypatch.setenv("MAMBA_DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS[family]()
+    config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = 258, 256, 257, 257
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(120)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = recipe_from_dict({
+        "teacher": {"source": "teacher"},
+        "student": {"attention_fraction": 0.5, "chunk_size": 16},
+        "data": {"source": "chat.jsonl", "max_length": 128, "held_out_size": 4},
+        "stages": [{"name": "layerwise", "max_tokens": 1000, "batch_size": 4},
+                   {"name": "end_to_end", "max_tokens": 1000, "batch_size": 4}],
+        "eval": {"max_sequences": 4, "lm_eval_tasks": ["sharegpt_ppl"], "lm_eval_limit": 2, "speed": True,
+                 "speed_contexts": [16], "speed_batch_sizes": [2], "speed_steps": 2},
+        "output_dir": "out",
+    })
+    out = distill_run(recipe)
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["student"]["kl_to_teacher"] > 0 and report["student"]["perplexity"] > 0
+    final = AutoModelForCausalLM.from_pretrained(out / "export" / "native", trust_remote_code=True)
+    assert final.config.teacher_model_type == config.model_type
