@@ -1,5 +1,7 @@
-"""Depthwise causal conv1d with causal-conv1d's signatures: a per-position loop (the definition) and a per-tap
-vectorised version (the fast path; the kernel is only `width` taps wide, so a loop over taps is cheap).
+"""Depthwise causal conv1d with causal-conv1d's signatures: a per-position loop (the definition) and the fast path:
+PyTorch's depthwise conv1d (oneDNN on CPU, 2-3x faster than a loop over taps, forward and backward), and with
+`seq_idx` one shifted multiply-add per tap that masks inputs of other documents (the kernel is only `width` taps
+wide, so the loop is cheap).
 
 x is (batch, dim, seqlen), weight (dim, width), bias (dim,), initial_states and final states (batch, dim,
 width - 1). With `seq_idx` (batch, seqlen) a position only sees inputs of its own document; the initial
@@ -71,11 +73,14 @@ def causal_conv1d_naive(x, weight, bias=None, seq_idx=None, initial_states=None,
 
 def causal_conv1d_torch(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                         activation=None):
-    """The same sum, one shifted multiply-add per tap over the whole sequence."""
+    """The same sum: a depthwise F.conv1d over the padded input, or with seq_idx one shifted multiply-add per tap."""
     _check(x, weight, bias, seq_idx, initial_states, activation)
     f = compute_dtype(x.dtype)
     width, l = weight.shape[1], x.shape[-1]
     xpad = _padded(x, width, initial_states, f)
+    if seq_idx is None and l:  # (conv1d refuses an empty sequence)
+        out = F.conv1d(xpad, weight.to(f)[:, None], None if bias is None else bias.to(f), groups=x.shape[1])
+        return _finish(out, xpad, width, x, activation, return_final_states)
     doc = _padded_doc(seq_idx, width) if seq_idx is not None else None
     w = weight.to(f)[:, :, None]
     out = torch.zeros_like(xpad[..., width - 1:]) if bias is None else bias.to(f)[:, None].expand(x.shape[1:]).clone()
