@@ -45,6 +45,8 @@ def packing(kwargs):
 
 
 class ChunkScan(torch.nn.Module):
+    """transformers' mamba2_chunk_scan -> our chunked scan (z and seq_idx come in kwargs)."""
+
     def forward(self, hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
                 dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False, **kwargs):
         return dispatch.mamba_chunk_scan_combined(
@@ -54,12 +56,16 @@ class ChunkScan(torch.nn.Module):
 
 
 class StateUpdate(torch.nn.Module):
+    """transformers' mamba2 / mamba selective_state_update -> our decode step."""
+
     def forward(self, state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None, **kwargs):
         return dispatch.selective_state_update(state, hidden_states, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                                dt_softplus=dt_softplus)
 
 
 class SelectiveScan(torch.nn.Module):
+    """transformers' mamba_selective_scan -> our Mamba-1 scan (its mambapy switches do not apply)."""
+
     def forward(self, hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False, use_mambapy=False, use_associative_scan=False, **kwargs):
         return dispatch.selective_scan_fn(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
@@ -67,11 +73,15 @@ class SelectiveScan(torch.nn.Module):
 
 
 class Conv(torch.nn.Module):
+    """transformers' causal_conv1d_fn -> ours (seq_idx comes in kwargs)."""
+
     def forward(self, hidden_states, weight, bias=None, activation=None, **kwargs):
         return dispatch.causal_conv1d_fn(hidden_states, weight, bias, seq_idx=packing(kwargs), activation=activation)
 
 
 class ConvUpdate(torch.nn.Module):
+    """transformers' causal_conv1d_update -> ours (a shifting conv state, as transformers keeps it)."""
+
     def forward(self, hidden_states, conv_state, weight, bias=None, activation=None):
         return dispatch.causal_conv1d_update(hidden_states, conv_state, weight, bias, activation=activation)
 
