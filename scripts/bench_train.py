@@ -24,12 +24,18 @@ import time
 import torch
 
 
+def now() -> float:
+    """Thread CPU time with one torch thread (all the work runs on this thread, so other jobs on a shared
+    machine do not inflate it), else wall time."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
 def timed(clock: dict, key: str):
     @contextlib.contextmanager
     def section():
-        start = time.perf_counter()
+        start = now()
         yield
-        clock[key] = clock.get(key, 0.0) + time.perf_counter() - start
+        clock[key] = clock.get(key, 0.0) + now() - start
 
     return section()
 
@@ -127,7 +133,7 @@ def main() -> None:
 
     print(f"SmolLM2-135M teacher -> 50% Mamba-2 student, {args.stage} step, trainable={args.trainable}, batch "
           f"{args.batch_size} x {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, torch threads "
-          f"{torch.get_num_threads()}")
+          f"{torch.get_num_threads()} (timed in {'thread CPU' if torch.get_num_threads() == 1 else 'wall'} time)")
     activations = args.activations if args.stage == "layerwise" else ["online"]
     results = [run_variant(p, a, teacher, student_cfg, batch, args) for p in args.precisions for a in activations]
     parts = list(results[0]["parts"])
