@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,27 +32,8 @@ from distill.stages import StageContext, run_stage
 from distill.teacher import cache_dir
 from distill.trainer import make_accelerator
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def byte_tokenizer():
-    """256 bytes + <|im_start|> (256) + <|im_end|> (257), with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from conftest import make_tiny_tokenizer
 
 
 def train_teacher(train, steps: int, batch_size: int = 8, lr: float = 3e-3):
@@ -92,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    tokenizer = byte_tokenizer()
+    tokenizer = make_tiny_tokenizer()
     train, held_out = build_datasets(
         DataConfig(max_length=256, max_conversations=3000, held_out_size=args.rows, loss_on="all"), tokenizer, seed=0
     )

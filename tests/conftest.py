@@ -45,6 +45,17 @@ def reordering_bound(config, dtype: torch.dtype, scale: float) -> float:
     return 2 * config.num_hidden_layers * longest * torch.finfo(dtype).eps * scale
 
 
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch: (input_ids with 0 as padding, attention_mask)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
 @pytest.fixture
 def tiny_llama():
     """A seeded tiny random LlamaForCausalLM in fp32, eval mode."""

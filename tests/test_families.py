@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import left_padded
 from test_stages import run, tiny_hybrid
 from transformers import (
     AutoModelForCausalLM,
@@ -208,12 +209,8 @@ def test_batched_left_padded_generation_equals_unbatched(family, mixer):
     student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, attention_fraction=0.5)))
     student.generation_config.pad_token_id = 0
     prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     greedy = {"max_new_tokens": 8, "do_sample": False}  # 7 + 8 tokens: past the sliding window of 5
     with torch.no_grad():
         batched = student.generate(ids, attention_mask=mask, **greedy)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import reordering_bound
+from conftest import left_padded, reordering_bound
 from test_model import random_model
 from transformers import DynamicCache
 
@@ -96,12 +96,8 @@ def test_batched_left_padded_generation_equals_unbatched(layout):
     model = random_model(LAYOUTS[layout])
     model.generation_config.pad_token_id = 0
     prompts = [torch.randint(1, 128, (n,)) for n in (7, 3, 5)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         for row, prompt in enumerate(prompts):
