@@ -45,6 +45,20 @@ def reordering_bound(config, dtype: torch.dtype, scale: float) -> float:
     return 2 * config.num_hidden_layers * longest * torch.finfo(dtype).eps * scale
 
 
+def clear_greedy(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Greedy `generate`, asserting that every pick wins by more than twice `reordering_bound`.
+
+    Then any other correct computation of the same logits (batched, padded, uncached, another thread count) must
+    pick the same tokens, so comparing token ids is sound on any CPU; a near tie fails here, not there.
+    """
+    out = model.generate(input_ids, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)
+    logits = torch.stack(out.logits).float()
+    top2 = logits.topk(2, dim=-1).values
+    bound = reordering_bound(model.config, torch.float32, logits.abs().max())
+    assert (top2[..., 0] - top2[..., 1]).min() > 2 * bound, "a near tie between greedy picks: use another seed"
+    return out.sequences
+
+
 def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths as one left-padded batch: (input_ids with 0 as padding, attention_mask)."""
     width = max(len(p) for p in prompts)

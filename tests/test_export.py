@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import reordering_bound
+from conftest import clear_greedy, reordering_bound
 
 from distill.errors import UserError
 from distill.export import export, main
@@ -103,7 +103,9 @@ def test_bamba_export_generates_like_native(checkpoint, tmp_path):
     ids, mask = _batch()
     greedy = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 3}
     for kwargs in ({"input_ids": ids[:1]}, {"input_ids": ids, "attention_mask": mask}):
-        assert torch.equal(native.generate(**kwargs, **greedy), bamba.generate(**kwargs, **greedy))
+        # the native picks clear every near tie by twice the bound the two computations may differ by
+        assert torch.equal(clear_greedy(native, **kwargs, max_new_tokens=12, pad_token_id=3),
+                           bamba.generate(**kwargs, **greedy))
 
 
 def test_tiling_instead_of_repeat_interleave_is_caught(checkpoint, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import left_padded, reordering_bound
+from conftest import clear_greedy, left_padded, reordering_bound
 from test_model import random_model
 from transformers import DynamicCache
 
@@ -101,7 +101,7 @@ def test_batched_left_padded_generation_equals_unbatched(layout):
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         for row, prompt in enumerate(prompts):
-            alone = model.generate(prompt[None], max_new_tokens=8, do_sample=False)
+            alone = clear_greedy(model, prompt[None], max_new_tokens=8)
             assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), row
 
 
@@ -110,7 +110,7 @@ def test_cached_generation_equals_uncached(layout):
     model = random_model(LAYOUTS[layout])
     ids = torch.randint(1, 128, (1, 6))
     with torch.no_grad():
-        greedy = model.generate(ids, max_new_tokens=10, do_sample=False)
+        greedy = clear_greedy(model, ids, max_new_tokens=10)
         assert torch.equal(greedy, model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False))
         torch.manual_seed(3)
         sampled = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, temperature=1.5)
