@@ -53,7 +53,8 @@ def test_divergences_match_float64_loop(kind, temperature):
     got = distill_kl(s_hidden, t_hidden, loss_positions(labels), student_head=s_head, teacher_head=t_head,
                      kind=kind, temperature=temperature, jsd_beta=0.3, chunk=3)
     want = reference(t_hidden @ t_head.T, s_hidden @ s_head.T, labels, kind, temperature, beta=0.3)
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    # fp32 chunked log-softmax over the vocabulary vs a float64 reference: a few eps32 per token, relative
+    assert float(got) == pytest.approx(float(want), rel=1e-5)  # as above
 
 
 def test_cross_entropy_term_matches_reference():
@@ -84,6 +85,7 @@ def test_gradients_match_autograd_float64(kind):
         div = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
     ce = torch.nn.functional.cross_entropy((x64 @ w64.T)[mask], labels[:, 1:][mask[:, :-1]], reduction="none")
     ((div * 1.5**2 + 0.2 * ce).mean()).backward()
+    # fp32 gradients vs float64: relative error a few eps32 times the head's width; atol for near-zero entries
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
 
@@ -102,6 +104,7 @@ def test_chunked_equals_unchunked():
     loss = distill_kl(x @ s_head.T, t_hidden @ t_head.T, mask, chunk=10_000)
     loss.backward()
     results.append((loss.detach(), x.grad))
+    # other chunkings sum the same fp32 terms in another order: the loss to ~8 eps32, its gradient a little looser
     for got_loss, got_grad in results[1:]:
         torch.testing.assert_close(got_loss, results[0][0], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(got_grad, results[0][1], rtol=1e-5, atol=1e-7)
@@ -124,12 +127,13 @@ def test_masked_positions_contribute_nothing():
     s2[~mask] = 100 * torch.randn_like(s2[~mask])
     t2[~mask] = -50.0
     loss2, grad2 = run(s2, t2)
+    # the masked positions are dropped before any arithmetic, so the rest is the same computation bit for bit
     assert torch.equal(loss, loss2)
     assert torch.equal(grad[mask], grad2[mask])
     assert (grad[~mask] == 0).all()
     # and the mean is over loss tokens only: the sum divided by the number of loss positions
     total = distill_kl(s_hidden, t_hidden, mask, student_head=s_head, teacher_head=t_head, kind="jsd", reduction="sum")
-    torch.testing.assert_close(total / mask.sum(), loss)
+    torch.testing.assert_close(total / mask.sum(), loss)  # one division apart: fp32 defaults
 
 
 def test_no_loss_tokens_gives_zero():
@@ -164,13 +168,14 @@ def test_topk_is_the_divergence_of_the_distributions_coarsened_to_k_plus_tail(ki
             m = (p + q) / 2
             div = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
         total += float(div) * temperature**2
+    # fp32 vs float64, and the pooled tail 1 - sum(top-k) cancels when the top-k hold nearly all the mass: 1e-4 relative
     assert float(got) == pytest.approx(total / int(mask.sum()), rel=1e-4)
     # a lower bound on the full divergence, and exact when k covers the vocabulary
     full = distill_kl(s_logits, t_logits, mask, kind=kind, temperature=temperature)
-    assert float(got) <= float(full) + 1e-6
+    assert float(got) <= float(full) + 1e-6  # pooling can only lose information; 1e-6 absorbs fp32 rounding
     values, indices = t_logp.topk(V, -1)
     exact = distill_kl(s_logits, TopK(values, indices), mask, kind=kind, temperature=temperature)
-    assert float(exact) == pytest.approx(float(full), rel=1e-4)
+    assert float(exact) == pytest.approx(float(full), rel=1e-4)  # the same divergence through the top-k path
 
 
 def test_bf16_inputs_give_an_fp32_loss():
