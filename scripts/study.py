@@ -147,10 +147,12 @@ def decode_speed(arms: list[str], out: Path, contexts: list[int]) -> dict[str, d
     models, arch_of = {"teacher": teacher}, {}
     for name in arms:
         student = yaml.safe_load((out / name / "recipe.yaml").read_text())["student"]
-        arch = f"{student['mixer']}@{student['attention_fraction'] or 0}"
+        layers = student["attention_layers"]  # a list when chosen from data: its count sets the speed
+        fraction = len(layers) / teacher.config.num_hidden_layers if layers is not None else student["attention_fraction"] or 0
+        arch = f"{student['mixer']}@{fraction}"
         arch_of[name] = arch
         if arch not in models:
-            cfg = StudentConfig(mixer=student["mixer"], attention_fraction=student["attention_fraction"])
+            cfg = StudentConfig(mixer=student["mixer"], attention_fraction=fraction)
             models[arch] = hybrid_from_teacher(teacher, cfg, seed=0).eval()
     rows = benchmark(models, contexts, [1], steps=4, prefill_max_tokens=0)
     by_arch = {}
