@@ -46,10 +46,13 @@ def _console_filter(record: logging.LogRecord) -> bool:
 
 
 def _log_to_file(path: Path) -> None:
-    """Everything at INFO and above goes to `path`; the console handlers keep what `_console_filter` passes."""
+    """Everything at INFO and above goes to `path`; the console handlers keep what `_console_filter` passes.
+
+    Only plain StreamHandlers on stderr/stdout count as the console (not, say, pytest's capture handlers)."""
     root = logging.getLogger()
     for console in root.handlers:
-        console.addFilter(_console_filter)
+        if type(console) is logging.StreamHandler and console.stream in (sys.stderr, sys.stdout):
+            console.addFilter(_console_filter)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root.addHandler(handler)
