@@ -43,21 +43,13 @@ def select_attention_layers(
     num_layers: int,
     attention_layers: list[int] | None = None,
     attention_fraction: float | None = None,
-    by: str = "placement",
 ) -> list[int]:
     """The sorted indices of the layers that keep attention.
 
     `attention_layers` is taken as given. `attention_fraction` f keeps k = round(f * num_layers) layers, the
     last of each of k equal groups: index floor((j + 1) * num_layers / k) - 1, which at f = 0.5 is every odd
-    layer, the reference's placement. `by="data"` is the hook for choosing layers from measurements on data.
+    layer, the reference's placement. Layers chosen from data (`attention_layers: auto`) are distill.selection's.
     """
-    if by == "data":
-        raise NotImplementedError(
-            "data-driven attention layer selection is not implemented yet; set student.attention_layers "
-            "or student.attention_fraction instead"
-        )
-    if by != "placement":
-        raise ValueError(f"by={by!r}: choose 'placement' (or 'data', not implemented yet)")
     if (attention_layers is None) == (attention_fraction is None):
         raise RecipeError("student: set exactly one of attention_layers or attention_fraction")
     if attention_layers is not None:

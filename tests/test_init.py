@@ -36,8 +36,6 @@ def test_explicit_layers_and_mistakes():
         select_attention_layers(6, attention_layers=[1, 1])
     with pytest.raises(RecipeError, match="keeps 0 of 30"):
         select_attention_layers(30, attention_fraction=0.01)
-    with pytest.raises(NotImplementedError, match="data-driven"):
-        select_attention_layers(6, attention_fraction=0.5, by="data")
 
 
 def test_config_from_teacher():
