@@ -101,6 +101,7 @@ def _check_kernel_backend() -> None:
 
 def run(recipe, recipe_path: str | None = None) -> Path:
     """Run `recipe` end to end; returns the output directory."""
+    import datasets
     import torch
     import transformers
 
@@ -113,7 +114,9 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     from distill.trainer import make_accelerator
 
     started = time.time()
-    transformers.utils.logging.disable_progress_bar()  # its per-load/save bars would sit between the stage bars
+    # their per-load/save bars (model shards, dataset caching) would sit between the stage bars
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     accelerator = make_accelerator(recipe)
     out = Path(recipe.output_dir)
     with accelerator.main_process_first():  # the first process downloads, converts and caches; the rest reuse

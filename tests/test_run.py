@@ -81,6 +81,7 @@ def test_pipeline_writes_every_output_and_resumes(tiny_run):
     assert "Saving current state" in log and "Saving current state" not in first.stderr
     assert "[RANK 0]" not in first.stderr and "Removed shared tensor" not in first.stderr
     assert "Loading weights" not in first.stderr and "Writing model shards" not in first.stderr
+    assert "Saving the dataset" not in first.stderr
     assert "stage 0 (layerwise): " in first.stderr and "stage 1 (end_to_end): " in first.stderr
     summaries = [json.loads((out / d / "summary.json").read_text()) for d in ("stage0-layerwise", "stage1-end_to_end")]
     assert all(s["finished"] and s["tokens"] >= 1000 for s in summaries)
