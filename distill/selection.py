@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from distill.losses import distill_kl, loss_positions
 from distill.stages.end_to_end import model_inputs
+from distill.teacher import cache_dir as assets_cache_dir
 from distill.trainer import batches
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ def cache_key(recipe, teacher) -> dict:
 
 def cache_dir(recipe, teacher) -> Path:
     key = cache_key(recipe, teacher)
-    root = recipe.selection.cache_dir or Path(os.environ.get("MAMBA_DISTILL_CACHE", Path.home() / ".cache" /
-                                                             "mamba-distill")) / "aligned"
+    root = recipe.selection.cache_dir or assets_cache_dir() / "aligned"
     return Path(root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
