@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import distill  # noqa: F401  (registers the hybrid with the Auto classes)
+    import distill.modeling_hybrid  # noqa: F401  (registers the hybrid with the Auto classes)
     from distill.data import build_datasets
     from distill.eval.evaluation import evaluate
     from distill.kernels.transformers_hook import use_in_transformers

@@ -36,7 +36,7 @@ def _task_spec(name: str) -> str | dict:
 def _load_lm(model, tokenizer, batch_size: int, device: str, dtype: str):
     from lm_eval.models.huggingface import HFLM
 
-    import distill  # noqa: F401  (registers the hybrid with the Auto classes)
+    import distill.modeling_hybrid  # noqa: F401  (registers the hybrid with the Auto classes)
 
     if isinstance(model, (str, Path)):
         folder = Path(model)

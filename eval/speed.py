@@ -267,7 +267,7 @@ def load_checkpoint(folder: Path, device: str):
     """A checkpoint folder to measure; stock transformers Mamba-family models get our CPU kernels."""
     from transformers import AutoModelForCausalLM
 
-    import distill  # noqa: F401  (registers the native hybrid with the Auto classes)
+    import distill.modeling_hybrid  # noqa: F401  (registers the native hybrid with the Auto classes)
     from distill.kernels.transformers_hook import use_in_transformers
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
