@@ -188,7 +188,7 @@ class AlignConfig(LayerwiseStage):
 class SelectionConfig(_Section):
     """Align once, assemble later: a Mamba mixer is aligned for every layer (cached; see distill.selection),
     the student's mixers start from them, and `student.attention_layers: auto` keeps attention where swapping
-    the teacher's attention for its aligned mixer raises the held-out KL most."""
+    the teacher's attention for its aligned mixer raises the KL most (scored on the last training rows)."""
 
     align: AlignConfig = AlignConfig()
     score_rows: int = Field(default=8, ge=1)  # rows (the last training rows) each single-layer swap is scored on
