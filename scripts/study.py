@@ -45,8 +45,14 @@ REFERENCE_INIT = ["student.norm_init=ones", "student.conv_init=random"]
 # swap hurts most; the 50% and 25% auto arms share one alignment (the cache), but each counts its full cost.
 AUTO = ["student.attention_layers=auto", "selection.score_rows=8"]
 CACHED = ["stages.0.activations=cached", "stages.0.cache_epochs=4"]
+# The 2-CPU-hour targets at 50% and 25% attention, with everything that won at small budget (the demo's recipe
+# at study scale): every layer aligned once on 1e5 cached tokens (shared by both arms, counted in full by each),
+# then the chosen mixers' own layerwise stage on cached activations (8 epochs), then end-to-end KL. A budget of
+# three parts is (alignment of every layer, layerwise of the chosen mixers, end-to-end) tokens.
+TARGET = [*AUTO, "stages.0.activations=cached", "stages.0.cache_epochs=8", "stages.0.cache_max_gb=9",
+          "stages.0.checkpoint_every_tokens=2e5", "stages.1.checkpoint_every_tokens=5e4"]
 
-ARMS: dict[str, tuple[str, list[str], tuple[float, float]]] = {
+ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
     "attn50-mamba2-long": ("budget", ["stages.0.checkpoint_every_tokens=1e5", "stages.1.checkpoint_every_tokens=5e4"], LONG),
     "attn50-mamba2-xl": ("budget", ["stages.0.checkpoint_every_tokens=1e5", "stages.1.checkpoint_every_tokens=5e4"], XL),
     "attn50-mamba2": ("base", [], SHORT),
@@ -74,6 +80,8 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, float]]] = {
     "attn50-mamba2-cached": ("activations", CACHED, SHORT),
     "attn50-mamba2-e2e-all-mixer-lr": ("e2e", ["stages.1.trainable=all", "stages.1.lr=3e-5", "stages.1.mixer_lr=3e-4"],
                                        E2E_PILOT),
+    "attn50-mamba2-2h": ("target", TARGET, (1e5, 1.6e6, 2e5)),
+    "attn25-mamba2-2h": ("target", [*TARGET, "student.attention_fraction=0.25"], (1e5, 1.1e6, 2e5)),
 }
 # arm -> the arm whose finished layerwise stage it links instead of rerunning (same recipe up to stage 0)
 SHARED_FIRST_STAGE = {name: "attn50-mamba2-long" for name, (comparison, _, _) in ARMS.items() if comparison == "e2e"}
@@ -81,19 +89,19 @@ SHARED_FIRST_STAGE = {name: "attn50-mamba2-long" for name, (comparison, _, _) in
 
 def arm_overrides(name: str, out: Path, scale: float) -> list[str]:
     """The `--set` list of one arm: its output folder, its scaled stage budgets and its own overrides."""
-    _, overrides, (first, e2e) = ARMS[name]
+    _, overrides, budget = ARMS[name]
     sets = [f"output_dir={out / name}"]
-    if first == 0:  # end-to-end only: the base recipe's end-to-end stage alone
-        stage = yaml.safe_load(BASE.read_text())["stages"][1]
-        stage["max_tokens"] = int(e2e * scale)
-        return sets + ["stages=" + json.dumps([stage])] + overrides
-    if "student.attention_layers=auto" in overrides:  # the first budget aligns every layer; no layerwise stage
-        stage = yaml.safe_load(BASE.read_text())["stages"]
-        align = {**stage[0], "max_tokens": int(first * scale)}
+    stages = yaml.safe_load(BASE.read_text())["stages"]
+    if budget[0] == 0:  # end-to-end only: the base recipe's end-to-end stage alone
+        return sets + ["stages=" + json.dumps([{**stages[1], "max_tokens": int(budget[1] * scale)}])] + overrides
+    if "student.attention_layers=auto" in overrides:  # the first budget aligns every layer
+        align = {**stages[0], "max_tokens": int(budget[0] * scale), "activations": "cached", "cache_epochs": 4}
         del align["name"]
-        return sets + ["selection.align=" + json.dumps(align), "stages=" + json.dumps(
-            [{**stage[1], "max_tokens": int(e2e * scale)}])] + overrides
-    sets += [f"stages.0.max_tokens={int(first * scale)}", f"stages.1.max_tokens={int(e2e * scale)}"]
+        sets.append("selection.align=" + json.dumps(align))
+        if len(budget) == 2:  # no layerwise stage of its own: the student's mixers come aligned
+            return sets + ["stages=" + json.dumps([{**stages[1], "max_tokens": int(budget[1] * scale)}])] + overrides
+        budget = budget[1:]
+    sets += [f"stages.0.max_tokens={int(budget[0] * scale)}", f"stages.1.max_tokens={int(budget[1] * scale)}"]
     return sets + overrides
 
 
@@ -171,9 +179,17 @@ def loss_curve(stage_dir: Path) -> list[tuple[int, float]]:
     return [(row["tokens"], row["loss"]) for row in rows if "loss" in row]
 
 
-def collect(out: Path, arms: list[str], lm_eval_limit: int | None, speed_contexts: list[int], threads: int) -> dict:
+def collect(out: Path, arms: list[str], lm_eval_limit: int | None, speed_contexts: list[int], threads: int,
+            earlier: Path) -> dict:
+    """Every finished arm's results; an arm whose outputs are not in `out` (run on another machine) keeps its
+    entry from the `earlier` results.json, marked `kept: true`, so the docs always cover the whole study."""
     results = {"arms": {}}
     finished = [name for name in arms if (out / name / "eval" / "report.json").is_file()]
+    if earlier.is_file():
+        previous = json.loads(earlier.read_text())
+        results |= {key: previous[key] for key in ("teacher", "teacher_decode") if key in previous}
+        results["arms"] = {name: {**arm, "kept": True} for name, arm in previous["arms"].items()
+                           if name in arms and name not in finished}
     for name in finished:
         report = json.loads((out / name / "eval" / "report.json").read_text())
         teacher, student = report["teacher"], report["student"]
@@ -215,6 +231,7 @@ def collect(out: Path, arms: list[str], lm_eval_limit: int | None, speed_context
         results["teacher_decode"] = speed.pop("teacher")
         for name, by_context in speed.items():
             results["arms"][name]["decode"] = by_context
+    results["arms"] = {name: results["arms"][name] for name in arms if name in results["arms"]}  # ARMS order
     return results
 
 
@@ -224,7 +241,8 @@ def target_lines(arms: dict) -> list[str]:
         return f"{value:.3f} against ≤ {bar} ({'met' if value <= bar else f'missed by {value / bar:.2f}×'})"
 
     lines = ["## Targets", ""]
-    fifty = {n: a for n, a in arms.items() if a["mixer"] == "mamba2" and a["attention_fraction"] == 0.5}
+    within = {n: a for n, a in arms.items() if a["mixer"] == "mamba2" and a["cpu_hours"] <= 2}  # the targets' budget
+    fifty = {n: a for n, a in within.items() if a["attention_fraction"] == 0.5}
     if fifty:
         name, best = min(fifty.items(), key=lambda item: item[1]["kl_to_teacher"])
         hours = best["cpu_hours"]
@@ -253,9 +271,11 @@ def target_lines(arms: dict) -> list[str]:
             lines.append(f"  - End-to-end variants from one layerwise checkpoint (the `e2e` arms: lr and trainable "
                          f"weights) span KL {variants[low]:.3f} (`{low}`) to {variants[high]:.3f} (`{high}`), "
                          f"a {variants[high] / variants[low] - 1:.0%} spread: the end-to-end settings are not the lever.")
-    quarter = [a for a in arms.values() if a["mixer"] == "mamba2" and a["attention_fraction"] == 0.25]
+    quarter = {n: a for n, a in within.items() if a["attention_fraction"] == 0.25}
     if quarter:
-        lines.append(f"- 25% attention: perplexity ratio {verdict(quarter[0]['perplexity_ratio'], 1.30)}.")
+        name, best = min(quarter.items(), key=lambda item: item[1]["perplexity_ratio"])
+        lines.append(f"- Best 25% Mamba-2 arm, `{name}` ({best['cpu_hours']:.2f} CPU-hours, target ≤ 2): perplexity "
+                     f"ratio {verdict(best['perplexity_ratio'], 1.30)}; KL {best['kl_to_teacher']:.3f}.")
     if "attn50-mamba2" in arms and "attn50-mamba2-random-init" in arms:
         ours, random = arms["attn50-mamba2"], arms["attn50-mamba2-random-init"]
         beats = ours["kl_to_teacher"] < random["kl_to_teacher"] and ours["perplexity_ratio"] < random["perplexity_ratio"]
@@ -326,7 +346,7 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
     arms = results["arms"]
     contexts = sorted({c for arm in arms.values() for c in arm.get("decode", {})}, key=int)
     head = "| arm | comparison | ppl ratio | KL | top-1 | lm-eval | " + "".join(
-        f"decode@{c} tok/s (× teacher) | " for c in contexts) + "tokens (stage 1 + e2e) | wall (min) | CPU-h |"
+        f"decode@{c} tok/s (× teacher) | " for c in contexts) + "tokens (selection, stages) | wall (min) | CPU-h |"
     teacher_decode = results.get("teacher_decode", {})
     lines = [
         "# CPU-scale reproduction study",
@@ -340,7 +360,8 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
          "batch 1 at the given context, fp32, one thread (timed in thread CPU time). CPU-h = wall time of the "
          "stages × the arm's torch threads; an arm that links another's finished layerwise stage counts that "
          f"stage's time too ({shared}). Decode speed and lm-eval are noisy on this shared box: read them as "
-         "rough."),
+         "rough. † marks an arm run on an earlier machine whose outputs are gone: its row is kept from "
+         "results.json (running its arm again replaces it)."),
         "",
         f"Teacher perplexity: {results.get('teacher', {}).get('perplexity', float('nan')):.3f}; teacher decode: "
         + ", ".join(f"{v['decode_tok_s']:.1f} tok/s at {c}" for c, v in teacher_decode.items()),
@@ -359,7 +380,7 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
         decode = [f"{arm['decode'][c]['decode_tok_s']:.1f} ({arm['decode'][c]['speedup_vs_teacher']:.2f}×)"
                   if c in arm.get("decode", {}) else "" for c in contexts]
         tokens = " + ".join(f"{t:,}" for t in arm["stage_tokens"].values())
-        lines.append(f"| {name} | {arm['comparison']} | {arm['perplexity_ratio']:.3f} | {arm['kl_to_teacher']:.3f} | "
+        lines.append(f"| {name}{' †' if arm.get('kept') else ''} | {arm['comparison']} | {arm['perplexity_ratio']:.3f} | {arm['kl_to_teacher']:.3f} | "
                      f"{arm['top1_agreement']:.3f} | {lm} | " + "".join(f"{d} | " for d in decode) +
                      f"{tokens} | {arm['wall_time_s'] / 60:.0f} | {arm['cpu_hours']:.2f} |")
     if arms:
@@ -459,7 +480,8 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for status in pool.map(lambda name: run_arm(name, args.out, args.scale, args.threads), args.arms):
                 print(json.dumps(status), flush=True)
-    results = collect(args.out, list(ARMS), args.lm_eval_limit, args.speed_contexts, args.threads)
+    results = collect(args.out, list(ARMS), args.lm_eval_limit, args.speed_contexts, args.threads,
+                      args.docs / "results.json")
     write_docs(results, args.docs, "python " + " ".join(study_command(sys.argv[1:])))
     print(f"wrote {args.docs / 'results.md'}")
 
