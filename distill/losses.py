@@ -17,12 +17,14 @@ mass among tail tokens. Unlike renormalising the top-k, it does not push the stu
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 
-KINDS = ("forward", "reverse", "jsd")
+from distill.recipe import AlignmentObjective, Divergence
+
+KINDS = get_args(Divergence)
 
 
 class TopK(NamedTuple):
@@ -189,7 +191,7 @@ def distill_kl(
     return total / mask.sum().clamp(min=1)
 
 
-ALIGNMENT_OBJECTIVES = ("mse", "token_normalized_mse", "layer_normalized_mse", "l2")
+ALIGNMENT_OBJECTIVES = get_args(AlignmentObjective)
 
 
 def alignment_loss(

@@ -130,8 +130,14 @@ class _StageBase(_Section):
     held_out_rows: int = Field(default=8, ge=0)  # held-out rows scored before and after the stage (0: skip)
 
 
+# the end-to-end stage's divergence between the teacher's and the student's next-token distributions
+Divergence = Literal["forward", "reverse", "jsd"]
+# the per-layer error of the layerwise stage (distill.losses.alignment_loss defines each); the one list of each
+AlignmentObjective = Literal["mse", "token_normalized_mse", "layer_normalized_mse", "l2"]
+
+
 class _KLOptions(_Section):
-    kl: Literal["forward", "reverse", "jsd"] = "forward"
+    kl: Divergence = "forward"
     temperature: float = Field(default=1.0, gt=0)
     jsd_beta: float = Field(default=0.5, gt=0.0, lt=1.0)
     ce_weight: float = Field(default=0.0, ge=0.0)
@@ -143,8 +149,7 @@ class LayerwiseStage(_StageBase):
 
     name: Literal["layerwise"]
     target: Literal["mixer_output", "block_output"] = "mixer_output"
-    # the per-layer error (distill.losses.alignment_loss): mse, token_normalized_mse, layer_normalized_mse, l2
-    objective: Literal["mse", "token_normalized_mse", "layer_normalized_mse", "l2"] = "mse"
+    objective: AlignmentObjective = "mse"
     # online: a teacher forward per step; cached: the teacher's activations for max_tokens / cache_epochs
     # tokens of rows are captured once (bf16, in memory) and trained on for cache_epochs epochs
     activations: Literal["online", "cached"] = "online"
