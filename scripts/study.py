@@ -363,7 +363,8 @@ def write_docs(results: dict, docs: Path, command: str) -> None:
          "stages × the arm's torch threads; an arm that links another's finished layerwise stage counts that "
          f"stage's time too ({shared}). Decode speed and lm-eval are noisy on this shared box: read them as "
          "rough. † marks an arm run on an earlier machine whose outputs are gone: its row is kept from "
-         "results.json (running its arm again replaces it)."),
+         "results.json (running its arm again replaces it), and its CPU-hours are on that machine's clock, "
+         "which may differ from this one's: compare CPU-hours only between arms run here."),
         "",
         f"Teacher perplexity: {results.get('teacher', {}).get('perplexity', float('nan')):.3f}; teacher decode: "
         + ", ".join(f"{v['decode_tok_s']:.1f} tok/s at {c}" for c, v in teacher_decode.items()),
