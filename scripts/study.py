@@ -93,14 +93,15 @@ def arm_overrides(name: str, out: Path, scale: float) -> list[str]:
     _, overrides, budget = ARMS[name]
     sets = [f"output_dir={out / name}"]
     stages = yaml.safe_load(BASE.read_text())["stages"]
-    if budget[0] == 0:  # end-to-end only: the base recipe's end-to-end stage alone
-        return sets + ["stages=" + json.dumps([{**stages[1], "max_tokens": int(budget[1] * scale)}])] + overrides
+    e2e_only = "stages=" + json.dumps([{**stages[1], "max_tokens": int(budget[-1] * scale)}])  # the base's e2e alone
+    if budget[0] == 0:  # end-to-end only
+        return sets + [e2e_only] + overrides
     if "student.attention_layers=auto" in overrides:  # the first budget aligns every layer
         align = {**stages[0], "max_tokens": int(budget[0] * scale), "activations": "cached", "cache_epochs": 4}
         del align["name"]
         sets.append("selection.align=" + json.dumps(align))
         if len(budget) == 2:  # no layerwise stage of its own: the student's mixers come aligned
-            return sets + ["stages=" + json.dumps([{**stages[1], "max_tokens": int(budget[1] * scale)}])] + overrides
+            return sets + [e2e_only] + overrides
         budget = budget[1:]
     sets += [f"stages.0.max_tokens={int(budget[0] * scale)}", f"stages.1.max_tokens={int(budget[1] * scale)}"]
     return sets + overrides
