@@ -37,7 +37,8 @@ KERNELS_DIR = pathlib.Path(kernels.__file__).parent
 # - a gradient entry sums `terms` such products (A's sums over every position, head, channel and state);
 #   independent roundings add in quadrature, so the scan bound times sqrt(terms), relative to the gradient itself;
 # - a bf16 / fp16 output: the reference gets the same rounded inputs, so what is left is the output's rounding
-#   (at most u of each value, RMS u / sqrt(3)), twice for the margin, plus the fp32 scan bound;
+#   (at most u of each value, which a one-element case reaches), three times that (the stress run's 2x margin
+#   over the worst case), plus the fp32 scan bound;
 # - torch.equal only within one process and thread count, where the code runs the same ops in the same order
 #   (said at each use).
 # Every check goes through within(), which records err / bound when DISTILL_TOLERANCE_LOG names a file, so a
@@ -61,8 +62,8 @@ def grad_bound(l, n, span, terms, dtype=torch.float32):
 
 
 def output_rounding(dtype):
-    """A half-precision output's rounding, twice (tolerance note)."""
-    return 2 * unit_roundoff(dtype)
+    """An output's rounding to `dtype`, three times its worst case (tolerance note)."""
+    return 3 * unit_roundoff(dtype)
 
 
 def log_decay_span(dt, A, chunk, dt_bias=None, dt_softplus=False):
