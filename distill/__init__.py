@@ -1,8 +1,9 @@
 """mamba-distill: turn a pretrained Llama-family Transformer into an attention/Mamba hybrid.
 
-`import distill` loads neither torch nor transformers, so `distill validate` and `distill --help` answer at once.
-Importing the model (`from distill import HybridForCausalLM`, or `distill.modeling_hybrid`) registers it with the
-Auto classes, after which `AutoModelForCausalLM.from_pretrained(checkpoint)` works without `trust_remote_code`.
+`import distill` loads neither torch nor transformers, so `distill validate` and `distill --help` answer at once,
+and it registers the hybrid with transformers' Auto classes: after it, `AutoModelForCausalLM.from_pretrained(
+checkpoint)` loads the installed `HybridForCausalLM` without `trust_remote_code`. The registration costs nothing
+until transformers loads its Auto classes (`distill/registration.py`).
 """
 
 import os
@@ -11,6 +12,10 @@ import os
 # memory is page-faulted in 2 MiB at a time (filling a fresh 32 MiB tensor took 4.8 ms instead of 16.6 ms here).
 # Every entry point imports distill first; THP_MEM_ALLOC_ENABLE=0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from distill import registration
+
+registration.install()
 
 __version__ = "0.1.0"
 

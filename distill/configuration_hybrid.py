@@ -11,6 +11,7 @@ This file, like `modeling_hybrid.py`, imports only torch/transformers: both are 
 so that it loads with `trust_remote_code=True` where mamba-distill is not installed.
 """
 
+import importlib
 import math
 from typing import ClassVar
 
@@ -119,6 +120,11 @@ class HybridConfig(PreTrainedConfig):
             self.mamba1_dt_rank = math.ceil(self.hidden_size / 16)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__post_init__(**kwargs)
+        if __name__ == "distill.configuration_hybrid":  # our package, not a checkpoint's remote-code copy
+            # registers the model with AutoModelForCausalLM (distill/registration.py): the Auto classes build the
+            # config before they look up its model class. By name, because transformers' remote-code check reads
+            # this file's import statements and would require our package wherever a checkpoint is loaded.
+            importlib.import_module("distill.registration").register_model()
 
     @property
     def layer_types(self) -> list[str]:
