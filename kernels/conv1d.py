@@ -11,7 +11,7 @@ states belong to the document at position 0.
 import torch
 import torch.nn.functional as F
 
-from .ssd_naive import compute_dtype
+from .common import compute_dtype
 
 
 def _check(x, weight, bias, seq_idx, initial_states, activation):

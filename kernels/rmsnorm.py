@@ -7,7 +7,7 @@ The statistics are fp32; the output has x's dtype.
 
 import torch.nn.functional as F
 
-from .ssd_naive import compute_dtype
+from .common import compute_dtype
 
 
 def rmsnorm_torch(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_before_gate=False):

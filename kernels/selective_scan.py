@@ -13,8 +13,8 @@ of mambapy and friends materialise several such tensors).
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .selective_scan_naive import finish_selective_scan, prepare_selective_scan
-from .ssd_chunked import StatePassing, pass_states_
+from .common import finish_selective_scan, prepare_selective_scan
+from .state_passing import StatePassing, pass_states_
 
 SEGMENT = 64
 

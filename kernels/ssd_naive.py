@@ -13,68 +13,8 @@ the state is reset to zero wherever seq_idx changes; `initial_states` is the sta
 import math
 
 import torch
-import torch.nn.functional as F
 
-
-def process_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf), dtype=torch.float32):
-    """dt in the compute dtype, with the bias, softplus and clamp mamba-ssm applies (in that order)."""
-    dt = dt.to(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, math.inf):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    return dt
-
-
-def compute_dtype(dtype):
-    """fp32 for fp32/bf16/fp16 inputs, float64 for float64 (so the references can run in double)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_ssd_shapes(x, dt, A, B, C, D=None, z=None, initial_states=None, seq_idx=None):
-    """One-line errors for the shape mistakes a caller can make."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
-    b, l, h, p = x.shape
-    if dt.shape != (b, l, h):
-        raise ValueError(f"dt must be (batch, seqlen, nheads) = {(b, l, h)}, got {tuple(dt.shape)}")
-    if A.shape != (h,):
-        raise ValueError(f"A must be (nheads,) = ({h},), got {tuple(A.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (b, l) or B.shape != C.shape:
-        raise ValueError(f"B and C must both be (batch, seqlen, ngroups, dstate), got {tuple(B.shape)} and {tuple(C.shape)}")
-    if h % B.shape[2]:
-        raise ValueError(f"nheads ({h}) must be a multiple of ngroups ({B.shape[2]})")
-    if D is not None and D.shape not in ((h,), (h, p)):
-        raise ValueError(f"D must be (nheads,) or (nheads, headdim), got {tuple(D.shape)}")
-    if z is not None and z.shape != x.shape:
-        raise ValueError(f"z must have the shape of x {tuple(x.shape)}, got {tuple(z.shape)}")
-    if initial_states is not None and initial_states.shape != (b, h, p, B.shape[3]):
-        raise ValueError(f"initial_states must be (batch, nheads, headdim, dstate) = {(b, h, p, B.shape[3])}, "
-                         f"got {tuple(initial_states.shape)}")
-    if seq_idx is not None and seq_idx.shape != (b, l):
-        raise ValueError(f"seq_idx must be (batch, seqlen) = {(b, l)}, got {tuple(seq_idx.shape)}")
-
-
-def skip_and_gate(y, x, D=None, z=None):
-    """y + D * x, then * silu(z): the epilogue shared by every SSD implementation (all in y's dtype)."""
-    if D is not None:
-        y = y + x * (D[:, None] if D.dim() == 1 else D).to(y.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y
-
-
-def empty_scan(x, B, initial_states, return_final_states):
-    """The scan of an empty sequence (l = 0): an empty y, and the initial state (zeros without one) as the final
-    state, in x's dtype."""
-    y = torch.empty_like(x)
-    if not return_final_states:
-        return y
-    b, _, h, p = x.shape
-    state = x.new_zeros(b, h, p, B.shape[3]) if initial_states is None else initial_states.to(x.dtype, copy=True)
-    return y, state
+from .common import check_ssd_shapes, compute_dtype, empty_scan, process_dt, skip_and_gate
 
 
 def ssd_naive(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,

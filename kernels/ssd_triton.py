@@ -15,8 +15,7 @@ import math
 
 import torch
 
-from .ssd_chunked import document_index
-from .ssd_naive import check_ssd_shapes, empty_scan, process_dt, skip_and_gate
+from .common import check_ssd_shapes, document_index, empty_scan, process_dt, skip_and_gate
 
 try:
     import triton

@@ -9,7 +9,7 @@ dtype) and the output has x's dtype; the arithmetic is fp32.
 import torch
 import torch.nn.functional as F
 
-from .ssd_naive import compute_dtype
+from .common import compute_dtype
 
 
 def as_mamba2_shapes(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):

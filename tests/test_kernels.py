@@ -16,12 +16,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from distill.kernels import dispatch as kernels
+from distill.kernels.common import process_dt
 from distill.kernels.conv1d import causal_conv1d_naive, causal_conv1d_torch
 from distill.kernels.rmsnorm import rmsnorm_torch
 from distill.kernels.selective_scan import selective_scan_torch
 from distill.kernels.selective_scan_naive import selective_scan_naive
 from distill.kernels.ssd_chunked import DEFAULT_CHUNK_SIZE, flush_log, ssd_chunked
-from distill.kernels.ssd_naive import process_dt, ssd_naive
+from distill.kernels.ssd_naive import ssd_naive
 from distill.kernels.state_update import selective_state_update_torch
 
 KERNELS_DIR = pathlib.Path(kernels.__file__).parent
@@ -725,6 +726,18 @@ def test_modules_are_flat_and_torch_only():
                 assert {a.name.split(".")[0] for a in node.names} <= allowed, path.name
             elif isinstance(node, ast.ImportFrom):
                 assert node.level == 1 or node.module.split(".")[0] in allowed, path.name
+
+
+def test_fast_paths_never_import_a_reference():
+    """fla's shape: each op's reference (`*_naive.py`) sits beside its fast paths, which share helpers with it only
+    through `common.py` and `state_passing.py`, so a bug in a reference cannot hide in a fast path (or back)."""
+    for path in KERNELS_DIR.glob("*.py"):
+        imported = {node.module or "" for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        if path.name != "dispatch.py":  # the dispatcher offers the references as the "naive" backend
+            assert not {m for m in imported if m.endswith("_naive")}, path.name
+        if path.stem.endswith("_naive"):
+            assert imported <= {"common", "state_passing"}, path.name
 
 
 @pytest.mark.slow  # starts a fresh Python
