@@ -33,6 +33,13 @@ as its floor). Every variant runs with PyTorch's transparent huge pages for larg
     python scripts/bench_kernels.py --tune     # our SSD time per block size, to pick DEFAULT_CHUNK_SIZE
     python scripts/bench_kernels.py --no-mamba1 --modes fwd+bwd --batch 2 --lengths 4096 --chunks 64 128 256
                                                # one targeted case: fwd+bwd at three chunk sizes
+    python scripts/bench_kernels.py --compare-threads 1 2 --runs 5 --batch 2 --lengths 4096 --chunks 64 128 256
+                                               # ours vs transformers' fallback, fwd+bwd, at 1 and 2 threads
+
+`--compare-threads` is the side-by-side the kernels README quotes: for each dtype, chunk size and thread count,
+--runs runs, each timing ours and transformers' fallback interleaved (--reps calls of each, alternating, the
+median of each), so both see the same moments of a shared machine. It prints the medians over runs and each
+run's ratio, and the spread: the slowest and fastest run's ratio. Wall time (two threads share it).
 """
 
 import argparse
@@ -40,6 +47,8 @@ import ctypes
 import functools
 import gc
 import os
+import statistics
+import time
 
 import torch
 
@@ -211,6 +220,56 @@ def best_vs_best(results):
     return f"best: {ours} {t_ours * 1e3:.1f} ms vs {theirs} {t_theirs * 1e3:.1f} ms: {t_theirs / t_ours:.2f}x"
 
 
+def timed_fwd_bwd(scan, chunk, inputs, grad):
+    """Wall seconds of one forward + backward of scan into every floating input."""
+    args = {k: v.detach().requires_grad_(True) if v.is_floating_point() else v for k, v in inputs.items()}
+    start = time.perf_counter()
+    scan(chunk, **args).backward(grad)
+    return time.perf_counter() - start
+
+
+def compare_row(scans, chunk, inputs, grad, runs, reps):
+    """Per run, the median of `reps` interleaved calls of each scan: {name: [seconds per run]}."""
+    for scan in scans.values():  # warm-up
+        timed_fwd_bwd(scan, chunk, inputs, grad)
+    times = {name: [] for name in scans}
+    for _ in range(runs):
+        calls = {name: [] for name in scans}
+        for _ in range(reps):
+            for name, scan in scans.items():
+                calls[name].append(timed_fwd_bwd(scan, chunk, inputs, grad))
+        for name, seconds in calls.items():
+            times[name].append(statistics.median(seconds))
+    return times
+
+
+def compare_threads(args):
+    """Ours vs transformers' fallback, fwd+bwd, per dtype, chunk size and thread count: medians and spread over runs
+    of interleaved calls (see the docstring)."""
+    hf = hf_mamba2_scan()
+    scans = {"ours": ours_scan,
+             "transformers": lambda chunk, **kw: hf(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
+                                                    chunk, dt_softplus=True, **kw)}
+    print("| dtype | b | L | chunk | threads | ours ms | transformers ms | ratio (median of runs) | "
+          "ratio, slowest-fastest run | runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype_name in args.dtypes:
+        for b in args.batch:
+            for L in args.lengths:
+                inputs = ssd_inputs(b, L, args.heads, args.headdim, args.dstate[0], DTYPES[dtype_name])
+                with torch.no_grad():
+                    grad = torch.randn_like(ours_scan(64, **inputs))
+                for chunk in args.chunks:
+                    for threads in args.compare_threads:
+                        torch.set_num_threads(threads)
+                        times = compare_row(scans, chunk, inputs, grad, args.runs, args.reps)
+                        ratios = sorted(t / o for o, t in zip(times["ours"], times["transformers"]))
+                        ours, theirs = (statistics.median(times[k]) * 1e3 for k in ("ours", "transformers"))
+                        print(f"| {dtype_name} | {b} | {L} | {chunk} | {threads} | {ours:.0f} | {theirs:.0f} | "
+                              f"{statistics.median(ratios):.2f}x | {ratios[0]:.2f}-{ratios[-1]:.2f}x | "
+                              f"{args.runs} |", flush=True)
+
+
 # ----------------------------------------------------------------------------- Mamba-1
 
 
@@ -322,6 +381,9 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--tune-chunks", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--compare-threads", type=int, nargs="+", default=None,
+                        help="ours vs transformers' fallback (fwd+bwd) at these thread counts, with the spread")
+    parser.add_argument("--runs", type=int, default=5, help="runs per row of --compare-threads")
     args = parser.parse_args()
     args.modes = [mode == "fwd+bwd" for mode in args.modes]
     if args.quick:
@@ -335,6 +397,9 @@ def main():
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by importing distill)")
     if args.tune:
         tune(args)
+        return
+    if args.compare_threads:
+        compare_threads(args)
         return
     rows = []
     print(HEADER)
