@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import clear_greedy, left_padded
+from conftest import clear_greedy, left_padded, reordering_bound
 from test_stages import run, tiny_hybrid
 from transformers import (
     AutoModelForCausalLM,
@@ -96,8 +96,8 @@ def test_zero_mamba_student_is_the_teacher(family):
     with torch.no_grad():
         for kwargs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
             want, got = teacher(**kwargs).logits, student(**kwargs).logits
-            # same modules, same weights, same masks: only summation-order noise of fp32 (logits are O(1))
-            assert (got - want).abs().max() <= 1e-5, family
+            # same modules, same weights, same masks: only the order of fp32 sums may differ
+            assert (got - want).abs().max() <= reordering_bound(teacher.config, torch.float32, want.abs().max()), family
 
 
 # What sets each family apart, switched off: the teacher must then compute something else (else the tests above

@@ -204,10 +204,11 @@ def test_zero_mamba_hybrid_equals_teacher(tiny_llama):
     mask[0, :3] = 0
     with torch.no_grad():
         for kwargs in ({}, {"attention_mask": mask}):
-            diff = (student(ids, **kwargs).logits - tiny_llama(ids, **kwargs).logits).abs().max().item()
+            want = tiny_llama(ids, **kwargs).logits
+            diff = (student(ids, **kwargs).logits - want).abs().max().item()
             # the same transformers modules on the same weights (only the model class around them differs):
-            # equal up to reordered fp32 sums, far inside the 1e-5 (about 80 eps32 at |logits| ~ 1) we promise
-            assert diff <= 1e-5, kwargs
+            # equal up to reordered fp32 sums
+            assert diff <= reordering_bound(tiny_llama.config, torch.float32, want.abs().max()), kwargs
 
 
 def test_block_and_mixer_run_alone_on_teacher_inputs():
