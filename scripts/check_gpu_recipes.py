@@ -104,6 +104,7 @@ def measured(phases: list, label, fn):
         result = fn(*args, **kwargs)
         name = label(*args, **kwargs) if callable(label) else label
         phases.append({"phase": name, "peak_gb": round(peak_rss() / 1e9, 2), "seconds": round(time.time() - start)})
+        print("PHASE " + json.dumps(phases[-1]), flush=True)  # as it happens: a long run shows its progress
         return result
 
     return wrapper
@@ -162,11 +163,16 @@ def main(argv=None) -> int:
     for recipe in recipes:
         command = [sys.executable, __file__, "--one", str(recipe)]
         command += ["--layers", str(args.layers)] if args.layers else []
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
+        lines = []
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:  # its stderr: the run's log
+            for line in child.stdout:
+                lines.append(line)
+                if line.startswith("PHASE "):
+                    print(f"{recipe.relative_to(ROOT)}: {line.removeprefix('PHASE ').strip()}", flush=True)
+        lines = [line for line in lines if line.startswith("RESULT ")]
+        if child.returncode or not lines:
             failed.append(recipe)
-            print(f"FAILED {recipe.relative_to(ROOT)}:\n{done.stderr[-3000:]}", flush=True)
+            print(f"FAILED {recipe.relative_to(ROOT)} (its log is above)", flush=True)
             continue
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
         print(table(results[-1:]), flush=True)
