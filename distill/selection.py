@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.assets import cache_root
 from distill.data import loss_positions, model_inputs
 from distill.losses import distill_kl
-from distill.teacher import cache_dir as assets_cache_dir
 from distill.trainer import batches
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def cache_key(recipe, teacher) -> dict:
 
 def cache_dir(recipe, teacher) -> Path:
     key = cache_key(recipe, teacher)
-    root = recipe.selection.cache_dir or assets_cache_dir() / "aligned"
+    root = recipe.selection.cache_dir or cache_root() / "aligned"
     return Path(root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from distill.assets import cache_root
 from distill.data import loss_positions, model_inputs
 from distill.losses import TopK, distill_kl
 from distill.trainer import TrainingError, evaluate, finish, load_final, stage_finished, train
@@ -111,8 +111,7 @@ class TopKCache:
             [recipe.teacher.model_dump(), float(teacher.lm_head.weight.double().sum()),
              getattr(dataset, "_fingerprint", None), len(dataset), length, k, temperature]
         )
-        root = Path(os.environ.get("MAMBA_DISTILL_CACHE", Path.home() / ".cache" / "mamba-distill"))
-        self.dir = root / "teacher_topk" / hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.dir = cache_root() / "teacher_topk" / hashlib.sha256(key.encode()).hexdigest()[:16]
         shape = (len(dataset), length, k)
         if accelerator.is_main_process and not (self.dir / "done.npy").exists():
             self.dir.mkdir(parents=True, exist_ok=True)
