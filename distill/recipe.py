@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -112,7 +112,11 @@ class DataConfig(_Section):
     max_conversations: int | None = Field(default=None, ge=1)  # training conversations; None: all
 
 
-class _StageBase(_Section):
+class StageConfig(_Section):
+    """What every training stage's config has; a stage's own class adds `name: Literal["<name>"]` (its key in
+    `distill.stages.STAGES`) and its settings, and goes into `STAGE_TYPES`."""
+
+    name: str
     max_tokens: TokenCount
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=8, ge=1)  # sequences per micro-batch per process
@@ -144,7 +148,7 @@ class _KLOptions(_Section):
     kl_chunk_tokens: int = Field(default=1024, ge=1)
 
 
-class LayerwiseStage(_StageBase):
+class LayerwiseStage(StageConfig):
     """Align each mixer with the teacher's attention output on the teacher's own inputs (MLPs frozen)."""
 
     name: Literal["layerwise"]
@@ -157,7 +161,7 @@ class LayerwiseStage(_StageBase):
     cache_max_gb: float = Field(default=8.0, gt=0)  # refuse to start when the captured activations would not fit
 
 
-class StepwiseStage(_StageBase, _KLOptions):
+class StepwiseStage(StageConfig, _KLOptions):
     """Replace layers progressively; after each step train the replaced mixers end to end."""
 
     name: Literal["stepwise"]
@@ -172,7 +176,7 @@ class LoraOptions(_Section):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class EndToEndStage(_StageBase, _KLOptions):
+class EndToEndStage(StageConfig, _KLOptions):
     """KL between teacher and student next-token distributions over the whole model."""
 
     name: Literal["end_to_end"]
@@ -195,13 +199,16 @@ class SelectionConfig(_Section):
     the student's mixers start from them, and `student.attention_layers: auto` keeps attention where swapping
     the teacher's attention for its aligned mixer raises the KL most (scored on the last training rows)."""
 
+    name: Literal["selection"] = Field("selection", exclude=True)  # the stage that runs it (not a setting)
     align: AlignConfig = AlignConfig()
     score_rows: int = Field(default=8, ge=1)  # rows (the last training rows) each single-layer swap is scored on
     cache_dir: str | None = None  # where aligned mixers are kept; None: $MAMBA_DISTILL_CACHE/aligned
 
 
-Stage = Annotated[LayerwiseStage | StepwiseStage | EndToEndStage, Field(discriminator="name")]
-STAGE_NAMES = ("layerwise", "stepwise", "end_to_end")
+# the stages a recipe's `stages` list may hold: adding one is its class here (and its module in distill.stages)
+STAGE_TYPES = (LayerwiseStage, StepwiseStage, EndToEndStage)
+STAGE_NAMES = tuple(get_args(cls.model_fields["name"].annotation)[0] for cls in STAGE_TYPES)
+Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="name")]  # noqa: UP007 (a tuple of types)
 PLANNED_STAGES = ("sft", "dpo", "pseudo_label_kd")
 
 
@@ -298,8 +305,7 @@ def _fields_at(loc: tuple, model: type[BaseModel] = Recipe, data: Any = None) ->
         field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
         if field is None:
             # a discriminated stage: pick the class whose name matches
-            stage_cls = {"layerwise": LayerwiseStage, "stepwise": StepwiseStage, "end_to_end": EndToEndStage}.get(part)
-            cls = stage_cls
+            cls = dict(zip(STAGE_NAMES, STAGE_TYPES)).get(part)
             continue
         annotation = field.annotation
         cls = _model_in(annotation)
