@@ -1,6 +1,6 @@
 """Build the student from the teacher: pick the attention layers, map attention weights into the mixers.
 
-Teachers: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3 and SmolLM3 (`TEACHER_MODEL_TYPES`); the student reuses the
+Teachers: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3 and SmolLM3 (`distill.families`); the student reuses the
 family's own attention, MLP and norm classes, and carries over what makes the family differ (q/k/v biases,
 q/k norms, sliding windows, NoPE layers, RoPE scaling, tied or untied embeddings).
 
@@ -27,7 +27,8 @@ import copy
 
 import torch
 
-from distill.configuration_hybrid import TEACHER_MODEL_TYPES, HybridConfig
+from distill.configuration_hybrid import HybridConfig
+from distill.families import check_teacher_family
 from distill.modeling_hybrid import HybridForCausalLM, HybridMamba2Mixer
 from distill.recipe import RecipeError, StudentConfig
 
@@ -71,15 +72,6 @@ def select_attention_layers(
             f"Mamba student or at least {1 / num_layers:.3g} for one attention layer"
         )
     return [(j + 1) * num_layers // k - 1 for j in range(k)]
-
-
-def check_teacher_family(model_type: str | None) -> None:
-    """Refuse, in one line, a teacher whose family the student cannot reproduce."""
-    if model_type not in TEACHER_MODEL_TYPES:
-        raise RecipeError(
-            f"teacher is a {model_type!r} model, which mamba-distill does not support; supported teacher "
-            f"model_types: {', '.join(TEACHER_MODEL_TYPES)}"
-        )
 
 
 def family_fields(teacher_config) -> dict:

@@ -263,7 +263,7 @@ def hybrids_of(teacher, fractions: list[float], seed: int = 0) -> dict:
     return models
 
 
-def load_checkpoint(folder: Path, device: str):
+def load_with_our_kernels(folder: Path, device: str):
     """A checkpoint folder to measure; stock transformers Mamba-family models get our CPU kernels."""
     from transformers import AutoModelForCausalLM
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     teacher, _ = load_teacher(TeacherConfig(source=args.teacher), dtype=torch.float32)
     models = hybrids_of(teacher.to(args.device), args.fractions)
-    models.update({folder.name: load_checkpoint(folder, args.device) for folder in args.checkpoints})
+    models.update({folder.name: load_with_our_kernels(folder, args.device) for folder in args.checkpoints})
     timer = "thread CPU time" if clock(torch.device(args.device)) is time.thread_time else "wall time"
     note = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, timed by {timer}."
     print(note)

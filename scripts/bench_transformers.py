@@ -38,10 +38,10 @@ STUDENT = {"mixer": "mamba2", "attention_fraction": 0.5, "init": "attention", "c
 
 def bamba_export(checkpoint, folder):
     """Write the Bamba export of `checkpoint` (or of a fresh demo-recipe student of SmolLM2) into `folder`."""
-    from distill.export import load_checkpoint, write_bamba
+    from distill.export import load_hybrid, write_bamba
 
     if checkpoint is not None:
-        model = load_checkpoint(checkpoint)
+        model = load_hybrid(checkpoint)
     else:
         from distill.init import hybrid_from_teacher
         from distill.recipe import StudentConfig, TeacherConfig

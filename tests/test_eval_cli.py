@@ -55,8 +55,8 @@ def test_teacher_against_itself(tmp_path, text_data):
 def test_run_output_folder(tmp_path, text_data):
     """`--student <run>/final` finds the run's recipe: its teacher, held-out split and stage summaries."""
     from distill.init import hybrid_from_teacher
+    from distill.pipeline import save_final
     from distill.recipe import StudentConfig, recipe_from_dict
-    from distill.run import save_final
 
     teacher, tokenizer = save_tiny_checkpoint(tmp_path / "llama")
     run = tmp_path / "run"

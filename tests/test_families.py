@@ -270,7 +270,7 @@ def test_remote_code_loads_every_family_without_our_package(tmp_path):
 
 
 def test_families_table_matches_the_config():
-    from distill.configuration_hybrid import TEACHER_MODEL_TYPES
+    from distill.families import TEACHER_MODEL_TYPES
 
     assert tuple(FAMILIES) == TEACHER_MODEL_TYPES
 
@@ -351,8 +351,8 @@ def test_pipeline_runs_on_each_family(tmp_path, monkeypatch, family):
     """distill run on a tiny teacher of the family: layerwise, end-to-end, eval (lm-eval, decode speed), export."""
     from conftest import make_tiny_tokenizer
 
+    from distill.pipeline import run as distill_run
     from distill.recipe import recipe_from_dict
-    from distill.run import run as distill_run
 
     monkeypatch.setenv("MAMBA_DISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

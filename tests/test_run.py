@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_tiny_tokenizer, tiny_llama_config
 
+from distill.pipeline import save_final
 from distill.recipe import StudentConfig
-from distill.run import save_final
 
 ROOT = Path(__file__).parents[1]
 
