@@ -29,8 +29,8 @@ import torch
 
 from distill.configuration_hybrid import HybridConfig
 from distill.families import check_teacher_family
-from distill.modeling_hybrid import HybridForCausalLM, HybridMamba2Mixer
-from distill.recipe import RecipeError, StudentConfig
+from distill.modeling_hybrid import HybridForCausalLM, HybridMamba2Mixer, is_mixer_param
+from distill.recipe import RecipeError, StudentConfig, attention_layers_problem
 
 _LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -54,14 +54,8 @@ def select_attention_layers(
     if (attention_layers is None) == (attention_fraction is None):
         raise RecipeError("student: set exactly one of attention_layers or attention_fraction")
     if attention_layers is not None:
-        bad = [i for i in attention_layers if not 0 <= i < num_layers]
-        if bad:
-            raise RecipeError(
-                f"student.attention_layers: {bad} out of range; the teacher has {num_layers} layers, "
-                f"so use indices 0..{num_layers - 1}"
-            )
-        if len(set(attention_layers)) != len(attention_layers):
-            raise RecipeError(f"student.attention_layers has duplicates: {attention_layers}")
+        if problem := attention_layers_problem(attention_layers, num_layers):
+            raise RecipeError(f"student.attention_layers: {problem}")
         return sorted(attention_layers)
     if not 0.0 <= attention_fraction <= 1.0:
         raise RecipeError(f"student.attention_fraction = {attention_fraction}: must be between 0 and 1")
@@ -159,7 +153,7 @@ def hybrid_from_teacher(
 
     teacher_state = teacher.state_dict()
     for name, param in student.named_parameters():
-        if ".mamba." not in name:
+        if not is_mixer_param(name):
             param.copy_(teacher_state[name])
     for index, layer in enumerate(student.model.layers):
         if layer.mixer_type == "attention":

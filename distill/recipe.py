@@ -62,6 +62,18 @@ class TeacherConfig(_Section):
     revision: str | None = None
 
 
+def attention_layers_problem(layers: list[int], num_layers: int | None = None) -> str | None:
+    """What is wrong with a list of attention layers, if anything: the one check, used by the recipe (without the
+    teacher, then against its layer count) and by `distill.init`."""
+    if len(set(layers)) != len(layers):
+        return f"has duplicates: {layers}"
+    bad = [index for index in layers if num_layers is not None and not 0 <= index < num_layers]
+    if bad:
+        return (f"layer {bad[0]} is out of range; the teacher has {num_layers} layers, so use indices "
+                f"0..{num_layers - 1}")
+    return None
+
+
 class StudentConfig(_Section):
     """Which layers keep attention, which mixer replaces the others, and how the mixers start."""
 
@@ -90,8 +102,8 @@ class StudentConfig(_Section):
             raise ValueError("set either attention_layers or attention_fraction, not both")
         if (self.attention_layers is None or auto) and self.attention_fraction is None:
             self.attention_fraction = 0.5
-        if isinstance(self.attention_layers, list) and len(set(self.attention_layers)) != len(self.attention_layers):
-            raise ValueError(f"attention_layers has duplicates: {self.attention_layers}")
+        if isinstance(self.attention_layers, list) and (problem := attention_layers_problem(self.attention_layers)):
+            raise ValueError(f"attention_layers {problem}")
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
         low, high = self.A_init_range
@@ -282,12 +294,8 @@ class Recipe(_Section):
     def check_against_teacher(self, num_layers: int) -> None:
         """Cross-checks that need the teacher's config; raises RecipeError."""
         layers = self.student.attention_layers
-        for index in layers if isinstance(layers, list) else []:
-            if index >= num_layers:
-                raise RecipeError(
-                    f"student.attention_layers: layer {index} is out of range; the teacher has {num_layers} "
-                    f"layers, so use indices 0..{num_layers - 1}"
-                )
+        if isinstance(layers, list) and (problem := attention_layers_problem(layers, num_layers)):
+            raise RecipeError(f"student.attention_layers: {problem}")
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 from study_arms import ARMS, BASE, ROOT, SHARED_FIRST_STAGE, arm_overrides
 
+from distill.layout import RunLayout, finished_summary
+
 
 def run_arm(name: str, out: Path, scale: float, threads: int) -> dict:
     report = out / name / "eval" / "report.json"
@@ -26,11 +28,12 @@ def run_arm(name: str, out: Path, scale: float, threads: int) -> dict:
     (out / name).mkdir(parents=True, exist_ok=True)
     if name in SHARED_FIRST_STAGE:
         source = SHARED_FIRST_STAGE[name]
-        if not (out / source / "stage0-layerwise" / "summary.json").is_file():
+        shared = RunLayout(out / source).stage(0, "layerwise")
+        if not finished_summary(shared):
             return {"arm": name, "status": f"waiting: needs {source}'s layerwise stage; rerun when it has finished"}
-        link = out / name / "stage0-layerwise"
+        link = RunLayout(out / name).stage(0, "layerwise")
         if not link.exists():
-            link.symlink_to(Path("..") / source / "stage0-layerwise")
+            link.symlink_to(Path("..") / source / shared.name)
     (out / name / "threads").write_text(str(threads))
     started = time.time()
     with open(out / name / "study.log", "a") as log:
@@ -142,7 +145,7 @@ def collect(out: Path, arms: list[str], lm_eval_limit: int | None, speed_context
             "threads": arm_threads,
             "cpu_hours": wall * arm_threads / 3600,
             "lm_eval": lm_eval_scores(out / name / "final", lm_eval_limit),
-            "curves": {stage["name"]: loss_curve(out / name / f"stage{stage['index']}-{stage['name']}")
+            "curves": {stage["name"]: loss_curve(RunLayout(out / name).stage(stage["index"], stage["name"]))
                        for stage in report["stages"]},
         }
     if finished and speed_contexts:
