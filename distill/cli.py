@@ -22,13 +22,13 @@ from distill.recipe import load_recipe
 # subcommands that own their argument parsing: name -> (module, function taking argv)
 DELEGATED = {
     "eval": ("distill.eval.cli", "main", "evaluate a checkpoint against its teacher"),
-    "export": ("distill.export", "main", "export a checkpoint (native or bamba), optionally push it to the hub"),
+    "export": ("distill.export", "main", "export a checkpoint (native or bamba), optionally push it to a hub"),
     "import-mil": ("distill.import_mil", "main", "convert a MambaInLlama checkpoint to the native format"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description="Distil a Llama-family teacher into a hybrid.")
+    parser = argparse.ArgumentParser(prog="distill", description="Distil a Transformer into a hybrid.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (("run", "run a recipe end to end"), ("validate", "check a recipe and print it")):
         add_recipe_arguments(commands.add_parser(name, help=help_text))

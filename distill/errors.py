@@ -15,7 +15,7 @@ class UserError(ValueError):
 
 
 class TrainingError(UserError):
-    """Training cannot go on (e.g. the loss diverged); the message is one line naming the cause and the fix."""
+    """Training cannot go on (e.g. the loss diverged); the one-line message names the cause and the fix."""
 
 
 def entry_point(command: Callable[[list[str]], int], argv: list[str]) -> int:

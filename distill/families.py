@@ -5,7 +5,8 @@ anything heavy loads. `configuration_hybrid.py` imports the list relatively, so 
 every checkpoint's remote code.
 """
 
-TEACHER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")  # transformers' model_type of each family
+# transformers' model_type of each family
+TEACHER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
 def check_teacher_family(model_type: str | None) -> None:

@@ -15,10 +15,11 @@ mixer the same: a per-head RMSNorm on in_proj's C and B rows, initialised from q
 start as exactly the normed q and k the attention scored with; `bc_norm: false` drops the norms (C, B = the
 raw q_proj, k_proj outputs). See docs/design.md for the measurement behind the default.
 
-Two optional fixes, to be measured: `conv_init: identity` starts the conv as a delta on the current token, so
-the mixer initially sees silu(q), silu(k), silu(v) rather than a random mix of the last four tokens;
-`norm_init: rms_ratio` scales each Mamba-2 gated norm so that the mixer's output has the RMS of the
-attention output it replaces (measured on `calibration_input_ids`).
+The calibrated defaults (they won the measurements, docs/findings.md): `conv_init: identity` starts the conv as a
+delta on the current token, so the mixer initially sees silu(q), silu(k), silu(v) rather than a random mix of
+the last four tokens; `norm_init: rms_ratio` scales each Mamba-2 gated norm so that the mixer's output has the
+RMS of the attention output it replaces (measured on `calibration_input_ids`). `ones` and `random` are the
+reference's.
 """
 
 from __future__ import annotations
@@ -42,18 +43,20 @@ _LLAMA_FIELDS = (
 
 def select_attention_layers(
     num_layers: int,
-    attention_layers: list[int] | None = None,
+    attention_layers: list[int] | str = "uniform",
     attention_fraction: float | None = None,
 ) -> list[int]:
     """The sorted indices of the layers that keep attention.
 
-    `attention_layers` is taken as given. `attention_fraction` f keeps k = round(f * num_layers) layers, the
+    A list is taken as given. `uniform` with `attention_fraction` f keeps k = round(f * num_layers) layers, the
     last of each of k equal groups: index floor((j + 1) * num_layers / k) - 1, which at f = 0.5 is every odd
-    layer, the reference's placement. Layers chosen from data (`attention_layers: auto`) are distill.selection's.
+    layer, the reference's placement. Layers chosen from data (`auto`) are resolved by distill.selection before
+    the student is built.
     """
-    if (attention_layers is None) == (attention_fraction is None):
-        raise RecipeError("student: set exactly one of attention_layers or attention_fraction")
-    if attention_layers is not None:
+    if attention_layers == "auto":
+        raise RecipeError("student.attention_layers = 'auto' is chosen from data by the selection stage before the "
+                          "student is built; build it directly from a list or 'uniform'")
+    if isinstance(attention_layers, list):
         if problem := attention_layers_problem(attention_layers, num_layers):
             raise RecipeError(f"student.attention_layers: {problem}")
         return sorted(attention_layers)

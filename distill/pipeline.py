@@ -26,7 +26,7 @@ logger = logging.getLogger("distill.pipeline")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """A recipe and its `--set` overrides, as `distill run`, `distill validate` and distill/run.py take them."""
+    """A recipe and its `--set` overrides, as `distill run`, `distill validate` and run.py take them."""
     parser.add_argument("recipe", help="a recipe YAML, e.g. recipes/smollm2-135m/hybrid50-mamba2.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set stages.0.max_tokens=2e5 (repeatable)")
@@ -58,7 +58,8 @@ def _log_to_file(path: Path) -> None:
 
 def _stage_line(index: int, summary: dict) -> str:
     line = (f"stage {index} ({summary['name']}): {summary.get('tokens', 0):,} tokens in "
-            f"{summary.get('wall_time_s', 0):.0f} s, final loss {summary.get('final_loss', float('nan')):.4g}")
+            f"{summary.get('wall_time_s', 0):.0f} s, "
+            f"final loss {summary.get('final_loss', float('nan')):.4g}")
     before, after = summary.get("held_out_before") or {}, summary.get("held_out_after") or {}
     if "loss" in before and "loss" in after:
         line += f", held-out loss {before['loss']:.4g} -> {after['loss']:.4g}"
@@ -115,8 +116,8 @@ def run(recipe, recipe_path: str | None = None) -> Path:
             _log_to_file(layout.log)
         else:
             logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages is enough
-        logger.info("run %s -> %s on %s (%s, %d process(es))", recipe_path or "recipe", out, accelerator.device,
-                    accelerator.distributed_type.value, accelerator.num_processes)
+        logger.info("run %s -> %s on %s (%s, %d process(es))", recipe_path or "recipe", out,
+                    accelerator.device, accelerator.distributed_type.value, accelerator.num_processes)
         teacher, tokenizer = load_teacher(recipe.teacher, dtype=getattr(torch, DTYPES[recipe.precision]))
         train, held_out = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
     teacher.to(accelerator.device)
@@ -124,14 +125,17 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     calibration = torch.tensor(train[:4]["input_ids"]) if recipe.student.norm_init == "rms_ratio" else None
     ctx = StageContext(recipe=recipe, accelerator=accelerator, teacher=teacher, tokenizer=tokenizer,
                        train=train, held_out=held_out, output_dir=out)
-    if recipe.selection is not None:  # the selection stage: mixers aligned for every layer, `auto` layers chosen
+    # the selection stage: mixers aligned for every layer, `auto` layers chosen
+    if recipe.selection is not None:
         from distill.selection import prepare_student
 
         recipe, student = prepare_student(ctx, calibration)
         ctx.recipe = recipe
     else:
-        student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration)
-    if accelerator.is_main_process:  # resolved: the chosen layers as a list, so a rerun of it skips the scoring
+        student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed,
+                                      calibration_input_ids=calibration)
+    # resolved: the chosen layers as a list, so a rerun of it skips the scoring
+    if accelerator.is_main_process:
         write_text(layout.recipe, recipe.dump())
     names = [stage.name for stage in recipe.stages]
     for index, stage in enumerate(recipe.stages):  # a stage that finished on an earlier run just reloads

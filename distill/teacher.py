@@ -70,14 +70,14 @@ def _load_error(cfg: TeacherConfig, source: str, err: Exception) -> RecipeError:
     if Path(source).is_dir():
         return RecipeError(f"teacher.source = {cfg.source!r}: not a loadable HF checkpoint folder ({first})")
     return RecipeError(
-        f"teacher.source = {cfg.source!r}: could not load it from the Hugging Face hub ({first}); download it "
-        f"and pass the local folder or .gguf path instead"
+        f"teacher.source = {cfg.source!r}: could not load it from the Hugging Face hub ({first}); download "
+        f"it and pass the local folder or .gguf path instead"
     )
 
 
 def teacher_config(cfg: TeacherConfig):
-    """The teacher's config (`LlamaConfig`, `Qwen3Config`, ...) without loading weights (for recipe cross-checks
-    and student shapes); a family the student cannot reproduce is refused here, in one line."""
+    """The teacher's config (`LlamaConfig`, `Qwen3Config`, ...) without loading weights (for recipe
+    cross-checks and student shapes); a family the student cannot reproduce is refused here, in one line."""
     from transformers import AutoConfig
 
     source, gguf_file = _resolve(cfg)
@@ -98,7 +98,9 @@ def teacher_num_layers(cfg: TeacherConfig) -> int:
     """
     if cfg.source == BUILTIN_TEACHER:
         folder = cache_root() / "teachers" / BUILTIN_TEACHER
-        return _json_layers(folder) if (folder / "config.json").is_file() else _gguf_layers(asset_path("smollm2"))
+        if (folder / "config.json").is_file():
+            return _json_layers(folder)
+        return _gguf_layers(asset_path("smollm2"))
     source, gguf_file = _resolve(cfg)
     if gguf_file is not None and Path(source, gguf_file).is_file():
         return _gguf_layers(Path(source, gguf_file))

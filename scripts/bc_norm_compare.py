@@ -94,7 +94,8 @@ def main() -> None:
 
     results = {}
     for conv_init, seed, bc_norm in itertools.product(args.conv_inits, args.seeds, (True, False)):
-        cfg = StudentConfig(attention_fraction=0.5, bc_norm=bc_norm, conv_init=conv_init)
+        cfg = StudentConfig(attention_layers="uniform", attention_fraction=0.5, bc_norm=bc_norm, conv_init=conv_init,
+                            norm_init="ones")
         student = hybrid_from_teacher(teacher, cfg, seed=seed)
         at_init = compare_on_held_out(student, teacher, held_out, max_sequences=args.rows)["student"]
         with tempfile.TemporaryDirectory() as out:

@@ -30,7 +30,8 @@ def run_arm(name: str, out: Path, scale: float, threads: int) -> dict:
         source = SHARED_FIRST_STAGE[name]
         shared = RunLayout(out / source).stage(0, "layerwise")
         if not finished_summary(shared):
-            return {"arm": name, "status": f"waiting: needs {source}'s layerwise stage; rerun when it has finished"}
+            status = f"waiting: needs {source}'s layerwise stage; rerun when it has finished"
+            return {"arm": name, "status": status}
         link = RunLayout(out / name).stage(0, "layerwise")
         if not link.exists():
             link.symlink_to(Path("..") / source / shared.name)
@@ -69,11 +70,14 @@ def decode_speed(arms: list[str], out: Path, contexts: list[int]) -> dict[str, d
     for name in arms:
         student = yaml.safe_load((out / name / "recipe.yaml").read_text())["student"]
         layers = student["attention_layers"]  # a list when chosen from data: its count sets the speed
-        fraction = len(layers) / teacher.config.num_hidden_layers if layers is not None else student["attention_fraction"] or 0
+        fraction = (len(layers) / teacher.config.num_hidden_layers if isinstance(layers, list)
+                    else student["attention_fraction"] or 0)
         arch = f"{student['mixer']}@{fraction}"
         arch_of[name] = arch
         if arch not in models:
-            cfg = StudentConfig(mixer=student["mixer"], attention_fraction=fraction)
+            # speed does not depend on the weights
+            cfg = StudentConfig(mixer=student["mixer"], attention_layers="uniform",
+                                attention_fraction=fraction, norm_init="ones")
             models[arch] = hybrid_from_teacher(teacher, cfg, seed=0).eval()
     rows = benchmark(models, contexts, [1], steps=4, prefill_max_tokens=0)
     by_arch = {}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import REFERENCE_STUDENT, tiny_llama_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -49,7 +49,7 @@ def _native_hybrid(tmp_path):
     from distill.recipe import StudentConfig
 
     teacher, tokenizer = save_tiny_checkpoint(tmp_path / "teacher")
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5), seed=0).eval()
+    student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5), seed=0).eval()
     save_final(student, tokenizer, tmp_path / "tiny")
     return student, tokenizer
 
