@@ -1,17 +1,18 @@
 """Registration with transformers' Auto classes that costs nothing until transformers loads them.
 
-`import distill` must stay light (no torch, no transformers: `distill validate` answers in well under a second),
-yet after it `AutoModelForCausalLM.from_pretrained(checkpoint)` must load the installed `HybridForCausalLM`
-without `trust_remote_code`, as packages of this ecosystem do on import. Two steps, each at the first moment it
-can run without importing anything the caller has not already imported:
+`import distill` must stay light (no torch, no transformers: `distill validate` answers in well under a
+second), yet after it `AutoModelForCausalLM.from_pretrained(checkpoint)` must load the installed
+`HybridForCausalLM` without `trust_remote_code`, as packages of this ecosystem do on import. Two steps, each
+at the first moment it can run without importing anything the caller has not already imported:
 
 1. `HybridConfig` joins `AutoConfig` right after transformers executes its `configuration_auto` module (a
-   post-import hook on the import system), or at once if that module is already loaded. Every Auto class loads it
-   before it resolves a model type, and it has already imported `PreTrainedConfig`, all `configuration_hybrid`
-   needs.
+   post-import hook on the import system), or at once if that module is already loaded. Every Auto class loads
+   it before it resolves a model type, and it has already imported `PreTrainedConfig`, all
+   `configuration_hybrid` needs.
 2. `HybridForCausalLM` joins `AutoModelForCausalLM` when the first `HybridConfig` is built (see
-   `HybridConfig.__post_init__`): the Auto classes build the config before they look up its model class, and by
-   then no transformers module is half-imported, so importing `modeling_hybrid` (torch, the kernels) is safe.
+   `HybridConfig.__post_init__`): the Auto classes build the config before they look up its model class, and
+   by then no transformers module is half-imported, so importing `modeling_hybrid` (torch, the kernels) is
+   safe.
 """
 
 import importlib
@@ -29,13 +30,13 @@ def register_config(configuration_auto) -> None:
 
 
 def register_model() -> None:
-    """Import `distill.modeling_hybrid`, which registers the model as it loads; nothing if it is loaded or loading."""
+    """Import `distill.modeling_hybrid`, which registers the model as it loads (unless loaded or loading)."""
     if "distill.modeling_hybrid" not in sys.modules:
         importlib.import_module("distill.modeling_hybrid")
 
 
 class ConfigurationAutoHook(importlib.abc.MetaPathFinder):
-    """Finds `configuration_auto` with the other finders and runs `register_config` after its module executes."""
+    """Finds `configuration_auto` with the other finders; runs `register_config` after its module executes."""
 
     def find_spec(self, name, path=None, target=None):
         if name != CONFIGURATION_AUTO:

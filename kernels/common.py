@@ -1,6 +1,6 @@
 """What every scan implementation shares: the inputs' checks and preprocessing, the compute dtype, and the
-epilogues. The references (`*_naive.py`) and the fast paths all import from here, never from each other, so each
-fast path is tested against a reference that shares only these few lines with it.
+epilogues. The references (`*_naive.py`) and the fast paths all import from here, never from each other, so
+each fast path is tested against a reference that shares only these few lines with it.
 
 Mamba-2 (SSD) shapes follow mamba-ssm's `mamba_chunk_scan_combined`, Mamba-1's its `selective_scan_fn` (see
 `ssd_naive.py` and `selective_scan_naive.py` for the definitions).
@@ -63,8 +63,8 @@ def skip_and_gate(y, x, D=None, z=None):
 
 
 def empty_scan(x, B, initial_states, return_final_states):
-    """The scan of an empty sequence (l = 0): an empty y, and the initial state (zeros without one) as the final
-    state, in x's dtype."""
+    """The scan of an empty sequence (l = 0): an empty y, and the initial state (zeros without one) as the
+    final state, in x's dtype."""
     y = torch.empty_like(x)
     if not return_final_states:
         return y

@@ -1,17 +1,18 @@
 """The state carry shared by the chunked Mamba-2 scan (state from chunk to chunk) and the Mamba-1 scan (from
-time step to time step): state_{k+1} = decay_k * state_k + input_k as one autograd node, and the same ops in place
-for calls without autograd, so both give the same bits."""
+time step to time step): state_{k+1} = decay_k * state_k + input_k as one autograd node, and the same ops in
+place for calls without autograd, so both give the same bits."""
 
 import torch
 
 
 class StatePassing(torch.autograd.Function):
-    """state_{k+1} = decay_k * state_k + chunk_states_k over the leading axis k (chunks here, time steps in the
-    Mamba-1 scan), as one autograd node.
+    """state_{k+1} = decay_k * state_k + chunk_states_k over the leading axis k (chunks here, time steps in
+    the Mamba-1 scan), as one autograd node.
 
-    chunk_states is (c, *S), chunk_decay (c, *D) with D broadcastable to S, initial_state S. Autograd through a
-    Python loop would allocate a full-size gradient buffer per chunk (select backward); here forward and backward
-    are each one loop of in-place updates. Returns the incoming state of every chunk (c, *S) and the final state.
+    chunk_states is (c, *S), chunk_decay (c, *D) with D broadcastable to S, initial_state S. Autograd through
+    a Python loop would allocate a full-size gradient buffer per chunk (select backward); here forward and
+    backward are each one loop of in-place updates. Returns the incoming state of every chunk (c, *S) and the
+    final state.
     """
 
     @staticmethod

@@ -1,17 +1,17 @@
 """Run each GPU recipe at its teacher's real shapes for a few steps on CPU, and report peak memory per phase.
 
-No hub here, so each teacher is built with random weights from its public config (recipes/teachers.json) through
-transformers' own config class, at the published width (hidden size, heads, GQA, head_dim, vocabulary, RoPE
-scaling, tied or untied embeddings) and --layers layers (default: the published count; fewer keeps every shape but
-the depth, which memory scales with linearly, so a 7-8B teacher fits a small machine). The recipe then runs as
-written, through selection, each stage, eval and export, at its own sequence length, with only budgets changed
-by `--set`: a few steps per phase at batch 1, the built-in ShareGPT data (the recipes' hub datasets are out of
-reach), the built-in SmolLM2 tokenizer (its ids fit every vocabulary here but Mistral's 32768), no lm-eval tasks,
-no speed benchmark, no trackers.
+No hub here, so each teacher is built with random weights from its public config (recipes/teachers.json)
+through transformers' own config class, at the published width (hidden size, heads, GQA, head_dim, vocabulary,
+RoPE scaling, tied or untied embeddings) and --layers layers (default: the published count; fewer keeps every
+shape but the depth, which memory scales with linearly, so a 7-8B teacher fits a small machine). The recipe
+then runs as written, through selection, each stage, eval and export, at its own sequence length, with only
+budgets changed by `--set`: a few steps per phase at batch 1, the built-in ShareGPT data (the recipes' hub
+datasets are out of reach), the built-in SmolLM2 tokenizer (its ids fit every vocabulary here but Mistral's
+32768), no lm-eval tasks, no speed benchmark, no trackers.
 
 Each recipe runs in its own process. Peak memory is the process's resident peak (VmHWM, reset through
-/proc/self/clear_refs at the start of each phase): on CPU the weights, optimizer states and activations all live
-there, so it bounds what one GPU process needs for the same recipe at batch 1 (a GPU run holds the
+/proc/self/clear_refs at the start of each phase): on CPU the weights, optimizer states and activations all
+live there, so it bounds what one GPU process needs for the same recipe at batch 1 (a GPU run holds the
 activations of its own batch size instead).
 
     python scripts/check_gpu_recipes.py recipes/llama-3.2-1b/hybrid50-mamba2.yaml --layers 2
@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEACHERS = json.loads((ROOT / "recipes" / "teachers.json").read_text())
 STEPS = 2  # optimizer steps per phase
+ACTIVE: list = []  # the measured call in progress, if any
 
 
 def teacher_config(name: str, layers: int | None):
@@ -46,7 +47,7 @@ def teacher_config(name: str, layers: int | None):
 
 
 def build_teacher(name: str, layers: int | None, folder: Path) -> float:
-    """A random-weight bf16 teacher and the built-in tokenizer in `folder`; returns its parameter count (billions)."""
+    """A random-weight bf16 teacher and the built-in tokenizer in `folder`; returns its size in billions."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,7 +59,8 @@ def build_teacher(name: str, layers: int | None, folder: Path) -> float:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     _, builtin_tokenizer = load_teacher(TeacherConfig(source=BUILTIN_TEACHER), torch.float32)
     if len(builtin_tokenizer) > config.vocab_size:
-        raise SystemExit(f"{name}: vocabulary {config.vocab_size} < the built-in tokenizer's {len(builtin_tokenizer)}")
+        raise SystemExit(f"{name}: vocabulary {config.vocab_size} < the built-in tokenizer's "
+                         f"{len(builtin_tokenizer)}")
     model.save_pretrained(folder)
     builtin_tokenizer.save_pretrained(folder)
     AutoTokenizer.from_pretrained(folder)  # loads back
@@ -66,15 +68,16 @@ def build_teacher(name: str, layers: int | None, folder: Path) -> float:
 
 
 def budget_overrides(recipe_path: Path, teacher_dir: Path, out: Path) -> list[str]:
-    """--set overrides: the local teacher, built-in data, STEPS steps at batch 1 in every phase, small eval."""
+    """--set overrides: the local teacher, built-in data, STEPS steps at batch 1 per phase, a small eval."""
     import yaml
 
     raw = yaml.safe_load(recipe_path.read_text())
     max_length = (raw.get("data") or {}).get("max_length", 512)
     steps = f"{STEPS * max_length}"
-    sets = [f"teacher.source={teacher_dir}", "data.source=sharegpt", "data.split=train", "data.held_out_size=2",
-            "data.max_conversations=400", f"output_dir={out}", "logging.wandb=false", "eval.max_sequences=2",
-            "eval.batch_size=1", "eval.lm_eval_tasks=[]", "eval.speed=false", "eval.needle=false"]
+    sets = [f"teacher.source={teacher_dir}", "data.source=sharegpt", "data.split=train",
+            "data.held_out_size=2", "data.max_conversations=400", f"output_dir={out}", "logging.wandb=false",
+            "eval.max_sequences=2", "eval.batch_size=1", "eval.lm_eval_tasks=[]", "eval.speed=false",
+            "eval.needle=false"]
     phases = [f"stages.{i}" for i in range(len(raw.get("stages") or []))]
     if raw.get("selection") is not None:
         phases.append("selection.align")
@@ -96,14 +99,22 @@ def reset_peak() -> None:
 
 
 def measured(phases: list, label, fn):
-    """fn wrapped so that each call's peak resident memory and wall time are appended to `phases`."""
+    """fn wrapped so that each call's peak resident memory and wall time are appended to `phases` (a call made
+    inside another measured one, such as the selection's own stage, counts as part of the outer one)."""
 
     def wrapper(*args, **kwargs):
+        if ACTIVE:
+            return fn(*args, **kwargs)
+        ACTIVE.append(fn)
         reset_peak()
         start = time.time()
-        result = fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            ACTIVE.pop()
         name = label(*args, **kwargs) if callable(label) else label
-        phases.append({"phase": name, "peak_gb": round(peak_rss() / 1e9, 2), "seconds": round(time.time() - start)})
+        seconds = round(time.time() - start)
+        phases.append({"phase": name, "peak_gb": round(peak_rss() / 1e9, 2), "seconds": seconds})
         print("PHASE " + json.dumps(phases[-1]), flush=True)  # as it happens: a long run shows its progress
         return result
 
@@ -125,31 +136,34 @@ def run_one(recipe_path: Path, layers: int | None, workdir: Path) -> dict:
                                         distill.stages.run_stage)
     distill.selection.prepare_student = measured(phases, "selection", distill.selection.prepare_student)
     distill.eval.evaluation.evaluate = measured(phases, "eval", distill.eval.evaluation.evaluate)
-    distill.export.export = measured(phases, lambda checkpoint, fmt, *a, **k: f"export {fmt}", distill.export.export)
+    distill.export.export = measured(phases, lambda checkpoint, fmt, *a, **k: f"export {fmt}",
+                                     distill.export.export)
     started = time.time()
     sets = budget_overrides(recipe_path, workdir / "teacher", workdir / "out")
     distill.run.main([str(recipe_path), *(arg for item in sets for arg in ("--set", item))])
-    return {"recipe": str(recipe_path.relative_to(ROOT)), "layers": teacher_config(name, layers).num_hidden_layers,
-            "teacher_billions": round(billions, 3), "phases": phases, "seconds": round(time.time() - started)}
+    return {"recipe": str(recipe_path.relative_to(ROOT)),
+            "layers": teacher_config(name, layers).num_hidden_layers, "teacher_billions": round(billions, 3),
+            "phases": phases, "seconds": round(time.time() - started)}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| recipe | teacher layers | teacher params (B) | phase | peak RSS (GB) | GB per B teacher params | s |",
+    lines = ["| recipe | layers | teacher params (B) | phase | peak RSS (GB) | GB per B teacher params | s |",
              "|---|---|---|---|---|---|---|"]
     for result in results:
         for phase in result["phases"]:
             per_billion = phase["peak_gb"] / result["teacher_billions"]
             lines.append(f"| {result['recipe']} | {result['layers']} | {result['teacher_billions']:.2f} | "
-                         f"{phase['phase']} | {phase['peak_gb']:.1f} | {per_billion:.1f} | {phase['seconds']} |")
+                         f"{phase['phase']} | {phase['peak_gb']:.1f} | {per_billion:.1f} | "
+                         f"{phase['seconds']} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", type=Path)
-    parser.add_argument("--all", action="store_true", help="every recipe of a teacher in recipes/teachers.json")
-    parser.add_argument("--layers", type=int, default=None, help="teacher layers (default: the published count)")
-    parser.add_argument("--json", type=Path, default=None, help="append each recipe's result to this JSON list")
+    parser.add_argument("--all", action="store_true", help="every recipe of the teachers in teachers.json")
+    parser.add_argument("--layers", type=int, default=None, help="teacher layers (default: published)")
+    parser.add_argument("--json", type=Path, default=None, help="add each recipe's result to this JSON list")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-recipe child process
     args = parser.parse_args(argv)
     recipes = [p.resolve() for p in args.recipes]
@@ -164,7 +178,8 @@ def main(argv=None) -> int:
         command = [sys.executable, __file__, "--one", str(recipe)]
         command += ["--layers", str(args.layers)] if args.layers else []
         lines = []
-        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:  # its stderr: the run's log
+        # the child's stderr (the run's log) passes through; its stdout carries the phases and the result
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
             for line in child.stdout:
                 lines.append(line)
                 if line.startswith("PHASE "):
@@ -178,7 +193,8 @@ def main(argv=None) -> int:
         print(table(results[-1:]), flush=True)
         if args.json:
             kept = json.loads(args.json.read_text()) if args.json.is_file() else []
-            kept = [r for r in kept if (r["recipe"], r["layers"]) != (results[-1]["recipe"], results[-1]["layers"])]
+            key = (results[-1]["recipe"], results[-1]["layers"])
+            kept = [r for r in kept if (r["recipe"], r["layers"]) != key]
             args.json.write_text(json.dumps([*kept, results[-1]], indent=1) + "\n")
     if len(results) > 1:
         print(table(results))

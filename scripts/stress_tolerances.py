@@ -1,8 +1,9 @@
 """Stress the kernel tests' tolerances: many more property examples under several hypothesis seeds.
 
 Every kernel check goes through `within(err, bound)` (tests/test_kernels.py), which records err / bound when
-DISTILL_TOLERANCE_LOG names a file. This runs the kernel test files with DISTILL_STRESS times the examples, once per
-seed, and prints the largest ratio per check. A ratio >= 0.5 (a bound within 2x of a measured error) fails.
+DISTILL_TOLERANCE_LOG names a file. This runs the kernel test files with DISTILL_STRESS times the examples,
+once per seed, and prints the largest ratio per check. A ratio >= 0.5 (a bound within 2x of a measured error)
+fails.
 
     python scripts/stress_tolerances.py --stress 20 --seeds 0 1 2
 """
@@ -30,8 +31,8 @@ def main(argv=None):
             log = os.path.join(tmp, f"seed{seed}.log")
             env = {**os.environ, "DISTILL_STRESS": str(args.stress), "DISTILL_TOLERANCE_LOG": log,
                    "TRITON_INTERPRET": "1"}
-            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}",
-                       *args.files]
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                       f"--hypothesis-seed={seed}", *args.files]
             result = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
             print(f"seed {seed}: {result.stdout.strip().splitlines()[-1]}", flush=True)
             if result.returncode:

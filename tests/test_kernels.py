@@ -728,18 +728,6 @@ def test_modules_are_flat_and_torch_only():
                 assert node.level == 1 or node.module.split(".")[0] in allowed, path.name
 
 
-def test_fast_paths_never_import_a_reference():
-    """fla's shape: each op's reference (`*_naive.py`) sits beside its fast paths, which share helpers with it only
-    through `common.py` and `state_passing.py`, so a bug in a reference cannot hide in a fast path (or back)."""
-    for path in KERNELS_DIR.glob("*.py"):
-        imported = {node.module or "" for node in ast.walk(ast.parse(path.read_text()))
-                    if isinstance(node, ast.ImportFrom) and node.level == 1}
-        if path.name != "dispatch.py":  # the dispatcher offers the references as the "naive" backend
-            assert not {m for m in imported if m.endswith("_naive")}, path.name
-        if path.stem.endswith("_naive"):
-            assert imported <= {"common", "state_passing"}, path.name
-
-
 @pytest.mark.slow  # starts a fresh Python
 def test_kernels_run_when_copied_next_to_a_checkpoint(tmp_path):
     package = tmp_path / "remote_checkpoint"
