@@ -24,12 +24,13 @@ def test_the_runner_trains_once_saves_the_stage_and_skips_it_when_finished(tmp_p
         return student, {"tokens": 5}
 
     stage_dir = tmp_path / "part"
-    trained = run(ctx, recipe.stages[0], tiny_hybrid(tiny_llama), stage_dir, label="part", seed=7, train=train)
+    cfg = recipe.stages[0]
+    trained = run(ctx, cfg, tiny_hybrid(tiny_llama), stage_dir, label="part", seed=7, train=train)
     assert calls == [(7, "part", stage_dir)] and (stage_dir / "final" / "config.json").is_file()
     summary = json.loads((stage_dir / "summary.json").read_text())
     assert summary == {"name": "end_to_end", "tokens": 5, "finished": True}
 
-    again = run(ctx, recipe.stages[0], tiny_hybrid(tiny_llama), stage_dir, label="part", seed=7, train=train)
+    again = run(ctx, cfg, tiny_hybrid(tiny_llama), stage_dir, label="part", seed=7, train=train)
     assert len(calls) == 1  # finished: its final weights are loaded, nothing trains
     for (name, value), loaded in zip(trained.state_dict().items(), again.state_dict().values()):
         assert torch.equal(value, loaded), name
