@@ -51,6 +51,13 @@ so they get a conv state (b, conv channels, d_conv) and an fp32 SSM state (Mamba
 (b, nh*hd/n, n, n)). The prefill stores the final states; each decode step is one `causal_conv1d_update` plus one
 `selective_state_update` per Mamba layer, O(1) in the sequence length.
 
+Speculative decoding (`generate(assistant_model=...)` in either role, `prompt_lookup_num_tokens=`) follows
+transformers' contract for recurrent caches: `generate` calls `cache.activate_past_recording(k)`, and while the
+cache records, each Mamba layer hands it the conv inputs (kept until `crop`) and the SSM state after each of the
+forward's last tokens (all of a continuation's, the last k + 1 of a prefill); `cache.crop(-r)` restores the
+state r tokens back. Mamba-2 gets those states from one batched sum over the tokens (`ssd_states`), so verifying
+k drafts is one forward, not k steps; Mamba-1 steps through them (its scan cannot start from a state).
+
 This file imports only torch/transformers (plus the kernels, whose files are copied next to it by
 `write_remote_code`), so checkpoints load with `trust_remote_code=True` without mamba-distill installed.
 """
