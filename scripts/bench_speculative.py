@@ -13,7 +13,7 @@ hybrid draft. Tasks: `chat` (a held-out ShareGPT conversation, its history cut t
 
 decode tokens/s counts what `generate` produces after its first round (the prefill and the first draft), so
 it measures decoding, not the prompt. Acceptance is drafted tokens accepted / drafted, from the target's
-forward lengths. `verify` times, at each context on the hybrid: one decode step; one forward that verifies 4
+forward lengths. `verify` times, at each context for the hybrid, the teacher and the cheap draft: one decode step; one forward that verifies 4
 drafted tokens (5 inputs, states recorded) and its `crop`; and 5 decode steps.
 
 Without `--student` the hybrid is freshly initialised from the teacher's attention weights (untrained: its
@@ -171,7 +171,7 @@ def build_models(args, teacher):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--tasks", nargs="+", default=["chat", "edit"], choices=["chat", "edit"])
+    parser.add_argument("--tasks", nargs="*", default=["chat", "edit"], choices=["chat", "edit"])
     parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
@@ -204,9 +204,12 @@ def main(argv=None) -> None:
 
     rows, verify = [], {}
     for context in args.contexts:
-        verify[context] = verify_costs(hybrid, context, args.verify_repeats)
-        verify[context]["ratio"] = verify[context]["verify4"] / verify[context]["step"]
-        print(f"context {context}: verify 4 drafts = {verify[context]['ratio']:.2f} x one decode step", flush=True)
+        for name, model in (("hybrid", hybrid), ("teacher", teacher), ("cheap draft", cheap)):
+            costs = verify_costs(model, context, args.verify_repeats)
+            costs["ratio"] = costs["verify4"] / costs["step"]
+            verify[f"{context} {name}"] = costs
+            print(f"context {context} {name}: step {costs['step'] * 1e3:.1f} ms, verify 4 drafts = "
+                  f"{costs['ratio']:.2f} x one step", flush=True)
         chats = long_conversations(conversations[200:], tokenizer, context, args.prompts)
         for task in args.tasks:
             for p in range(args.prompts):
@@ -266,13 +269,16 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
         acc = "" if line["acceptance"] is None else f"{line['acceptance']:.0%}"
         table.append(f"| {line['context']} | {line['task']} | {line['mode']} | {line['tokens_per_s']:.1f} | "
                      f"{line['speedup']:.2f}x | {acc} | {'yes' if line['same'] else 'NO'} |")
-    table += ["", "| context | decode step ms | verify 4 drafts ms | ratio | 5 decode steps ms |", "|---:|---:|---:|---:|---:|"]
-    for context, v in verify.items():
-        table.append(f"| {context} | {v['step'] * 1e3:.1f} | {v['verify4'] * 1e3:.1f} | {v['ratio']:.2f}x | "
+    table += ["", "| context, model | decode step ms | verify 4 drafts ms | ratio | 5 decode steps ms |",
+              "|---|---:|---:|---:|---:|"]
+    for key, v in verify.items():
+        table.append(f"| {key} | {v['step'] * 1e3:.1f} | {v['verify4'] * 1e3:.1f} | {v['ratio']:.2f}x | "
                      f"{v['steps5'] * 1e3:.1f} |")
     (out / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
+    if not lines:
+        return
     tasks = sorted({line["task"] for line in lines})
     figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):

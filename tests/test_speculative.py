@@ -197,3 +197,16 @@ def test_assisted_sampling_draws_from_the_target_distribution(mixer):
         assisted = sampled_frequencies(target, prompt, vocab, samples, assistant_model=draft, num_assistant_tokens=2)
     assert chi2_p_value(assisted, exact) > alpha
     assert chi2_p_value(assisted, proposed) < alpha, "the test cannot tell the draft from the target"
+
+
+@pytest.mark.slow
+def test_smollm2_speculative_roles_are_lossless(smollm2, crops):
+    """The real teacher and a 50% Mamba-2 student built from it, on a chat prompt, in the three roles."""
+    teacher, tokenizer = smollm2
+    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5), seed=0).eval()
+    messages = [{"role": "user", "content": "Rename the variable x to count: for x in range(3): print(x)"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    assert_lossless(teacher, ids, crops, max_new_tokens=24, assistant_model=student)
+    assert_lossless(student, ids, crops, max_new_tokens=24, prompt_lookup_num_tokens=4)
+    assert_lossless(student, ids, crops, max_new_tokens=24, assistant_model=teacher)
