@@ -1,11 +1,11 @@
-"""`distill chat CKPT` and `distill generate CKPT --prompt ...`: stream a checkpoint's answers, optionally with
-speculative decoding.
+"""`distill chat CKPT` and `distill generate CKPT --prompt ...`: stream a checkpoint's answers, optionally
+with speculative decoding.
 
 Both go through stock transformers `generate`: `--draft CKPT` passes `assistant_model=` (a smaller hybrid, or
 the teacher when the checkpoint is the student; it must share the tokenizer), `--prompt-lookup N` passes
 `prompt_lookup_num_tokens=N`. Greedy by default, so the answer is exactly the one plain decoding gives; with
-`--temperature` above 0 it samples (speculative sampling keeps the target's distribution). At the end it prints
-tokens/s and the share of drafted tokens the target accepted.
+`--temperature` above 0 it samples (speculative sampling keeps the target's distribution). At the end it
+prints tokens/s and the share of drafted tokens the target accepted.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def check_checkpoint(path: str | Path) -> Path:
     try:
         json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"{folder / 'config.json'} is not valid JSON ({err}); copy the checkpoint again") from None
+        raise UserError(
+            f"{folder / 'config.json'} is not valid JSON ({err}); copy the checkpoint again"
+        ) from None
     _check_safetensors(folder)
     return folder
 
@@ -66,8 +68,8 @@ def check_same_tokenizer(tokenizer, draft_tokenizer, draft_path: str) -> None:
     """A draft proposes token ids: the ids must mean the same text, or every draft is wasted (or wrong)."""
     if tokenizer.get_vocab() != draft_tokenizer.get_vocab():
         raise UserError(
-            f"the draft {draft_path} has another tokenizer than the checkpoint; use a draft distilled from the "
-            f"same teacher (or the teacher itself), or --prompt-lookup N"
+            f"the draft {draft_path} has another tokenizer than the checkpoint; use a draft distilled from "
+            f"the same teacher (or the teacher itself), or --prompt-lookup N"
         )
 
 
@@ -91,14 +93,21 @@ class Stats:
     accepted: int
 
     def __add__(self, other: Stats) -> Stats:
-        return Stats(self.new_tokens + other.new_tokens, self.seconds + other.seconds,
-                     self.drafted + other.drafted, self.accepted + other.accepted)
+        return Stats(
+            self.new_tokens + other.new_tokens,
+            self.seconds + other.seconds,
+            self.drafted + other.drafted,
+            self.accepted + other.accepted,
+        )
 
     def line(self) -> str:
-        speed = f"{self.new_tokens} tokens in {self.seconds:.2f} s, {self.new_tokens / self.seconds:.1f} tokens/s"
+        speed = (
+            f"{self.new_tokens} tokens in {self.seconds:.2f} s, {self.new_tokens / self.seconds:.1f} tokens/s"
+        )
         if self.drafted == 0:
             return speed
-        return f"{speed}; accepted {self.accepted} of {self.drafted} drafted tokens ({self.accepted / self.drafted:.0%})"
+        share = self.accepted / self.drafted
+        return f"{speed}; accepted {self.accepted} of {self.drafted} drafted tokens ({share:.0%})"
 
 
 def acceptance(lengths: list[int], prompt_len: int, new_tokens: int) -> tuple[int, int]:
@@ -160,23 +169,41 @@ class Speaker:
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens, streamer=streamer,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=self.max_new_tokens,
+                streamer=streamer,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                **self.sampling, **self.assist,
+                **self.sampling,
+                **self.assist,
             )
         seconds = time.perf_counter() - start
         new = out[0, ids.shape[1] :]
-        drafted, accepted = acceptance(self.counter.lengths, ids.shape[1], len(new)) if self.assist else (0, 0)
-        return self.tokenizer.decode(new, skip_special_tokens=True), Stats(len(new), seconds, drafted, accepted)
+        drafted, accepted = (
+            acceptance(self.counter.lengths, ids.shape[1], len(new)) if self.assist else (0, 0)
+        )
+        return self.tokenizer.decode(new, skip_special_tokens=True), Stats(
+            len(new), seconds, drafted, accepted
+        )
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("checkpoint", help="a model folder: a distilled hybrid (outputs/run/final), a teacher, ...")
-    parser.add_argument("--draft", metavar="CKPT", help="speculative decoding with this model drafting "
-                        "(same tokenizer): a smaller hybrid, or the teacher")
-    parser.add_argument("--prompt-lookup", type=int, metavar="N",
-                        help="speculative decoding that drafts N tokens copied from the prompt (no draft model)")
+    parser.add_argument(
+        "checkpoint", help="a model folder: a distilled hybrid (outputs/run/final), a teacher, ..."
+    )
+    parser.add_argument(
+        "--draft",
+        metavar="CKPT",
+        help="speculative decoding with this model drafting "
+        "(same tokenizer): a smaller hybrid, or the teacher",
+    )
+    parser.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        help="speculative decoding that drafts N tokens copied from the prompt (no draft model)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -201,7 +228,9 @@ def generate_main(argv: list[str]) -> int:
 
 
 def chat_main(argv: list[str]) -> int:
-    parser = _parser("distill chat", "Chat with a checkpoint in the terminal (an empty line or Ctrl-D ends it).")
+    parser = _parser(
+        "distill chat", "Chat with a checkpoint in the terminal (an empty line or Ctrl-D ends it)."
+    )
     args = parser.parse_args(argv)
     speaker = Speaker(args)
     messages = _start(args)

@@ -1,4 +1,5 @@
-"""Speculative decoding on CPU: decode tokens/s and acceptance, every mode side by side, plus the cost of verifying.
+"""Speculative decoding on CPU: decode tokens/s and acceptance, every mode side by side, and the cost of
+verifying.
 
     python scripts/bench_speculative.py --contexts 512 2048 --out eval/results/speculative
 
@@ -7,14 +8,15 @@ token for token: the `same` column checks it). One torch thread, timed by the th
 processes on a shared machine do not inflate the numbers; every mode runs back to back for each prompt, the
 repeats are interleaved and the median is kept.
 
-Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); hybrid alone; hybrid + prompt lookup; hybrid + a cheaper
-hybrid draft. Tasks: `chat` (a held-out ShareGPT conversation, its history cut to the context) and `edit`
-(fix one typo in a held-out reply of the context's length: the answer copies the prompt).
+Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); hybrid alone;
+hybrid + prompt lookup; hybrid + a cheaper hybrid draft. Tasks: `chat` (an unseen ShareGPT conversation, its
+history cut to the context) and `edit` (fix one typo in unseen replies of the context's length: the answer
+copies the prompt).
 
 decode tokens/s counts what `generate` produces after its first round (the prefill and the first draft), so
 it measures decoding, not the prompt. Acceptance is drafted tokens accepted / drafted, from the target's
-forward lengths. `verify` times, at each context for the hybrid, the teacher and the cheap draft: one decode step; one forward that verifies 4
-drafted tokens (5 inputs, states recorded) and its `crop`; and 5 decode steps.
+forward lengths. `verify` times, at each context for the hybrid, the teacher and the cheap draft: one decode
+step; one forward that verifies 4 drafted tokens (5 inputs, states recorded) and its `crop`; 5 decode steps.
 
 Without `--student` the hybrid is freshly initialised from the teacher's attention weights (untrained: its
 outputs and so every acceptance rate are lower than a distilled student's); speeds do not depend on training.
@@ -59,7 +61,9 @@ def unseen_conversations() -> list[list[dict]]:
     return [doc for _, doc in pairs[-3000:] if isinstance(doc, list)]
 
 
-def long_conversations(conversations: list[list[dict]], tokenizer, context: int, count: int) -> list[list[dict]]:
+def long_conversations(
+    conversations: list[list[dict]], tokenizer, context: int, count: int
+) -> list[list[dict]]:
     """The first `count` conversations with at least `context` tokens before their last user turn."""
     chosen = []
     for conversation in conversations:
@@ -72,11 +76,14 @@ def long_conversations(conversations: list[list[dict]], tokenizer, context: int,
 
 
 def chat_tokens(messages: list[dict], tokenizer) -> int:
-    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    return len(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
 
 
 def chat_prompt(conversation: list[dict], tokenizer, context: int) -> list[dict]:
-    """The conversation up to a user turn, its oldest turns dropped and the first kept one cut to `context`."""
+    """The conversation up to a user turn, its oldest turns dropped and the first kept one cut to
+    `context`."""
     last_user = max(i for i, m in enumerate(conversation) if m["role"] == "user")
     messages = conversation[: last_user + 1]
     while len(messages) > 1 and chat_tokens(messages[1:], tokenizer) > context:
@@ -111,8 +118,14 @@ def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
     handle = model.register_forward_hook(counter.hook, with_kwargs=True)
     clock = Clock()
     try:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, streamer=clock, **assist)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            streamer=clock,
+            **assist,
+        )
     finally:
         handle.remove()
     clock.end()
@@ -120,8 +133,13 @@ def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
     (first_round, _), (end, _) = clock.marks[1], clock.marks[-1]
     later_tokens = len(new) - clock.marks[1][1]
     drafted, accepted = acceptance(counter.lengths, ids.shape[1], len(new)) if assist else (0, 0)
-    return {"tokens": new.tolist(), "decode_s": end - first_round, "decode_tokens": later_tokens,
-            "drafted": drafted, "accepted": accepted}
+    return {
+        "tokens": new.tolist(),
+        "decode_s": end - first_round,
+        "decode_tokens": later_tokens,
+        "drafted": drafted,
+        "accepted": accepted,
+    }
 
 
 @torch.no_grad()
@@ -135,7 +153,9 @@ def verify_costs(model, context: int, repeats: int) -> dict:
     model(ids, cache=plain)
     model(ids, cache=recording)
     times = {"step": [], "verify4": [], "steps5": []}
-    for r in range(repeats + 1):  # both caches grow by a few tokens per repeat: no measurable cost at `context`
+    for r in range(
+        repeats + 1
+    ):  # both caches grow by a few tokens per repeat: no measurable cost at `context`
         draft = torch.randint(model.config.vocab_size, (1, 5))
         start = time.thread_time()
         model(draft[:, :1], cache=plain)
@@ -163,7 +183,10 @@ def build_models(args, teacher):
     def student(path, fraction):
         if path:
             return load_model(check_checkpoint(path), "float32", "cpu")
-        return hybrid_from_teacher(teacher, StudentConfig(attention_fraction=fraction), seed=0).eval()
+        config = StudentConfig(  # evenly spaced layers, untrained: no calibration rows
+            attention_layers="uniform", attention_fraction=fraction, norm_init="ones", conv_init="random"
+        )
+        return hybrid_from_teacher(teacher, config, seed=0).eval()
 
     return student(args.student, 0.5), student(args.cheap_draft, 0.0)
 
@@ -177,7 +200,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
     parser.add_argument("--prompt-lookup", type=int, default=8)
     parser.add_argument("--verify-repeats", type=int, default=7)
-    parser.add_argument("--student", help="a distilled hybrid checkpoint (default: fresh 50%%-attention init)")
+    parser.add_argument(
+        "--student", help="a distilled hybrid checkpoint (default: fresh 50%%-attention init)"
+    )
     parser.add_argument("--cheap-draft", help="a cheaper hybrid draft (default: fresh 0%%-attention init)")
     parser.add_argument("--modes", nargs="+", default=None, help="a subset of the modes")
     parser.add_argument("--out", type=Path, default=Path("eval/results/speculative"))
@@ -208,15 +233,22 @@ def main(argv=None) -> None:
             costs = verify_costs(model, context, args.verify_repeats)
             costs["ratio"] = costs["verify4"] / costs["step"]
             verify[f"{context} {name}"] = costs
-            print(f"context {context} {name}: step {costs['step'] * 1e3:.1f} ms, verify 4 drafts = "
-                  f"{costs['ratio']:.2f} x one step", flush=True)
+            print(
+                f"context {context} {name}: step {costs['step'] * 1e3:.1f} ms, verify 4 drafts = "
+                f"{costs['ratio']:.2f} x one step",
+                flush=True,
+            )
         chats = long_conversations(conversations[200:], tokenizer, context, args.prompts)
         for task in args.tasks:
             for p in range(args.prompts):
-                messages = (chat_prompt(chats[p], tokenizer, context) if task == "chat"
-                            else edit_prompt(replies[p * 7 :], tokenizer, context, seed=p))
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)["input_ids"]
+                messages = (
+                    chat_prompt(chats[p], tokenizer, context)
+                    if task == "chat"
+                    else edit_prompt(replies[p * 7 :], tokenizer, context, seed=p)
+                )
+                ids = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )["input_ids"]
                 results: dict[str, list[dict]] = {name: [] for name in modes}
                 for _ in range(args.repeats):
                     for name, (model, assist) in modes.items():
@@ -225,10 +257,17 @@ def main(argv=None) -> None:
                 for name, runs in results.items():
                     base = plain["teacher" if name.startswith("teacher") else "hybrid"]
                     tokens_per_s = statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs)
-                    row = {"context": context, "task": task, "prompt": p, "prompt_tokens": ids.shape[1],
-                           "mode": name, "decode_tokens_per_s": tokens_per_s,
-                           "drafted": runs[0]["drafted"], "accepted": runs[0]["accepted"],
-                           "same": None if base is None else runs[0]["tokens"] == base[0]["tokens"]}
+                    row = {
+                        "context": context,
+                        "task": task,
+                        "prompt": p,
+                        "prompt_tokens": ids.shape[1],
+                        "mode": name,
+                        "decode_tokens_per_s": tokens_per_s,
+                        "drafted": runs[0]["drafted"],
+                        "accepted": runs[0]["accepted"],
+                        "same": None if base is None else runs[0]["tokens"] == base[0]["tokens"],
+                    }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -237,22 +276,31 @@ def main(argv=None) -> None:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One line per (context, task, mode): median tokens/s over prompts, pooled acceptance, speedup vs alone."""
-    keys = sorted(dict.fromkeys((r["context"], r["task"], r["mode"]) for r in rows), key=lambda k: (k[0], k[1]))
+    """One line per (context, task, mode): median tokens/s over prompts, pooled acceptance, speedup vs
+    alone."""
+    keys = sorted(
+        dict.fromkeys((r["context"], r["task"], r["mode"]) for r in rows), key=lambda k: (k[0], k[1])
+    )
     lines = []
     for context, task, mode in keys:
         group = [r for r in rows if (r["context"], r["task"], r["mode"]) == (context, task, mode)]
         alone = "teacher" if mode.startswith("teacher") else "hybrid"
         base = [r for r in rows if (r["context"], r["task"], r["mode"]) == (context, task, alone)]
-        speedups = [g["decode_tokens_per_s"] / b["decode_tokens_per_s"] for g, b in zip(group, base, strict=True)]
+        speedups = [
+            g["decode_tokens_per_s"] / b["decode_tokens_per_s"] for g, b in zip(group, base, strict=True)
+        ]
         drafted = sum(r["drafted"] for r in group)
-        lines.append({
-            "context": context, "task": task, "mode": mode,
-            "tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in group),
-            "speedup": statistics.median(speedups),
-            "acceptance": sum(r["accepted"] for r in group) / drafted if drafted else None,
-            "same": all(r["same"] is not False for r in group),
-        })
+        lines.append(
+            {
+                "context": context,
+                "task": task,
+                "mode": mode,
+                "tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in group),
+                "speedup": statistics.median(speedups),
+                "acceptance": sum(r["accepted"] for r in group) / drafted if drafted else None,
+                "same": all(r["same"] is not False for r in group),
+            }
+        )
     return lines
 
 
@@ -263,17 +311,26 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     lines = summarise(rows)
-    table = ["| context | task | mode | decode tok/s | vs alone | acceptance | same tokens |",
-             "|---:|---|---|---:|---:|---:|---|"]
+    table = [
+        "| context | task | mode | decode tok/s | vs alone | acceptance | same tokens |",
+        "|---:|---|---|---:|---:|---:|---|",
+    ]
     for line in lines:
         acc = "" if line["acceptance"] is None else f"{line['acceptance']:.0%}"
-        table.append(f"| {line['context']} | {line['task']} | {line['mode']} | {line['tokens_per_s']:.1f} | "
-                     f"{line['speedup']:.2f}x | {acc} | {'yes' if line['same'] else 'NO'} |")
-    table += ["", "| context, model | decode step ms | verify 4 drafts ms | ratio | 5 decode steps ms |",
-              "|---|---:|---:|---:|---:|"]
+        table.append(
+            f"| {line['context']} | {line['task']} | {line['mode']} | {line['tokens_per_s']:.1f} | "
+            f"{line['speedup']:.2f}x | {acc} | {'yes' if line['same'] else 'NO'} |"
+        )
+    table += [
+        "",
+        "| context, model | decode step ms | verify 4 drafts ms | ratio | 5 decode steps ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for key, v in verify.items():
-        table.append(f"| {key} | {v['step'] * 1e3:.1f} | {v['verify4'] * 1e3:.1f} | {v['ratio']:.2f}x | "
-                     f"{v['steps5'] * 1e3:.1f} |")
+        table.append(
+            f"| {key} | {v['step'] * 1e3:.1f} | {v['verify4'] * 1e3:.1f} | {v['ratio']:.2f}x | "
+            f"{v['steps5'] * 1e3:.1f} |"
+        )
     (out / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
@@ -286,8 +343,17 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
         contexts = sorted({line["context"] for line in lines})
         width = 0.8 / len(modes)
         for i, mode in enumerate(modes):
-            values = [next((x["tokens_per_s"] for x in lines if (x["task"], x["mode"], x["context"]) ==
-                            (task, mode, c)), 0) for c in contexts]
+            values = [
+                next(
+                    (
+                        x["tokens_per_s"]
+                        for x in lines
+                        if (x["task"], x["mode"], x["context"]) == (task, mode, c)
+                    ),
+                    0,
+                )
+                for c in contexts
+            ]
             ax.bar([j + i * width for j in range(len(contexts))], values, width, label=mode)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [str(c) for c in contexts])
         ax.set_xlabel("context (tokens)")

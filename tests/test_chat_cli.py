@@ -28,8 +28,10 @@ def save(tmp_path, name, layout, seed, tokenizer=None):
 
 @pytest.fixture
 def checkpoints(tmp_path):
-    return (save(tmp_path, "target", ["mamba2", "attention", "mamba1"], seed=0),
-            save(tmp_path, "draft", ["attention", "mamba2"], seed=1))
+    return (
+        save(tmp_path, "target", ["mamba2", "attention", "mamba1"], seed=0),
+        save(tmp_path, "draft", ["attention", "mamba2"], seed=1),
+    )
 
 
 def answer(capsys, argv):

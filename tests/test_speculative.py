@@ -1,8 +1,9 @@
-"""Speculative decoding through stock `generate`: lossless greedy in every role, exact rollback, exact sampling."""
+"""Speculative decoding through stock `generate`: lossless greedy in every role, exact rollback, exact
+sampling."""
 
 import pytest
 import torch
-from conftest import clear_greedy, reordering_bound, tiny_llama_config
+from conftest import REFERENCE_INIT, REFERENCE_STUDENT, clear_greedy, reordering_bound, tiny_llama_config
 from scipy.stats import chi2
 from test_model import random_model
 from transformers import DynamicCache, LlamaForCausalLM
@@ -11,7 +12,10 @@ from distill.init import hybrid_from_teacher
 from distill.recipe import StudentConfig
 
 # Mamba layers at the first and the last index, attention between
-EDGES = {"mamba2": ["mamba2", "attention", "mamba2", "mamba2"], "mamba1": ["mamba1", "attention", "mamba2", "mamba1"]}
+EDGES = {
+    "mamba2": ["mamba2", "attention", "mamba2", "mamba2"],
+    "mamba1": ["mamba1", "attention", "mamba2", "mamba1"],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +44,9 @@ def crops(monkeypatch):
 def teacher_and_student(mixer: str, seed: int = 0):
     torch.manual_seed(seed)
     teacher = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval()  # 0.02 repeats one token
-    student = hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, attention_layers=[1, 2]), seed=seed).eval()
+    student = hybrid_from_teacher(
+        teacher, StudentConfig(**REFERENCE_INIT, mixer=mixer, attention_layers=[1, 2]), seed=seed
+    ).eval()
     return teacher, student
 
 
@@ -108,8 +114,10 @@ def test_bamba_export_with_prompt_lookup_and_a_hybrid_draft(crops):
     bamba.load_state_dict(bamba_state_dict(native.config, native.state_dict()), strict=False)
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        assert torch.equal(clear_greedy(native, ids, max_new_tokens=16),
-                           bamba.generate(ids, do_sample=False, max_new_tokens=16))
+        assert torch.equal(
+            clear_greedy(native, ids, max_new_tokens=16),
+            bamba.generate(ids, do_sample=False, max_new_tokens=16),
+        )
     assert_lossless(bamba, ids, crops, prompt_lookup_num_tokens=3)
     assert_lossless(bamba, ids, crops, assistant_model=random_model(["mamba2", "attention"], seed=9))
 
@@ -137,8 +145,10 @@ def test_forward_then_crop_equals_the_kept_prefix_alone(mixer, rejected):
             if model.config.mixer_types[i] == "attention":
                 pairs = [(got.keys, expected.keys), (got.values, expected.values)]
             else:
-                pairs = [(got.conv_states[0], expected.conv_states[0]),
-                         (got.recurrent_states[0], expected.recurrent_states[0])]
+                pairs = [
+                    (got.conv_states[0], expected.conv_states[0]),
+                    (got.recurrent_states[0], expected.recurrent_states[0]),
+                ]
             for a, b in pairs:
                 assert a.shape == b.shape, (i, a.shape, b.shape)
                 bound = reordering_bound(model.config, torch.float32, b.abs().max())
@@ -170,7 +180,9 @@ def sampled_frequencies(model, prompt: torch.Tensor, vocab: int, samples: int, *
     torch.manual_seed(14)
     counts = torch.zeros(vocab * vocab)
     for _ in range(samples):
-        new = model.generate(prompt, do_sample=True, max_new_tokens=2, top_k=0, **kwargs)[0, prompt.shape[1] :]
+        new = model.generate(prompt, do_sample=True, max_new_tokens=2, top_k=0, **kwargs)[
+            0, prompt.shape[1] :
+        ]
         counts[new[0] * vocab + new[1]] += 1
     return counts
 
@@ -194,7 +206,9 @@ def test_assisted_sampling_draws_from_the_target_distribution(mixer):
     with torch.no_grad():
         exact = sequence_probabilities(target, prompt, vocab)
         proposed = sequence_probabilities(draft, prompt, vocab)
-        assisted = sampled_frequencies(target, prompt, vocab, samples, assistant_model=draft, num_assistant_tokens=2)
+        assisted = sampled_frequencies(
+            target, prompt, vocab, samples, assistant_model=draft, num_assistant_tokens=2
+        )
     assert chi2_p_value(assisted, exact) > alpha
     assert chi2_p_value(assisted, proposed) < alpha, "the test cannot tell the draft from the target"
 
@@ -203,8 +217,13 @@ def agree_until_a_near_tie(target, ids, max_new_tokens, **assist) -> int:
     """Assisted greedy equals plain greedy up to the plain run's first pick that does not clear twice
     `reordering_bound` (after it, another summation order may pick the other token). Returns that length."""
     with torch.no_grad():
-        plain = target.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
-                                return_dict_in_generate=True)
+        plain = target.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         assisted = target.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, **assist)
     logits = torch.stack(plain.logits).float()[:, 0]
     top2 = logits.topk(2, dim=-1).values
@@ -219,7 +238,9 @@ def test_smollm2_speculative_roles_are_lossless(smollm2, crops):
     """The real teacher and a 50% Mamba-2 student built from it (untrained), in the three roles. Real logits
     have near ties within the conservative reordering bound, so the runs must agree up to the first one."""
     teacher, tokenizer = smollm2
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5), seed=0).eval()
+    student = hybrid_from_teacher(
+        teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5), seed=0
+    ).eval()
     counting = tokenizer("1, 2, 3, 4, 5,", return_tensors="pt").input_ids
     france = tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert agree_until_a_near_tie(teacher, counting, 16, assistant_model=student) >= 8
