@@ -338,28 +338,21 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
         return
     tasks = sorted({line["task"] for line in lines})
     figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    all_modes = list(dict.fromkeys(line["mode"] for line in lines))  # one colour per mode in every panel
+    contexts = sorted({line["context"] for line in lines})
+    width = 0.8 / len(all_modes)
     for ax, task in zip(axes[0], tasks, strict=True):
-        modes = list(dict.fromkeys(line["mode"] for line in lines if line["task"] == task))
-        contexts = sorted({line["context"] for line in lines})
-        width = 0.8 / len(modes)
-        for i, mode in enumerate(modes):
-            values = [
-                next(
-                    (
-                        x["tokens_per_s"]
-                        for x in lines
-                        if (x["task"], x["mode"], x["context"]) == (task, mode, c)
-                    ),
-                    0,
-                )
-                for c in contexts
-            ]
-            ax.bar([j + i * width for j in range(len(contexts))], values, width, label=mode)
+        for i, mode in enumerate(all_modes):
+            mine = [x for x in lines if (x["task"], x["mode"]) == (task, mode)]
+            values = {x["context"]: x["tokens_per_s"] for x in mine}
+            if values:
+                xs = [contexts.index(c) + i * width for c in values]
+                ax.bar(xs, list(values.values()), width, label=mode, color=f"C{i}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [str(c) for c in contexts])
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("decode tokens/s (CPU, 1 thread, fp32)")
         ax.set_title(f"{task} task")
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "speculative.png", dpi=110)
 
