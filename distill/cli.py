@@ -3,7 +3,7 @@
     distill run RECIPE [--set KEY=VALUE ...]     the whole pipeline (== accelerate launch distill/run.py ...)
     distill validate RECIPE [--set ...]          check a recipe and print it with every default filled in
     distill fetch-assets                         download and convert the built-in teacher and data
-    distill eval ... | export ... | import-mil ...
+    distill eval ... | export ... | import-mil ... | chat CKPT | generate CKPT --prompt ...
 
 User mistakes (`distill.errors.UserError`, which `RecipeError` is) print one `error: ...` line and exit 2.
 Subcommands import their heavy modules only when run, so `validate` loads no torch, transformers, data or
@@ -25,6 +25,8 @@ DELEGATED = {
     "eval": ("distill.eval.cli", "main", "evaluate a checkpoint against its teacher"),
     "export": ("distill.export", "main", "export a checkpoint (native or bamba), optionally push it to a hub"),
     "import-mil": ("distill.import_mil", "main", "convert a MambaInLlama checkpoint to the native format"),
+    "chat": ("distill.chat", "chat_main", "chat with a checkpoint (--draft / --prompt-lookup: speculative)"),
+    "generate": ("distill.chat", "generate_main", "answer one --prompt, streamed (--draft / --prompt-lookup)"),
 }
 
 

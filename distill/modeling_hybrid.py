@@ -51,6 +51,13 @@ so they get a conv state (b, conv channels, d_conv) and an fp32 SSM state (Mamba
 (b, nh*hd/n, n, n)). The prefill stores the final states; each decode step is one `causal_conv1d_update` plus one
 `selective_state_update` per Mamba layer, O(1) in the sequence length.
 
+Speculative decoding (`generate(assistant_model=...)` in either role, `prompt_lookup_num_tokens=`) follows
+transformers' contract for recurrent caches: `generate` calls `cache.activate_past_recording(k)`, and while the
+cache records, each Mamba layer hands it the conv inputs (kept until `crop`) and the SSM state after each of the
+forward's last tokens (all of a continuation's, the last k + 1 of a prefill); `cache.crop(-r)` restores the
+state r tokens back. Mamba-2 gets those states from one batched sum over the tokens (`ssd_states`), so verifying
+k drafts is one forward, not k steps; Mamba-1 steps through them (its scan cannot start from a state).
+
 This file imports only torch/transformers (plus the kernels, whose files are copied next to it by
 `write_remote_code`), so checkpoints load with `trust_remote_code=True` without mamba-distill installed.
 """
@@ -184,6 +191,43 @@ def last_conv_window(x: torch.Tensor, width: int, seq_idx: torch.Tensor | None) 
     return window.contiguous()
 
 
+def recorded_conv(cache: Cache, layer_idx: int, conv: nn.Conv1d, inputs: torch.Tensor) -> torch.Tensor:
+    """silu(conv) over this forward's inputs (b, c, l), while the cache records its past for `crop`.
+
+    The cache keeps every conv input since the last `crop` and returns them before this forward's, so the conv
+    sees the right left context and a later `crop(-r)` keeps the window that ends r tokens earlier.
+    """
+    full = cache.update_conv_state(inputs, layer_idx, conv_kernel_size=conv.kernel_size[0])
+    out = causal_conv1d_fn(full.to(inputs.dtype), conv.weight.squeeze(1), conv.bias, activation="silu")
+    return out[..., -inputs.shape[-1] :]
+
+
+def states_to_record(cache: Cache, layer_idx: int, seq_len: int, continuing: bool) -> int:
+    """How many of this forward's last tokens get their SSM state recorded, so `crop` can roll back to them.
+
+    A prefill needs the ones `generate` may reject (`recurrent_states_to_keep`, the draft length), and one more
+    whose state is the start of the rest. A forward that continues a cache is a draft being verified or written:
+    all of its tokens, because the draft length (`num_assistant_tokens`) may have grown since recording began.
+    """
+    if continuing:
+        return seq_len
+    return min(seq_len, (cache.get_recurrent_states_to_keep(layer_idx) or 0) + 1)
+
+
+def ssd_states(state: torch.Tensor, x: torch.Tensor, B: torch.Tensor, dt: torch.Tensor, A: torch.Tensor):
+    """The Mamba-2 state after each of m tokens, from `state`, in one batched sum instead of m steps (fp32).
+
+    state (b, h, p, n); x (b, m, h, p); B (b, m, h, n); dt (b, m, h); A (h,). Returns (b, m, h, p, n):
+    S_j = exp(a_1 + ... + a_j) S_0 + sum_{i <= j} exp(a_{i+1} + ... + a_j) dt_i x_i B_i^T, with a_i = dt_i A.
+    """
+    cum = (dt * A).cumsum(dim=1)  # (b, m, h)
+    m = x.shape[1]
+    causal = torch.ones(m, m, dtype=torch.bool, device=x.device).tril()
+    gap = (cum[:, :, None] - cum[:, None, :]).masked_fill(~causal[None, :, :, None], -math.inf)  # (b, j, i, h)
+    inputs = torch.einsum("bjih,bih,bihp,bihn->bjhpn", gap.exp(), dt, x.float(), B.float())
+    return cum.exp()[..., None, None] * state[:, None] + inputs
+
+
 def norm_heads(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """A per-head norm (Qwen3's q_norm / k_norm) applied to (..., heads * head_dim)."""
     return norm(x.unflatten(-1, (-1, head_dim))).flatten(-2)
@@ -274,6 +318,8 @@ class HybridMamba2Mixer(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
+        if cache is not None and cache.is_recording_past(self.layer_idx):
+            return self._forward_recorded(hidden_states, padding_mask(attention_mask, seq_len), position_ids, cache)
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         if conv_state is not None and seq_len == 1:
@@ -315,6 +361,49 @@ class HybridMamba2Mixer(nn.Module):
         else:
             y = result
         y = self.norm(y.reshape(batch, seq_len, self.d_inner), z)
+        return self.out_proj(y.to(hidden_states.dtype))
+
+    def _forward_recorded(self, hidden_states, mask, position_ids, cache: Cache) -> torch.Tensor:
+        """A forward whose states `crop` may roll back (speculative decoding: drafting or verifying).
+
+        transformers' contract for recurrent caches: the conv inputs and the SSM state after each of the last
+        tokens are handed to the cache, which keeps them until `crop`. The tokens before those (a prompt) go
+        through the chunked scan; the recorded ones get their states from one batched sum (`ssd_states`), not
+        one decode step each, and their outputs from those states.
+        """
+        batch, seq_len, _ = hidden_states.shape
+        if seq_idx_from_positions(position_ids, batch) is not None:
+            raise ValueError("packed documents cannot be decoded speculatively: pass one document per row")
+        ssm_state = cache.get_recurrent_state(self.layer_idx)
+        keep = states_to_record(cache, self.layer_idx, seq_len, continuing=ssm_state is not None)
+        z, xbc, dt = self._project(hidden_states)
+        if mask is not None:
+            xbc = xbc * mask[..., None].to(xbc.dtype)
+        xbc = recorded_conv(cache, self.layer_idx, self.conv1d, xbc.transpose(1, 2)).transpose(1, 2)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if mask is not None:
+            xbc = xbc * mask[..., None].to(xbc.dtype)
+            dt = dt * mask[..., None]
+        x, B, C = self._split_xbc(xbc)
+        A = -torch.exp(self.A_log.float())
+
+        head = seq_len - keep
+        outputs, recorded = [], []
+        if head > 0:
+            y, ssm_state = mamba_chunk_scan_combined(
+                x[:, :head], dt[:, :head], A, B[:, :head], C[:, :head], self.chunk_size, D=self.D,
+                initial_states=ssm_state, return_final_states=True,
+            )
+            outputs.append(y)
+            recorded.append(ssm_state.float())
+        if ssm_state is None:
+            ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32)
+        states = ssd_states(ssm_state, x[:, head:], B[:, head:], dt[:, head:], A)  # (b, keep, h, p, n)
+        y = torch.einsum("bjhpn,bjhn->bjhp", states, C[:, head:].float()) + self.D.float()[:, None] * x[:, head:]
+        outputs.append(y.to(x.dtype))
+        recorded.extend(states.unbind(dim=1))
+        cache.update_recurrent_state(recorded, self.layer_idx)
+        y = self.norm(torch.cat(outputs, dim=1).reshape(batch, seq_len, self.d_inner), z)
         return self.out_proj(y.to(hidden_states.dtype))
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
@@ -390,6 +479,10 @@ class HybridMamba1Mixer(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         mask = padding_mask(attention_mask, seq_len)
         seq_idx = seq_idx_from_positions(position_ids, batch)
+        if cache is not None and cache.is_recording_past(self.layer_idx):
+            if seq_idx is not None:
+                raise ValueError("packed documents cannot be decoded speculatively: pass one document per row")
+            return self._forward_recorded(hidden_states, mask, cache)
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         if conv_state is not None:
             # selective_scan_fn cannot start from a state: continue token by token (O(1) each).
@@ -405,7 +498,6 @@ class HybridMamba1Mixer(nn.Module):
 
     def _scan(self, hidden_states: torch.Tensor, mask: torch.Tensor | None):
         """Parallel scan from a zero state; returns the output and the final conv and SSM states."""
-        batch, seq_len, _ = hidden_states.shape
         z, x, B, C, dt = self._project(hidden_states)
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)
@@ -415,6 +507,13 @@ class HybridMamba1Mixer(nn.Module):
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)
             dt = dt * mask[..., None]
+        y, ssm_state = self._selective_scan(x, dt, B, C, z)
+        return self.out_proj(y.to(hidden_states.dtype)), conv_window, ssm_state
+
+    def _selective_scan(self, x, dt, B, C, z):
+        """The scan from a zero state over conv outputs x (b, d_inner, l) and the rest (b, l, ...) from
+        `_project`: y (b, l, d_inner) and the final SSM state (b, groups, d_state, d_state)."""
+        batch, seq_len = dt.shape[:2]
         B = B.view(batch, seq_len, self.num_groups, self.d_state).permute(0, 2, 3, 1)
         C = C.view(batch, seq_len, self.num_groups, self.d_state).permute(0, 2, 3, 1)
         A = -torch.exp(self.A_log.float())
@@ -422,9 +521,51 @@ class HybridMamba1Mixer(nn.Module):
             x, dt.transpose(1, 2).to(x.dtype), A, B.contiguous(), C.contiguous(), D=self.D.float(),
             z=z.transpose(1, 2), return_last_state=True,
         )
-        out = self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
-        ssm_state = ssm_state.view(batch, self.num_groups, self.d_state, self.d_state)
-        return out, conv_window, ssm_state
+        return y.transpose(1, 2), ssm_state.view(batch, self.num_groups, self.d_state, self.d_state)
+
+    def _forward_recorded(self, hidden_states, mask, cache: Cache) -> torch.Tensor:
+        """A forward whose states `crop` may roll back (speculative decoding: drafting or verifying).
+
+        transformers' contract for recurrent caches: the conv inputs and the SSM state after each of the last
+        tokens go to the cache, which keeps them until `crop`. A prompt's earlier tokens go through the parallel
+        scan; the recorded ones are decode steps (`selective_scan_fn` cannot start from a state), each state kept.
+        """
+        batch, seq_len, _ = hidden_states.shape
+        ssm_state = cache.get_recurrent_state(self.layer_idx)
+        keep = states_to_record(cache, self.layer_idx, seq_len, continuing=ssm_state is not None)
+        z, x, B, C, dt = self._project(hidden_states)
+        if mask is not None:
+            x = x * mask[..., None].to(x.dtype)
+        x = recorded_conv(cache, self.layer_idx, self.conv1d, x.transpose(1, 2))
+        if mask is not None:
+            x = x * mask[:, None, :].to(x.dtype)
+            dt = dt * mask[..., None]
+
+        head = seq_len - keep
+        outputs, recorded = [], []
+        if head > 0:  # a prefill, from the zero state
+            y, ssm_state = self._selective_scan(x[..., :head], dt[:, :head], B[:, :head], C[:, :head], z[:, :head])
+            outputs.append(y)
+            recorded.append(ssm_state.float())
+        if ssm_state is None:
+            ssm_state = x.new_zeros(batch, self.num_groups, self.d_state, self.d_state, dtype=torch.float32)
+        state = ssm_state.clone()  # the cache's own tensor is replaced by `update_recurrent_state`, not stepped
+        for t in range(head, seq_len):
+            outputs.append(self._state_update(state, x[..., t], dt[:, t], B[:, t], C[:, t], z[:, t])[:, None])
+            recorded.append(state.clone())
+        cache.update_recurrent_state(recorded, self.layer_idx)
+        return self.out_proj(torch.cat(outputs, dim=1).to(hidden_states.dtype))
+
+    def _state_update(self, ssm_state, x, dt, B, C, z) -> torch.Tensor:
+        """One token through the SSM (x the conv output, all (b, d_inner)); updates `ssm_state` in place."""
+        batch = x.shape[0]
+        groups = (batch, self.num_groups, self.d_state)
+        A = -torch.exp(self.A_log.float())
+        y = selective_state_update(
+            ssm_state, x.view(groups), dt.view(groups), A.view(self.num_groups, self.d_state, self.d_state),
+            B.view(groups), C.view(groups), D=self.D.view(self.num_groups, self.d_state), z=z.view(groups),
+        )
+        return y.reshape(batch, self.d_inner)
 
     def _scan_documents(self, hidden_states: torch.Tensor, mask: torch.Tensor | None, seq_idx: torch.Tensor):
         """`_scan` over packed rows: one row per document (right-aligned, left-padded), then packed back."""
@@ -465,12 +606,7 @@ class HybridMamba1Mixer(nn.Module):
         if keep is not None:
             x = x * keep[:, None].to(x.dtype)
             dt = dt * keep[:, None]
-        groups = (batch, self.num_groups, self.d_state)
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(
-            ssm_state, x.view(groups), dt.view(groups), A.view(self.num_groups, self.d_state, self.d_state),
-            B.view(groups), C.view(groups), D=self.D.view(self.num_groups, self.d_state), z=z.view(groups),
-        )
+        y = self._state_update(ssm_state, x, dt, B, C, z)
         return self.out_proj(y.reshape(batch, 1, self.d_inner).to(hidden_states.dtype))
 
 

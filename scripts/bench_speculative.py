@@ -1,0 +1,361 @@
+"""Speculative decoding on CPU: decode tokens/s and acceptance, every mode side by side, and the cost of
+verifying.
+
+    python scripts/bench_speculative.py --contexts 512 2048 --out eval/results/speculative
+
+A benchmark, not a test. Batch 1, fp32, greedy (so every assisted run must reproduce its target's plain run
+token for token: the `same` column checks it). One torch thread, timed by the thread's CPU time, so other
+processes on a shared machine do not inflate the numbers; every mode runs back to back for each prompt, the
+repeats are interleaved and the median is kept.
+
+Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); hybrid alone;
+hybrid + prompt lookup; hybrid + a cheaper hybrid draft. Tasks: `chat` (an unseen ShareGPT conversation, its
+history cut to the context) and `edit` (fix one typo in unseen replies of the context's length: the answer
+copies the prompt).
+
+decode tokens/s counts what `generate` produces after its first round (the prefill and the first draft), so
+it measures decoding, not the prompt. Acceptance is drafted tokens accepted / drafted, from the target's
+forward lengths. `verify` times, at each context for the hybrid, the teacher and the cheap draft: one decode
+step; one forward that verifies 4 drafted tokens (5 inputs, states recorded) and its `crop`; 5 decode steps.
+
+Without `--student` the hybrid is freshly initialised from the teacher's attention weights (untrained: its
+outputs and so every acceptance rate are lower than a distilled student's); speeds do not depend on training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distill.chat import Counter, acceptance
+
+EDIT_INSTRUCTION = "Fix the typo in the text below. Reply with the whole corrected text and nothing else.\n\n"
+
+
+class Clock:
+    """The thread's CPU time at each streamed chunk: the prompt, then every round's accepted tokens."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+
+    def put(self, value) -> None:
+        self.marks.append((time.thread_time(), value.numel()))
+
+    def end(self) -> None:
+        self.marks.append((time.thread_time(), 0))
+
+
+def unseen_conversations() -> list[list[dict]]:
+    """ShareGPT conversations no recipe trains on: the last of the split order (training takes the first
+    `max_conversations` after the held-out set; the shipped recipes stop at a few thousand)."""
+    from distill.data import ParseStats, split_order
+    from distill.recipe import DataConfig
+
+    pairs = split_order(DataConfig(), seed=0, stats=ParseStats())
+    return [doc for _, doc in pairs[-3000:] if isinstance(doc, list)]
+
+
+def long_conversations(
+    conversations: list[list[dict]], tokenizer, context: int, count: int
+) -> list[list[dict]]:
+    """The first `count` conversations with at least `context` tokens before their last user turn."""
+    chosen = []
+    for conversation in conversations:
+        users = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+        if users and chat_tokens(conversation[: users[-1] + 1], tokenizer) >= context:
+            chosen.append(conversation)
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def chat_tokens(messages: list[dict], tokenizer) -> int:
+    return len(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
+
+
+def chat_prompt(conversation: list[dict], tokenizer, context: int) -> list[dict]:
+    """The conversation up to a user turn, its oldest turns dropped and the first kept one cut to
+    `context`."""
+    last_user = max(i for i, m in enumerate(conversation) if m["role"] == "user")
+    messages = conversation[: last_user + 1]
+    while len(messages) > 1 and chat_tokens(messages[1:], tokenizer) > context:
+        messages = messages[1:]
+    excess = chat_tokens(messages, tokenizer) - context
+    if excess > 0:
+        ids = tokenizer(messages[0]["content"]).input_ids
+        messages = [{**messages[0], "content": tokenizer.decode(ids[excess:])}, *messages[1:]]
+    return messages
+
+
+def edit_prompt(replies: list[str], tokenizer, context: int, seed: int) -> list[dict]:
+    """Held-out replies joined to `context` tokens with one typo (two letters of a word swapped)."""
+    text = ""
+    for reply in replies:
+        if len(tokenizer(text).input_ids) >= context - 40:
+            break
+        text += reply + "\n\n"
+    text = tokenizer.decode(tokenizer(text).input_ids[: context - 40])
+    words = text.split(" ")
+    rng = random.Random(seed)
+    candidates = [i for i, w in enumerate(words) if w.isalpha() and len(w) > 4]
+    i = rng.choice(candidates[len(candidates) // 4 :])
+    w = words[i]
+    words[i] = w[0] + w[2] + w[1] + w[3:]
+    return [{"role": "user", "content": EDIT_INSTRUCTION + " ".join(words)}]
+
+
+@torch.no_grad()
+def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
+    counter = Counter()
+    handle = model.register_forward_hook(counter.hook, with_kwargs=True)
+    clock = Clock()
+    try:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            streamer=clock,
+            **assist,
+        )
+    finally:
+        handle.remove()
+    clock.end()
+    new = out[0, ids.shape[1] :]
+    (first_round, _), (end, _) = clock.marks[1], clock.marks[-1]
+    later_tokens = len(new) - clock.marks[1][1]
+    drafted, accepted = acceptance(counter.lengths, ids.shape[1], len(new)) if assist else (0, 0)
+    return {
+        "tokens": new.tolist(),
+        "decode_s": end - first_round,
+        "decode_tokens": later_tokens,
+        "drafted": drafted,
+        "accepted": accepted,
+    }
+
+
+@torch.no_grad()
+def verify_costs(model, context: int, repeats: int) -> dict:
+    """Median CPU seconds: one decode step; verifying 4 drafts (5-token recorded forward + crop); 5 steps."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(model.config.vocab_size, (1, context))
+    plain, recording = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    recording.activate_past_recording(recurrent_states_to_keep=4)
+    model(ids, cache=plain)
+    model(ids, cache=recording)
+    times = {"step": [], "verify4": [], "steps5": []}
+    for r in range(
+        repeats + 1
+    ):  # both caches grow by a few tokens per repeat: no measurable cost at `context`
+        draft = torch.randint(model.config.vocab_size, (1, 5))
+        start = time.thread_time()
+        model(draft[:, :1], cache=plain)
+        step = time.thread_time() - start
+        start = time.thread_time()
+        model(draft, cache=recording)
+        recording.crop(-(r % 5))  # reject 0..4 of the drafts, as verification does
+        verify = time.thread_time() - start
+        start = time.thread_time()
+        for t in range(5):
+            model(draft[:, t : t + 1], cache=plain)
+        steps = time.thread_time() - start
+        if r:  # the first repeat warms up
+            times["step"].append(step)
+            times["verify4"].append(verify)
+            times["steps5"].append(steps)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def build_models(args, teacher):
+    from distill.chat import check_checkpoint, load_model
+    from distill.init import hybrid_from_teacher
+    from distill.recipe import StudentConfig
+
+    def student(path, fraction):
+        if path:
+            return load_model(check_checkpoint(path), "float32", "cpu")
+        config = StudentConfig(  # evenly spaced layers, untrained: no calibration rows
+            attention_layers="uniform", attention_fraction=fraction, norm_init="ones", conv_init="random"
+        )
+        return hybrid_from_teacher(teacher, config, seed=0).eval()
+
+    return student(args.student, 0.5), student(args.cheap_draft, 0.0)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--tasks", nargs="*", default=["chat", "edit"], choices=["chat", "edit"])
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
+    parser.add_argument("--prompt-lookup", type=int, default=8)
+    parser.add_argument("--verify-repeats", type=int, default=7)
+    parser.add_argument(
+        "--student", help="a distilled hybrid checkpoint (default: fresh 50%%-attention init)"
+    )
+    parser.add_argument("--cheap-draft", help="a cheaper hybrid draft (default: fresh 0%%-attention init)")
+    parser.add_argument("--modes", nargs="+", default=None, help="a subset of the modes")
+    parser.add_argument("--out", type=Path, default=Path("eval/results/speculative"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from distill.recipe import TeacherConfig
+    from distill.teacher import load_teacher
+
+    teacher, tokenizer = load_teacher(TeacherConfig(), dtype=torch.float32)
+    teacher.eval()
+    hybrid, cheap = build_models(args, teacher)
+    modes = {
+        "teacher": (teacher, {}),
+        "teacher + hybrid draft": (teacher, {"assistant_model": hybrid}),
+        "teacher + prompt lookup": (teacher, {"prompt_lookup_num_tokens": args.prompt_lookup}),
+        "hybrid": (hybrid, {}),
+        "hybrid + prompt lookup": (hybrid, {"prompt_lookup_num_tokens": args.prompt_lookup}),
+        "hybrid + cheap draft": (hybrid, {"assistant_model": cheap}),
+    }
+    modes = {name: modes[name] for name in (args.modes or modes)}
+    conversations = unseen_conversations()
+    replies = [m["content"] for conv in conversations[:200] for m in conv if m["role"] == "assistant"]
+
+    rows, verify = [], {}
+    for context in args.contexts:
+        for name, model in (("hybrid", hybrid), ("teacher", teacher), ("cheap draft", cheap)):
+            costs = verify_costs(model, context, args.verify_repeats)
+            costs["ratio"] = costs["verify4"] / costs["step"]
+            verify[f"{context} {name}"] = costs
+            print(
+                f"context {context} {name}: step {costs['step'] * 1e3:.1f} ms, verify 4 drafts = "
+                f"{costs['ratio']:.2f} x one step",
+                flush=True,
+            )
+        chats = long_conversations(conversations[200:], tokenizer, context, args.prompts)
+        for task in args.tasks:
+            for p in range(args.prompts):
+                messages = (
+                    chat_prompt(chats[p], tokenizer, context)
+                    if task == "chat"
+                    else edit_prompt(replies[p * 7 :], tokenizer, context, seed=p)
+                )
+                ids = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )["input_ids"]
+                results: dict[str, list[dict]] = {name: [] for name in modes}
+                for _ in range(args.repeats):
+                    for name, (model, assist) in modes.items():
+                        results[name].append(run_mode(model, ids, args.max_new_tokens, **assist))
+                plain = {"teacher": results.get("teacher"), "hybrid": results.get("hybrid")}
+                for name, runs in results.items():
+                    base = plain["teacher" if name.startswith("teacher") else "hybrid"]
+                    tokens_per_s = statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs)
+                    row = {
+                        "context": context,
+                        "task": task,
+                        "prompt": p,
+                        "prompt_tokens": ids.shape[1],
+                        "mode": name,
+                        "decode_tokens_per_s": tokens_per_s,
+                        "drafted": runs[0]["drafted"],
+                        "accepted": runs[0]["accepted"],
+                        "same": None if base is None else runs[0]["tokens"] == base[0]["tokens"],
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "verify": verify}, indent=1) + "\n")
+    write_report(rows, verify, args.out)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (context, task, mode): median tokens/s over prompts, pooled acceptance, speedup vs
+    alone."""
+    keys = sorted(
+        dict.fromkeys((r["context"], r["task"], r["mode"]) for r in rows), key=lambda k: (k[0], k[1])
+    )
+    lines = []
+    for context, task, mode in keys:
+        group = [r for r in rows if (r["context"], r["task"], r["mode"]) == (context, task, mode)]
+        alone = "teacher" if mode.startswith("teacher") else "hybrid"
+        base = [r for r in rows if (r["context"], r["task"], r["mode"]) == (context, task, alone)]
+        speedups = [
+            g["decode_tokens_per_s"] / b["decode_tokens_per_s"] for g, b in zip(group, base, strict=True)
+        ]
+        drafted = sum(r["drafted"] for r in group)
+        lines.append(
+            {
+                "context": context,
+                "task": task,
+                "mode": mode,
+                "tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in group),
+                "speedup": statistics.median(speedups),
+                "acceptance": sum(r["accepted"] for r in group) / drafted if drafted else None,
+                "same": all(r["same"] is not False for r in group),
+            }
+        )
+    return lines
+
+
+def write_report(rows: list[dict], verify: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = summarise(rows)
+    table = [
+        "| context | task | mode | decode tok/s | vs alone | acceptance | same tokens |",
+        "|---:|---|---|---:|---:|---:|---|",
+    ]
+    for line in lines:
+        acc = "" if line["acceptance"] is None else f"{line['acceptance']:.0%}"
+        table.append(
+            f"| {line['context']} | {line['task']} | {line['mode']} | {line['tokens_per_s']:.1f} | "
+            f"{line['speedup']:.2f}x | {acc} | {'yes' if line['same'] else 'NO'} |"
+        )
+    table += [
+        "",
+        "| context, model | decode step ms | verify 4 drafts ms | ratio | 5 decode steps ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, v in verify.items():
+        table.append(
+            f"| {key} | {v['step'] * 1e3:.1f} | {v['verify4'] * 1e3:.1f} | {v['ratio']:.2f}x | "
+            f"{v['steps5'] * 1e3:.1f} |"
+        )
+    (out / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+    if not lines:
+        return
+    tasks = sorted({line["task"] for line in lines})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    all_modes = list(dict.fromkeys(line["mode"] for line in lines))  # one colour per mode in every panel
+    contexts = sorted({line["context"] for line in lines})
+    width = 0.8 / len(all_modes)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for i, mode in enumerate(all_modes):
+            mine = [x for x in lines if (x["task"], x["mode"]) == (task, mode)]
+            values = {x["context"]: x["tokens_per_s"] for x in mine}
+            if values:
+                xs = [contexts.index(c) + i * width for c in values]
+                ax.bar(xs, list(values.values()), width, label=mode, color=f"C{i}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [str(c) for c in contexts])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode tokens/s (CPU, 1 thread, fp32)")
+        ax.set_title(f"{task} task")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "speculative.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
