@@ -155,10 +155,13 @@ class LayerwiseStage(StageConfig):
     target: Literal["mixer_output", "block_output"] = "mixer_output"
     objective: AlignmentObjective = "mse"
     # online: a teacher forward per step; cached: the teacher's activations for max_tokens / cache_epochs
-    # tokens of rows are captured once (bf16, in memory) and trained on for cache_epochs epochs
+    # tokens of rows are captured once (bf16) and trained on for cache_epochs epochs
     activations: Literal["online", "cached"] = "online"
     cache_epochs: int = Field(default=4, ge=1)
-    cache_max_gb: float = Field(default=8.0, gt=0)  # refuse to start when the captured activations would not fit
+    # memory: in RAM; disk: a memory-mapped file (budgets larger than RAM; same training, bit for bit)
+    cache_storage: Literal["memory", "disk"] = "memory"
+    cache_max_gb: float = Field(default=8.0, gt=0)  # memory: refuse to start when the activations would not fit
+    cache_dir: str | None = None  # disk: where the file goes (None: the stage folder); removed once trained
 
 
 class StepwiseStage(StageConfig, _KLOptions):

@@ -46,7 +46,8 @@ def cache_key(recipe, teacher) -> dict:
     """Everything the aligned mixers depend on (not the attention layers, stages, eval or output_dir)."""
     student = recipe.student.model_dump(mode="json", exclude={"attention_layers", "attention_fraction"})
     align = recipe.selection.align.model_dump(mode="json", exclude={
-        "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows", "cache_max_gb"})
+        "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows", "cache_max_gb",
+        "cache_storage", "cache_dir"})
     return {
         "teacher": recipe.teacher.model_dump(mode="json"),
         "teacher_checksum": float(teacher.lm_head.weight.detach().double().sum()),
