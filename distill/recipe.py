@@ -205,6 +205,9 @@ class SelectionConfig(_Section):
     name: Literal["selection"] = Field("selection", exclude=True)  # the stage that runs it (not a setting)
     align: AlignConfig = AlignConfig()
     score_rows: int = Field(default=8, ge=1)  # rows (the last training rows) each single-layer swap is scored on
+    # single: keep attention where one layer's swap hurts most; greedy: swap layers one at a time, re-scoring the
+    # rest with the current assembly after each (sum over the steps of the layers left of extra scoring passes)
+    method: Literal["single", "greedy"] = "single"
     cache_dir: str | None = None  # where aligned mixers are kept; None: $MAMBA_DISTILL_CACHE/aligned
 
 
