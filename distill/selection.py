@@ -241,10 +241,9 @@ def prepare_student(ctx, calibration_input_ids):
                   label="selection (align every layer)", seed=recipe.seed)
     if recipe.student.attention_layers == "auto":
         summary = read_summary(layout.selection)
-        greedy = None
-        if recipe.selection.method == "greedy":
-            keep = round(recipe.student.attention_fraction * len(summary["scores"]))
-            greedy = greedy_steps(ctx, aligned, summary["scores"], keep)
+        keep = round(recipe.student.attention_fraction * len(summary["scores"]))
+        # with no attention to keep there is nothing to choose
+        greedy = greedy_steps(ctx, aligned, summary["scores"], keep) if recipe.selection.method == "greedy" and keep else None
         choice = record(recipe, summary, greedy)
         if ctx.accelerator.is_main_process:
             write_text(layout.selection_record, json.dumps(choice, indent=2))

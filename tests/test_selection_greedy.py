@@ -100,3 +100,8 @@ def test_greedy_finds_the_best_set_where_single_swap_scores_mislead(tmp_path, ti
     selection.prepare_student(context(tmp_path / "quarter", tiny_llama, fraction=0.25, method="greedy",
                                       cache_dir=str(tmp_path / "cache")), None)
     assert calls == [[0, 2]]
+    # no attention to keep: nothing to choose, nothing scored
+    calls.clear()
+    none, _ = selection.prepare_student(context(tmp_path / "none", tiny_llama, fraction=0.0, method="greedy",
+                                                cache_dir=str(tmp_path / "cache")), None)
+    assert none.student.attention_layers == [] and calls == []
