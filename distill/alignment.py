@@ -93,11 +93,13 @@ class ActivationCache:
 
     def __call__(self, batch: dict) -> dict:
         rows = batch["row"].tolist()
-        first = {row: k for k, row in reversed(list(enumerate(rows)))}  # a batch may hold a row twice (epoch end)
+        # a batch may hold a row twice (epoch end)
+        first = {row: k for k, row in reversed(list(enumerate(rows)))}
         todo = [first[row] for row in self.store.missing(list(first))]
         if todo:
             index = torch.as_tensor(todo, device=batch["input_ids"].device)
-            self.store.put([rows[k] for k in todo], self.capture({key: value[index] for key, value in batch.items()}))
+            captured = self.capture({key: value[index] for key, value in batch.items()})
+            self.store.put([rows[k] for k in todo], captured)
         return self.store.get(rows, batch["input_ids"].device)
 
 
@@ -109,8 +111,8 @@ class MemoryStore:
         if need > max_gb:
             raise TrainingError(
                 f"activations: cached needs {need:.1f} GiB for {num_rows} rows of teacher activations but "
-                f"cache_max_gb is {max_gb:g}; raise cache_epochs, raise cache_max_gb, set cache_storage: disk, "
-                f"or use activations: online"
+                f"cache_max_gb is {max_gb:g}; raise cache_epochs, raise cache_max_gb, set cache_storage: "
+                "disk, or use activations: online"
             )
         self.rows: dict[int, dict] = {}
         self.dtypes: dict[tuple[str, int], torch.dtype] = {}
@@ -119,15 +121,23 @@ class MemoryStore:
         return [row for row in rows if row not in self.rows]
 
     def put(self, rows: list[int], captured: dict) -> None:
-        self.dtypes.update({(part, layer): t.dtype for part, tensors in captured.items() for layer, t in tensors.items()})
+        for part, tensors in captured.items():
+            self.dtypes.update({(part, layer): t.dtype for layer, t in tensors.items()})
         for k, row in enumerate(rows):
-            self.rows[row] = {part: {layer: t[k].to(torch.bfloat16, copy=True) for layer, t in tensors.items()}
-                              for part, tensors in captured.items()}
+            self.rows[row] = {
+                part: {layer: t[k].to(torch.bfloat16, copy=True) for layer, t in tensors.items()}
+                for part, tensors in captured.items()
+            }
 
     def get(self, rows: list[int], device) -> dict:
-        return {part: {layer: torch.stack([self.rows[row][part][layer] for row in rows]).to(device,
-                                                                                            self.dtypes[part, layer])
-                       for layer in tensors} for part, tensors in self.rows[rows[0]].items()}
+        return {
+            part: {
+                layer: torch.stack([self.rows[row][part][layer] for row in rows]).to(
+                    device, self.dtypes[part, layer])
+                for layer in tensors
+            }
+            for part, tensors in self.rows[rows[0]].items()
+        }
 
 
 class DiskStore:
@@ -160,13 +170,14 @@ class DiskStore:
                     raise OSError(errno.ENOSPC, f"only {free / 2**30:.2f} GiB free")
                 with open(data, "wb") as f:
                     os.posix_fallocate(f.fileno(), 0, need)
-                write_text(meta_path, json.dumps(meta))  # last: the file is complete (allocated) once it exists
+                # last: the file is complete (allocated) once this exists
+                write_text(meta_path, json.dumps(meta))
             self.data = np.memmap(data, dtype=np.int16, mode="r+", shape=shape)
         except OSError as err:
             raise TrainingError(
-                f"cache_storage: disk cannot keep {need / 2**30:.2f} GiB of teacher activations in {self.folder} "
-                f"({err.strerror or err}); set cache_dir to a writable folder on a disk with room, or use "
-                f"cache_storage: memory"
+                f"cache_storage: disk cannot keep {need / 2**30:.2f} GiB of teacher activations in "
+                f"{self.folder} ({err.strerror or err}); set cache_dir to a writable folder on a disk with "
+                "room, or use cache_storage: memory"
             ) from None
         self.filled = np.zeros(num_rows, dtype=bool)
         self.dtypes: dict[tuple[str, int], torch.dtype] = {}
@@ -174,7 +185,8 @@ class DiskStore:
             self.filled = np.unpackbits(np.load(self.filled_path), count=num_rows).astype(bool)
             self.dtypes = {(part, layer): getattr(torch, name)
                            for part, layer, name in json.loads(self.dtypes_path.read_text())}
-        logger.info("activation cache %s: %d of %d rows stored", self.folder, int(self.filled.sum()), num_rows)
+        logger.info("activation cache %s: %d of %d rows stored", self.folder, int(self.filled.sum()),
+                    num_rows)
 
     def missing(self, rows: list[int]) -> list[int]:
         return [row for row in rows if not self.filled[row]]
@@ -214,8 +226,8 @@ def activation_bytes(ctx, rows, layers: list[int]) -> int:
 
 
 def activation_store(ctx, cfg, rows, layers: list[int], stage_dir: Path):
-    """Where `activations: cached` keeps the activations of `rows`: in memory, or in a memory-mapped file under
-    `cfg.cache_dir` (default the stage folder), one folder per process, named by what it holds."""
+    """Where `activations: cached` keeps the activations of `rows`: in memory, or in a memory-mapped file
+    under `cfg.cache_dir` (default the stage folder), one folder per process, named by what it holds."""
     if cfg.cache_storage == "memory":
         return MemoryStore(len(rows), activation_bytes(ctx, rows, layers) // len(rows), cfg.cache_max_gb)
     key = {"stage_dir": str(Path(stage_dir).resolve()), "target": cfg.target, "layers": layers,
@@ -272,7 +284,8 @@ def align(ctx, cfg, student, stage_dir: Path) -> dict:
         store = activation_store(ctx, cfg, rows, layers, stage_dir)
         teacher_step, train_ctx = ActivationCache(capture, store), dataclasses.replace(ctx, train=rows)
         logger.info("%s: teacher activations of %d rows cached (%s, %.2f GiB), %d epochs over them", label,
-                    len(rows), cfg.cache_storage, activation_bytes(ctx, rows, layers) / 2**30, cfg.cache_epochs)
+                    len(rows), cfg.cache_storage, activation_bytes(ctx, rows, layers) / 2**30,
+                    cfg.cache_epochs)
 
     def held_out():
         if not cfg.held_out_rows:

@@ -50,8 +50,8 @@ def cache_key(recipe, teacher) -> dict:
     """Everything the aligned mixers depend on (not the attention layers, stages, eval or output_dir)."""
     student = recipe.student.model_dump(mode="json", exclude={"attention_layers", "attention_fraction"})
     align = recipe.selection.align.model_dump(mode="json", exclude={
-        "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows", "cache_max_gb",
-        "cache_storage", "cache_dir"})
+        "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows",
+        "cache_max_gb", "cache_storage", "cache_dir"})
     return {
         "teacher": recipe.teacher.model_dump(mode="json"),
         "teacher_checksum": float(teacher.lm_head.weight.detach().double().sum()),
@@ -76,7 +76,8 @@ def all_mamba_student(ctx, calibration_input_ids):
     from distill.init import hybrid_from_teacher
 
     cfg = ctx.recipe.student.model_copy(update={"attention_layers": [], "attention_fraction": None})
-    return hybrid_from_teacher(ctx.teacher, cfg, seed=ctx.recipe.seed, calibration_input_ids=calibration_input_ids)
+    return hybrid_from_teacher(ctx.teacher, cfg, seed=ctx.recipe.seed,
+                               calibration_input_ids=calibration_input_ids)
 
 
 def align_every_layer(ctx, student, stage_dir: Path) -> dict:
@@ -88,15 +89,16 @@ def align_every_layer(ctx, student, stage_dir: Path) -> dict:
     weights = folder / "mixers.safetensors"
     if weights.is_file():
         summary = json.loads((folder / "summary.json").read_text())
-        logger.info("selection: reusing the mixers aligned for every layer in %s (%d tokens, %.0f s when aligned); "
-                    "no alignment runs", folder, summary["tokens"], summary["wall_time_s"])
+        logger.info("selection: reusing the mixers aligned for every layer in %s (%d tokens, %.0f s when "
+                    "aligned); no alignment runs", folder, summary["tokens"], summary["wall_time_s"])
         student.load_state_dict(load_file(weights), strict=False)
         return {**summary, "reused": True}
     cfg = ctx.recipe.selection.align
     logger.info("selection: aligning a mixer for each of the %d layers on %d tokens (cached in %s)",
                 student.config.num_hidden_layers, cfg.max_tokens, folder)
     summary = align(ctx, cfg, student, stage_dir)
-    state = {name: p.detach().contiguous() for name, p in student.state_dict().items() if is_mixer_param(name)}
+    state = {name: p.detach().contiguous() for name, p in student.state_dict().items()
+             if is_mixer_param(name)}
     if ctx.accelerator.is_main_process:
         write_text(folder / "key.json", json.dumps(cache_key(ctx.recipe, ctx.teacher), indent=2))
         write_text(folder / "summary.json", json.dumps(summary, indent=2))
@@ -107,7 +109,8 @@ def align_every_layer(ctx, student, stage_dir: Path) -> dict:
 
 
 def swap_attention(teacher, layer: int, mixer, position_ids):
-    """Make the teacher's attention at `layer` output `mixer`'s output instead, until the handle is removed."""
+    """Make the teacher's attention at `layer` output `mixer`'s output instead, until the handle is
+    removed."""
 
     def hook(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -154,7 +157,7 @@ def scored_rows(ctx):
 
 
 def layer_scores(ctx, student, folder: Path) -> tuple[list[float], float]:
-    """Each layer's swap score (cached next to the aligned mixers) and the seconds scoring took (when done)."""
+    """Each layer's swap score (cached next to the aligned mixers) and the seconds scoring took."""
     rows = ctx.recipe.selection.score_rows
     path = folder / f"scores-{rows}rows.json"
     if path.is_file():
@@ -199,8 +202,8 @@ def greedy_steps(ctx, student, single: list[float], keep: int) -> list[dict]:
         best = min(zip(scores, candidates))
         steps.append({"layer": best[1], "kl": best[0], "scores": dict(zip(map(str, candidates), scores)),
                       "seconds": time.perf_counter() - started})
-        logger.info("selection (greedy): layer %d becomes Mamba (KL %.4f with %d swapped, %.0f s)", best[1], best[0],
-                    len(steps), steps[-1]["seconds"])
+        logger.info("selection (greedy): layer %d becomes Mamba (KL %.4f with %d swapped, %.0f s)", best[1],
+                    best[0], len(steps), steps[-1]["seconds"])
         if ctx.accelerator.is_main_process:
             write_text(path, json.dumps(steps))
     return steps[: len(mixers) - keep]
@@ -209,7 +212,9 @@ def greedy_steps(ctx, student, single: list[float], keep: int) -> list[dict]:
 def uniform_layers(num_layers: int, fraction: float) -> list[int]:
     from distill.init import select_attention_layers
 
-    return select_attention_layers(num_layers, attention_fraction=fraction) if round(fraction * num_layers) else []
+    if not round(fraction * num_layers):
+        return []
+    return select_attention_layers(num_layers, attention_fraction=fraction)
 
 
 def record(recipe, summary: dict, greedy: list[dict] | None = None) -> dict:
@@ -217,8 +222,11 @@ def record(recipe, summary: dict, greedy: list[dict] | None = None) -> dict:
     steps (`selection/scores.json`)."""
     scores, fraction = summary["scores"], recipe.student.attention_fraction
     swapped = {step["layer"] for step in greedy or []}
-    chosen = choose(scores, fraction) if greedy is None else [i for i in range(len(scores)) if i not in swapped]
-    return {"attention_layers": chosen, "fraction": fraction, "method": recipe.selection.method, "scores": scores,
+    chosen = choose(scores, fraction)
+    if greedy is not None:
+        chosen = [i for i in range(len(scores)) if i not in swapped]
+    return {"attention_layers": chosen, "fraction": fraction, "method": recipe.selection.method,
+            "scores": scores,
             "single_layers": choose(scores, fraction), "greedy": greedy,
             "uniform_layers": uniform_layers(len(scores), fraction), "cache": summary["cache"],
             "align_tokens": summary["tokens"], "align_seconds": summary["wall_time_s"],
@@ -227,8 +235,8 @@ def record(recipe, summary: dict, greedy: list[dict] | None = None) -> dict:
 
 
 def prepare_student(ctx, calibration_input_ids):
-    """Run the selection stage, resolve `attention_layers: auto` and build the student with its mixers from the
-    aligned ones. Returns (recipe with the attention layers as a list, student).
+    """Run the selection stage, resolve `attention_layers: auto` and build the student with its mixers
+    from the aligned ones. Returns (recipe with the attention layers as a list, student).
 
     The choice is recorded in `selection/scores.json`; a rerun finds the stage finished and chooses again from
     its scores (a different fraction gives a different choice without aligning or scoring again).
@@ -241,15 +249,21 @@ def prepare_student(ctx, calibration_input_ids):
                   label="selection (align every layer)", seed=recipe.seed)
     if recipe.student.attention_layers == "auto":
         summary = read_summary(layout.selection)
+        if "scores" not in summary:  # the stage finished earlier for a recipe with fixed layers
+            folder = aligned_dir(recipe, ctx.teacher)
+            summary["scores"], summary["score_seconds"] = layer_scores(ctx, aligned, folder)
         keep = round(recipe.student.attention_fraction * len(summary["scores"]))
         # with no attention to keep there is nothing to choose
-        greedy = greedy_steps(ctx, aligned, summary["scores"], keep) if recipe.selection.method == "greedy" and keep else None
+        greedy = None
+        if recipe.selection.method == "greedy" and keep:
+            greedy = greedy_steps(ctx, aligned, summary["scores"], keep)
         choice = record(recipe, summary, greedy)
         if ctx.accelerator.is_main_process:
             write_text(layout.selection_record, json.dumps(choice, indent=2))
             plot_selection(choice, layout.selection / "scores.png")
-        logger.info("selection (%s): attention kept at %s (single-swap scores would keep %s, uniform placement %s)",
-                    choice["method"], choice["attention_layers"], choice["single_layers"], choice["uniform_layers"])
+        logger.info("selection (%s): attention kept at %s (single-swap scores would keep %s, uniform "
+                    "placement %s)", choice["method"], choice["attention_layers"], choice["single_layers"],
+                    choice["uniform_layers"])
         student_cfg = recipe.student.model_copy(update={"attention_layers": choice["attention_layers"],
                                                         "attention_fraction": None})
         recipe = recipe.model_copy(update={"student": student_cfg})

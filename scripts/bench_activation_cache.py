@@ -6,10 +6,11 @@
 SmolLM2-135M teacher, the student at `--fraction` attention (uniform layers), `precision: bf16` as the demo.
 The activations of `--rows` rows are captured once into a `MemoryStore` and a `DiskStore` (what
 `cache_storage: memory | disk` use); then three variants are interleaved on the same batches: the memory
-store, the disk store with its file in the page cache (`disk-warm`: a cache smaller than free RAM) and the disk
-store with the file's pages dropped before each read (`disk-cold`, posix_fadvise on that file only: a cache
-larger than RAM at worst). `--reads` rounds time the cache read alone; `--steps` rounds time a whole layerwise
-step (the read, each mixer's forward on its captured input with the MSE, the backward, the AdamW step).
+store, the disk store with its file in the page cache (`disk-warm`: a cache smaller than free RAM) and the
+disk store with the file's pages dropped before each read (`disk-cold`, posix_fadvise on that file only: a
+cache larger than RAM at worst). `--reads` rounds time the cache read alone; `--steps` rounds time a whole
+layerwise step (the read, each mixer's forward on its captured input with the MSE, the backward, the AdamW
+step).
 Prints median wall seconds (the disk's waits count) and the ratios to the memory store.
 """
 
@@ -43,7 +44,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--reads", type=int, default=30)
-    parser.add_argument("--dir", default=None, help="where the disk store's file goes (default: a temp folder)")
+    parser.add_argument("--dir", default=None,
+                        help="where the disk store's file goes (default: a temp folder)")
     args = parser.parse_args()
 
     from distill.alignment import (
@@ -61,7 +63,8 @@ def main() -> None:
 
     teacher, _ = load_teacher(TeacherConfig(), dtype=torch.float32)
     teacher.eval().requires_grad_(False)
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=args.fraction, chunk_size=64), seed=0)
+    student_cfg = StudentConfig(attention_fraction=args.fraction, chunk_size=64)
+    student = hybrid_from_teacher(teacher, student_cfg, seed=0)
     teacher = teacher.to(torch.bfloat16)
     set_trainable(student, "mixers")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
@@ -74,12 +77,14 @@ def main() -> None:
     shape = (args.rows, args.seq_len)
     ids = torch.randint(0, teacher.config.vocab_size, shape, generator=g)
     rows = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-            "position_ids": torch.arange(args.seq_len).expand(shape).contiguous(), "row": torch.arange(args.rows)}
+            "position_ids": torch.arange(args.seq_len).expand(shape).contiguous(),
+            "row": torch.arange(args.rows)}
     slots = [(part, i) for part in ("inputs", "outputs") for i in layers]
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench-activations-"))
     hidden = teacher.config.hidden_size
     memory = ActivationCache(capture, MemoryStore(args.rows, 0, max_gb=1))
-    disk = ActivationCache(capture, DiskStore(folder / "store", args.rows, slots, args.seq_len, hidden, key={}))
+    disk_store = DiskStore(folder / "store", args.rows, slots, args.seq_len, hidden, key={})
+    disk = ActivationCache(capture, disk_store)
     for start in range(0, args.rows, args.batch_size):  # the first epoch: capture once into each store
         batch = {key: value[start : start + args.batch_size] for key, value in rows.items()}
         memory(batch), disk(batch)
@@ -117,9 +122,9 @@ def main() -> None:
                 times[name]["step"].append(time.perf_counter() - start)
 
     mib = args.rows * len(slots) * args.seq_len * hidden * 2 / 2**20
-    print(f"SmolLM2-135M, {len(layers)} Mamba layers ({args.fraction:g} attention), batch {args.batch_size} x "
-          f"{args.seq_len}, {args.rows} rows cached ({mib:.0f} MiB), {args.reads} interleaved reads and {args.steps} "
-          f"steps, torch threads "
+    print(f"SmolLM2-135M, {len(layers)} Mamba layers ({args.fraction:g} attention), batch {args.batch_size} "
+          f"x {args.seq_len}, {args.rows} rows cached ({mib:.0f} MiB), {args.reads} interleaved reads and "
+          f"{args.steps} steps, torch threads "
           f"{torch.get_num_threads()}, median wall seconds")
     base = {part: statistics.median(times["memory"][part]) for part in ("step", "read")}
     for name in variants:

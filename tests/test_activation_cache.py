@@ -37,7 +37,8 @@ def test_disk_cache_trains_exactly_like_the_memory_cache(tmp_path, tiny_llama, p
     results = {}
     for storage in ("memory", "disk"):
         stage = cached_stage(cache_storage=storage)
-        recipe = recipe_from_dict({"output_dir": str(tmp_path / storage), "precision": precision, "stages": [stage]})
+        recipe = recipe_from_dict({"output_dir": str(tmp_path / storage), "precision": precision,
+                                   "stages": [stage]})
         student = run_stage(make_context(recipe, tiny_llama), 0, recipe.stages[0], tiny_hybrid(tiny_llama))
         summary = json.loads((tmp_path / storage / "stage0-layerwise" / "summary.json").read_text())
         results[storage] = weights(student), summary
@@ -130,7 +131,8 @@ def test_a_full_disk_is_a_one_line_error(tmp_path, tiny_llama, monkeypatch, fail
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(TrainingError, match=r"^cache_storage: disk cannot keep .* GiB .*cache_storage: memory$"):
+    refusal = r"^cache_storage: disk cannot keep .* GiB .*cache_storage: memory$"
+    with pytest.raises(TrainingError, match=refusal):
         run(tmp_path, tiny_llama, tiny_hybrid(tiny_llama), cached_stage(cache_storage="disk"))
 
 
@@ -138,8 +140,10 @@ def test_a_bad_cache_dir_is_a_one_line_error_and_the_memory_limit_is_for_memory_
     from distill.errors import TrainingError
 
     (tmp_path / "a-file").write_text("")
-    stage = cached_stage(cache_storage="disk", cache_dir=str(tmp_path / "a-file" / "cache"), cache_max_gb=1e-6)
-    with pytest.raises(TrainingError, match=r"^cache_storage: disk cannot keep [^\n]* set cache_dir to [^\n]*$"):
+    stage = cached_stage(cache_storage="disk", cache_dir=str(tmp_path / "a-file" / "cache"),
+                         cache_max_gb=1e-6)
+    refusal = r"^cache_storage: disk cannot keep [^\n]* set cache_dir to [^\n]*$"
+    with pytest.raises(TrainingError, match=refusal):
         run(tmp_path / "bad", tiny_llama, tiny_hybrid(tiny_llama), stage)
     # the same tiny cache_max_gb refuses the memory store but not the disk one
     with pytest.raises(TrainingError, match=r"^activations: cached needs .* cache_storage: disk"):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import REFERENCE_INIT
 from test_selection import context
 from test_trainer import random_rows
 
@@ -29,15 +30,16 @@ def test_scores_with_layers_already_swapped_are_the_kl_of_that_hybrid(tmp_path, 
     from distill.trainer import make_accelerator
 
     ctx = context(tmp_path, tiny_llama)
-    full = hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers=[], chunk_size=16), seed=3)
+    every_layer = StudentConfig(**REFERENCE_INIT, attention_layers=[], chunk_size=16)
+    full = hybrid_from_teacher(tiny_llama, every_layer, seed=3)
     mixers = {i: layer.mamba for i, layer in enumerate(full.model.layers)}
     rows = random_rows(6, length=64, seed=4)
-    scores = swap_scores(make_accelerator(ctx.recipe), tiny_llama, mixers, rows, batch_size=4, candidates=[0, 3],
-                         swapped=[2])
+    scores = swap_scores(make_accelerator(ctx.recipe), tiny_llama, mixers, rows, batch_size=4,
+                         candidates=[0, 3], swapped=[2])
     batch = rows.with_format("torch")[:]
     for score, layer in zip(scores, (0, 3)):
         hybrid = hybrid_from_teacher(tiny_llama, StudentConfig(
-            attention_layers=[i for i in range(4) if i not in (2, layer)], chunk_size=16))
+            **REFERENCE_INIT, attention_layers=[i for i in range(4) if i not in (2, layer)], chunk_size=16))
         for i in (2, layer):
             hybrid.model.layers[i].mamba.load_state_dict(full.model.layers[i].mamba.state_dict())
         with torch.no_grad():
@@ -47,7 +49,8 @@ def test_scores_with_layers_already_swapped_are_the_kl_of_that_hybrid(tmp_path, 
         assert score == pytest.approx(float(kl), rel=1e-4)
 
 
-def test_greedy_with_one_layer_to_swap_chooses_what_single_swap_scores_choose(tmp_path, tiny_llama, monkeypatch):
+def test_greedy_with_one_layer_to_swap_chooses_what_single_swap_scores_choose(tmp_path, tiny_llama,
+                                                                              monkeypatch):
     from distill import selection
 
     single, _ = selection.prepare_student(context(tmp_path / "single", tiny_llama, fraction=0.75,
@@ -57,8 +60,8 @@ def test_greedy_with_one_layer_to_swap_chooses_what_single_swap_scores_choose(tm
         raise AssertionError("the first greedy step reuses the single-swap scores")
 
     monkeypatch.setattr(selection, "swap_scores", forbidden)
-    greedy, _ = selection.prepare_student(context(tmp_path / "greedy", tiny_llama, fraction=0.75, method="greedy",
-                                                  cache_dir=str(tmp_path / "cache")), None)
+    greedy, _ = selection.prepare_student(context(tmp_path / "greedy", tiny_llama, fraction=0.75,
+                                                  method="greedy", cache_dir=str(tmp_path / "cache")), None)
     assert len(greedy.student.attention_layers) == 3
     assert greedy.student.attention_layers == single.student.attention_layers
     record = json.loads((tmp_path / "greedy" / "out" / "selection" / "scores.json").read_text())
@@ -66,15 +69,16 @@ def test_greedy_with_one_layer_to_swap_chooses_what_single_swap_scores_choose(tm
 
 
 def interacting_kl(swapped: set[int]) -> float:
-    """A made-up KL of the teacher with `swapped` layers on mixers: each layer costs its own amount, and layers
-    0 and 1 together cost 5 more (say both carry one long-range dependency, and either suffices)."""
+    """A made-up KL of the teacher with `swapped` layers on mixers: each layer costs its own amount, and
+    layers 0 and 1 together cost 5 more (say both carry one long-range dependency, and either suffices)."""
     return sum((1.0, 1.1, 2.0, 3.0)[i] for i in swapped) + 5.0 * ({0, 1} <= swapped)
 
 
 def test_greedy_finds_the_best_set_where_single_swap_scores_mislead(tmp_path, tiny_llama, monkeypatch):
     """A real tiny model whose aligned mixers provably interact is hard to build, so the interaction is
     planted in the scores (the selection's plumbing around them is the real one): single-swap scores keep
-    attention at layers 2 and 3 (KL 7.1 with 0 and 1 swapped), the best pair over all six is 1 and 3 (KL 3.0)."""
+    attention at layers 2 and 3 (KL 7.1 with 0 and 1 swapped), the best pair over all six is 1 and 3
+    (KL 3.0)."""
     from distill import selection
 
     calls = []
@@ -89,8 +93,9 @@ def test_greedy_finds_the_best_set_where_single_swap_scores_mislead(tmp_path, ti
     single, _ = selection.prepare_student(context(tmp_path / "single", tiny_llama, fraction=0.5,
                                                   cache_dir=str(tmp_path / "cache")), None)
     assert single.student.attention_layers == [2, 3] and list(best) == [1, 3]
-    greedy, student = selection.prepare_student(context(tmp_path / "greedy", tiny_llama, fraction=0.5,
-                                                        method="greedy", cache_dir=str(tmp_path / "cache")), None)
+    greedy_ctx = context(tmp_path / "greedy", tiny_llama, fraction=0.5, method="greedy",
+                         cache_dir=str(tmp_path / "cache"))
+    greedy, student = selection.prepare_student(greedy_ctx, None)
     assert greedy.student.attention_layers == list(best)
     assert student.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
     # the first step reused the single-swap scores; the second re-scored layers 1-3 with layer 0 swapped
