@@ -9,14 +9,20 @@ the layers are independent and there is no student forward through the stack. On
 teacher block's input and matches the teacher block's output.
 
 `activations: cached` makes alignment tokens cheaper: the teacher forward (about a third of a step) runs once
-per row on max_tokens / cache_epochs tokens of rows, whose activations are kept in memory (bf16), and the
-mixers train cache_epochs epochs on them.
+per row on max_tokens / cache_epochs tokens of rows, whose activations are kept (bf16) and the mixers train
+cache_epochs epochs on them. `cache_storage: memory` keeps them in RAM; `disk` in a memory-mapped file, so
+more distinct rows (fewer epochs) fit than RAM holds; both feed the mixers the same bits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,7 @@ import torch
 
 from distill.data import model_inputs
 from distill.errors import TrainingError
+from distill.files import atomic_file, write_text
 from distill.losses import alignment_loss
 from distill.trainer import held_out_losses, set_trainable, train
 
@@ -77,43 +84,131 @@ def capture_teacher(accelerator, teacher, layers: list[int], target: str):
 
 
 class ActivationCache:
-    """teacher_step for a fixed set of rows: a row's captured activations are kept (bf16, in memory) the
-    first time a batch needs it and served from memory afterwards, in the dtype the teacher produced."""
+    """teacher_step for a fixed set of rows (`batch["row"]` indexes them): a row's captured activations are
+    stored (bf16) the first time a batch needs it and read back afterwards, in the dtype the teacher produced.
+    `store` keeps them: `MemoryStore` or `DiskStore`, which give bit-identical batches."""
 
-    def __init__(self, capture, num_rows: int, row_bytes: int, max_gb: float):
-        need = num_rows * row_bytes / 2**30
-        if need > max_gb:
-            raise TrainingError(
-                f"activations: cached needs {need:.1f} GiB for {num_rows} rows of teacher activations but "
-                f"cache_max_gb is {max_gb:g}; raise cache_epochs, raise cache_max_gb, or use "
-                "activations: online"
-            )
-        self.capture, self.rows, self.dtypes = capture, {}, {}
+    def __init__(self, capture, store):
+        self.capture, self.store = capture, store
 
     def __call__(self, batch: dict) -> dict:
         rows = batch["row"].tolist()
         # a batch may hold a row twice (epoch end)
         first = {row: k for k, row in reversed(list(enumerate(rows)))}
-        todo = [k for row, k in first.items() if row not in self.rows]
+        todo = [first[row] for row in self.store.missing(list(first))]
         if todo:
             index = torch.as_tensor(todo, device=batch["input_ids"].device)
             captured = self.capture({key: value[index] for key, value in batch.items()})
-            for part, tensors in captured.items():
-                for layer, tensor in tensors.items():
-                    self.dtypes[part, layer] = tensor.dtype
-            for k, position in enumerate(todo):
-                self.rows[rows[position]] = {
-                    part: {layer: t[k].to(torch.bfloat16, copy=True) for layer, t in tensors.items()}
-                    for part, tensors in captured.items()
-                }
-        parts = self.rows[rows[0]]
+            self.store.put([rows[k] for k in todo], captured)
+        return self.store.get(rows, batch["input_ids"].device)
+
+
+class MemoryStore:
+    """Captured activations kept in memory (bf16); refused up front when they would exceed `max_gb`."""
+
+    def __init__(self, num_rows: int, row_bytes: int, max_gb: float):
+        need = num_rows * row_bytes / 2**30
+        if need > max_gb:
+            raise TrainingError(
+                f"activations: cached needs {need:.1f} GiB for {num_rows} rows of teacher activations but "
+                f"cache_max_gb is {max_gb:g}; raise cache_epochs, raise cache_max_gb, set cache_storage: "
+                "disk, or use activations: online"
+            )
+        self.rows: dict[int, dict] = {}
+        self.dtypes: dict[tuple[str, int], torch.dtype] = {}
+
+    def missing(self, rows: list[int]) -> list[int]:
+        return [row for row in rows if row not in self.rows]
+
+    def put(self, rows: list[int], captured: dict) -> None:
+        for part, tensors in captured.items():
+            self.dtypes.update({(part, layer): t.dtype for layer, t in tensors.items()})
+        for k, row in enumerate(rows):
+            self.rows[row] = {
+                part: {layer: t[k].to(torch.bfloat16, copy=True) for layer, t in tensors.items()}
+                for part, tensors in captured.items()
+            }
+
+    def get(self, rows: list[int], device) -> dict:
         return {
             part: {
-                layer: torch.stack([self.rows[row][part][layer] for row in rows]).to(self.dtypes[part, layer])
-                for layer in parts[part]
+                layer: torch.stack([self.rows[row][part][layer] for row in rows]).to(
+                    device, self.dtypes[part, layer])
+                for layer in tensors
             }
-            for part in parts
+            for part, tensors in self.rows[rows[0]].items()
         }
+
+
+class DiskStore:
+    """Captured activations in one memory-mapped file of bf16 (`activations.bin`: rows x slots x seq x hidden,
+    a slot per (part, layer)), so a cache larger than RAM pages in and out as the OS sees fit.
+
+    The file is allocated in full up front, so a full disk is refused then rather than midway (a write into an
+    unbacked page of a mapping is a SIGBUS, not an exception). A row counts as stored only once its bytes are
+    flushed and `filled.npy` (replaced atomically) says so: a killed run resumes with the rows it had stored
+    and captures the others again. `meta.json` says what the file holds; a folder that holds anything else is
+    started afresh."""
+
+    def __init__(self, folder: Path, num_rows: int, slots: list[tuple[str, int]], seq: int, hidden: int,
+                 key: dict):
+        self.folder, self.slots = Path(folder), slots
+        shape = (num_rows, len(slots), seq, hidden)
+        meta = {**key, "shape": list(shape), "slots": [list(slot) for slot in slots]}
+        data, meta_path = self.folder / "activations.bin", self.folder / "meta.json"
+        self.filled_path, self.dtypes_path = self.folder / "filled.npy", self.folder / "dtypes.json"
+        need = 2 * int(np.prod(shape))
+        try:
+            fresh = not (meta_path.is_file() and json.loads(meta_path.read_text()) == meta
+                         and data.is_file() and data.stat().st_size == need)
+            if fresh:
+                if self.folder.is_dir():
+                    shutil.rmtree(self.folder)
+                self.folder.mkdir(parents=True)
+                free = shutil.disk_usage(self.folder).free
+                if free < need:
+                    raise OSError(errno.ENOSPC, f"only {free / 2**30:.2f} GiB free")
+                with open(data, "wb") as f:
+                    os.posix_fallocate(f.fileno(), 0, need)
+                # last: the file is complete (allocated) once this exists
+                write_text(meta_path, json.dumps(meta))
+            self.data = np.memmap(data, dtype=np.int16, mode="r+", shape=shape)
+        except OSError as err:
+            raise TrainingError(
+                f"cache_storage: disk cannot keep {need / 2**30:.2f} GiB of teacher activations in "
+                f"{self.folder} ({err.strerror or err}); set cache_dir to a writable folder on a disk with "
+                "room, or use cache_storage: memory"
+            ) from None
+        self.filled = np.zeros(num_rows, dtype=bool)
+        self.dtypes: dict[tuple[str, int], torch.dtype] = {}
+        if not fresh and self.filled_path.is_file() and self.dtypes_path.is_file():
+            self.filled = np.unpackbits(np.load(self.filled_path), count=num_rows).astype(bool)
+            self.dtypes = {(part, layer): getattr(torch, name)
+                           for part, layer, name in json.loads(self.dtypes_path.read_text())}
+        logger.info("activation cache %s: %d of %d rows stored", self.folder, int(self.filled.sum()),
+                    num_rows)
+
+    def missing(self, rows: list[int]) -> list[int]:
+        return [row for row in rows if not self.filled[row]]
+
+    def put(self, rows: list[int], captured: dict) -> None:
+        if not self.dtypes:
+            self.dtypes = {slot: captured[slot[0]][slot[1]].dtype for slot in self.slots}
+            write_text(self.dtypes_path, json.dumps([[*slot, str(dtype).removeprefix("torch.")]
+                                                     for slot, dtype in self.dtypes.items()]))
+        block = torch.stack([captured[part][layer] for part, layer in self.slots], dim=1)
+        self.data[np.asarray(rows)] = block.to("cpu", torch.bfloat16).view(torch.int16).numpy()
+        self.data.flush()  # the bytes reach the file before the record says the rows are there
+        self.filled[rows] = True
+        with atomic_file(self.filled_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.packbits(self.filled))
+
+    def get(self, rows: list[int], device) -> dict:
+        block = torch.from_numpy(self.data[np.asarray(rows)]).view(torch.bfloat16).to(device)
+        out: dict[str, dict] = {}
+        for s, (part, layer) in enumerate(self.slots):
+            out.setdefault(part, {})[layer] = block[:, s].to(self.dtypes[part, layer]).contiguous()
+        return out
 
 
 def cached_rows(train, cfg, seed: int):
@@ -123,6 +218,26 @@ def cached_rows(train, cfg, seed: int):
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed)).numpy()
     count = int(np.searchsorted(np.cumsum(tokens[order]), cfg.max_tokens / cfg.cache_epochs)) + 1
     return train.select(sorted(order[: min(count, len(order))].tolist()))
+
+
+def activation_bytes(ctx, rows, layers: list[int]) -> int:
+    """The bytes the cached activations of `rows` take: each layer's input and target, bf16."""
+    return 2 * 2 * len(rows) * len(rows[0]["input_ids"]) * ctx.teacher.config.hidden_size * len(layers)
+
+
+def activation_store(ctx, cfg, rows, layers: list[int], stage_dir: Path):
+    """Where `activations: cached` keeps the activations of `rows`: in memory, or in a memory-mapped file
+    under `cfg.cache_dir` (default the stage folder), one folder per process, named by what it holds."""
+    if cfg.cache_storage == "memory":
+        return MemoryStore(len(rows), activation_bytes(ctx, rows, layers) // len(rows), cfg.cache_max_gb)
+    key = {"stage_dir": str(Path(stage_dir).resolve()), "target": cfg.target, "layers": layers,
+           "teacher_checksum": float(ctx.teacher.lm_head.weight.detach().double().sum()),
+           "rows": hashlib.sha256(np.asarray(rows.with_format("numpy")["input_ids"]).tobytes()).hexdigest()}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cfg.cache_dir or Path(stage_dir) / "activations").expanduser() / name
+    return DiskStore(folder / f"rank{ctx.accelerator.process_index}", len(rows),
+                     [(part, i) for part in ("inputs", "outputs") for i in layers], len(rows[0]["input_ids"]),
+                     ctx.teacher.config.hidden_size, key)
 
 
 class LayerwiseObjective(torch.nn.Module):
@@ -163,14 +278,14 @@ def align(ctx, cfg, student, stage_dir: Path) -> dict:
     objective = LayerwiseObjective(student, layers, cfg)
     capture = capture_teacher(ctx.accelerator, ctx.teacher, layers, cfg.target)
     train_ctx, teacher_step = ctx, capture
+    store = None
     if cfg.activations == "cached":
         rows = cached_rows(ctx.train, cfg, seed)
-        config = ctx.teacher.config
-        row_bytes = 2 * 2 * len(rows[0]["input_ids"]) * config.hidden_size * len(layers)  # in + out, bf16
-        teacher_step = ActivationCache(capture, len(rows), row_bytes, cfg.cache_max_gb)
-        train_ctx = dataclasses.replace(ctx, train=rows)
-        logger.info("%s: teacher activations of %d rows cached (%.2f GiB), %d epochs over them", label,
-                    len(rows), len(rows) * row_bytes / 2**30, cfg.cache_epochs)
+        store = activation_store(ctx, cfg, rows, layers, stage_dir)
+        teacher_step, train_ctx = ActivationCache(capture, store), dataclasses.replace(ctx, train=rows)
+        logger.info("%s: teacher activations of %d rows cached (%s, %.2f GiB), %d epochs over them", label,
+                    len(rows), cfg.cache_storage, activation_bytes(ctx, rows, layers) / 2**30,
+                    cfg.cache_epochs)
 
     def held_out():
         if not cfg.held_out_rows:
@@ -180,5 +295,7 @@ def align(ctx, cfg, student, stage_dir: Path) -> dict:
     before = held_out()
     summary = train(train_ctx, stage_dir, cfg, objective, teacher_step=teacher_step)
     summary.update(held_out_before=before, held_out_after=held_out(), layers=layers)
+    if isinstance(store, DiskStore):  # trained: the file (often many GB) has served its purpose
+        shutil.rmtree(store.folder.parent, ignore_errors=True)
     student.requires_grad_(False)
     return summary

@@ -171,11 +171,14 @@ class LayerwiseStage(StageConfig):
     name: Literal["layerwise"]
     target: Literal["mixer_output", "block_output"] = "mixer_output"
     objective: AlignmentObjective = "mse"
-    # cached: the teacher's activations for max_tokens / cache_epochs tokens of rows are captured once (bf16, in
-    # memory) and trained on for cache_epochs epochs; online: a teacher forward per step
+    # cached: the teacher's activations for max_tokens / cache_epochs tokens of rows are captured once (bf16)
+    # and trained on for cache_epochs epochs; online: a teacher forward per step
     activations: Literal["cached", "online"] = "cached"
     cache_epochs: int = Field(default=4, ge=1)
-    cache_max_gb: float = Field(default=8.0, gt=0)  # refuse to start when the captured activations would not fit
+    # memory: in RAM; disk: a memory-mapped file (budgets larger than RAM; same training, bit for bit)
+    cache_storage: Literal["memory", "disk"] = "memory"
+    cache_max_gb: float = Field(default=8.0, gt=0)  # memory: refuse to start when the activations would not fit
+    cache_dir: str | None = None  # disk: where the file goes (None: the stage folder); removed once trained
 
 
 class StepwiseStage(StageConfig, _KLOptions):
@@ -219,6 +222,9 @@ class SelectionConfig(_Section):
     name: Literal["selection"] = Field("selection", exclude=True)  # the stage that runs it (not a setting)
     align: AlignConfig = AlignConfig()
     score_rows: int = Field(default=8, ge=1)  # rows (the last training rows) each single-layer swap is scored on
+    # single: keep attention where one layer's swap hurts most; greedy: swap layers one at a time, re-scoring the
+    # rest with the current assembly after each (sum over the steps of the layers left of extra scoring passes)
+    method: Literal["single", "greedy"] = "single"
     cache_dir: str | None = None  # where aligned mixers are kept; None: $MAMBA_DISTILL_CACHE/aligned
 
 

@@ -12,9 +12,13 @@ attention layers from its summary, before the resolved recipe.yaml is written, a
    the last `score_rows` training rows (not the held-out rows, which judge the result); the layer's score is
    that model's KL to the teacher (nats per loss token), i.e. how much the teacher suffers when exactly that
    layer loses its attention. Cached with the mixers.
-3. Choose (`student.attention_layers: auto`): attention stays at the round(fraction x layers) layers with the
-   highest scores. The resolved recipe.yaml records the list, and `selection/scores.json` the scores. Only the
-   choice depends on the fraction, so another fraction reuses the stage's scores.
+3. Choose (`student.attention_layers: auto`): with `selection.method: single`, attention stays at the
+   round(fraction x layers) layers with the highest scores. With `greedy`, the layers are swapped one at a
+   time from the teacher, each time the one whose swap raises the KL least given the swaps already made
+   (re-scored with the current assembly and the same aligned mixers; see `greedy_steps`), until that many keep
+   attention: the swaps interact, most of all at low fractions. The resolved recipe.yaml records the list, and
+   `selection/scores.json` the scores. Only the choice depends on the fraction, so another fraction reuses
+   the stage's scores (and greedy's steps so far).
 4. Assemble: whatever the attention layers, the student's mixers start from the aligned ones, so the recipe's
    own layerwise stage continues from there.
 """
@@ -47,7 +51,7 @@ def cache_key(recipe, teacher) -> dict:
     student = recipe.student.model_dump(mode="json", exclude={"attention_layers", "attention_fraction"})
     align = recipe.selection.align.model_dump(mode="json", exclude={
         "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows",
-        "cache_max_gb"})
+        "cache_max_gb", "cache_storage", "cache_dir"})
     return {
         "teacher": recipe.teacher.model_dump(mode="json"),
         "teacher_checksum": float(teacher.lm_head.weight.detach().double().sum()),
@@ -104,31 +108,52 @@ def align_every_layer(ctx, student, stage_dir: Path) -> dict:
     return {**summary, "reused": False}
 
 
+def swap_attention(teacher, layer: int, mixer, position_ids):
+    """Make the teacher's attention at `layer` output `mixer`'s output instead, until the handle is
+    removed."""
+
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (mixer(hidden, attention_mask=None, position_ids=position_ids), *output[1:])
+
+    return teacher.model.layers[layer].self_attn.register_forward_hook(hook, with_kwargs=True)
+
+
 @torch.no_grad()
-def swap_scores(accelerator, teacher, mixers: dict[int, torch.nn.Module], rows,
-                batch_size: int) -> list[float]:
-    """Per layer i: the KL(teacher || teacher with layer i's attention output replaced by mixers[i]'s output)
-    in nats per loss token on `rows`, one layer swapped at a time."""
-    totals, count = dict.fromkeys(mixers, 0.0), 0
+def swap_scores(accelerator, teacher, mixers: dict[int, torch.nn.Module], rows, batch_size: int,
+                candidates: list[int] | None = None, swapped: list[int] = ()) -> list[float]:
+    """Per layer i of `candidates` (default: every layer of `mixers`), in order: the KL(teacher || the teacher
+    with the attention output of layer i and of every layer in `swapped` replaced by their mixers' outputs)
+    in nats per loss token on `rows`. With nothing swapped, that is one layer swapped at a time."""
+    candidates = sorted(mixers) if candidates is None else sorted(candidates)
+    totals, count = dict.fromkeys(candidates, 0.0), 0
     for batch in batches(rows, batch_size, accelerator.device):
         inputs, mask = model_inputs(batch), loss_positions(batch["labels"])
         with accelerator.autocast():
             reference = teacher.model(**inputs).last_hidden_state
         count += int(mask.sum())
-        for i, mixer in mixers.items():
-            def swap(module, args, kwargs, output, mixer=mixer, position_ids=batch["position_ids"]):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                return (mixer(hidden, attention_mask=None, position_ids=position_ids), *output[1:])
-
-            handle = teacher.model.layers[i].self_attn.register_forward_hook(swap, with_kwargs=True)
-            try:
-                with accelerator.autocast():
-                    hidden = teacher.model(**inputs).last_hidden_state
-            finally:
+        handles = [swap_attention(teacher, i, mixers[i], batch["position_ids"]) for i in swapped]
+        try:
+            for i in candidates:
+                handle = swap_attention(teacher, i, mixers[i], batch["position_ids"])
+                try:
+                    with accelerator.autocast():
+                        hidden = teacher.model(**inputs).last_hidden_state
+                finally:
+                    handle.remove()
+                totals[i] += float(distill_kl(hidden, reference, mask, student_head=teacher.lm_head.weight,
+                                              teacher_head=teacher.lm_head.weight, reduction="sum"))
+        finally:
+            for handle in handles:
                 handle.remove()
-            totals[i] += float(distill_kl(hidden, reference, mask, student_head=teacher.lm_head.weight,
-                                          teacher_head=teacher.lm_head.weight, reduction="sum"))
-    return [totals[i] / max(count, 1) for i in sorted(mixers)]
+    return [totals[i] / max(count, 1) for i in candidates]
+
+
+def scored_rows(ctx):
+    """The rows swaps are scored on: the last `score_rows` training rows, not the held-out ones (the final
+    evaluation must not have picked the layers)."""
+    rows = ctx.recipe.selection.score_rows
+    return ctx.train.select(range(max(0, len(ctx.train) - rows), len(ctx.train)))
 
 
 def layer_scores(ctx, student, folder: Path) -> tuple[list[float], float]:
@@ -141,9 +166,7 @@ def layer_scores(ctx, student, folder: Path) -> tuple[list[float], float]:
         return cached["scores"], cached["seconds"]
     started = time.perf_counter()
     mixers = {i: layer.mamba for i, layer in enumerate(student.model.layers)}
-    # the last training rows, not the held-out ones: the final evaluation must not have picked the layers
-    scored = ctx.train.select(range(max(0, len(ctx.train) - rows), len(ctx.train)))
-    scores = swap_scores(ctx.accelerator, ctx.teacher, mixers, scored, batch_size=4)
+    scores = swap_scores(ctx.accelerator, ctx.teacher, mixers, scored_rows(ctx), batch_size=4)
     seconds = time.perf_counter() - started
     if ctx.accelerator.is_main_process:
         write_text(path, json.dumps({"scores": scores, "rows": rows, "seconds": seconds}))
@@ -156,6 +179,36 @@ def choose(scores: list[float], fraction: float) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:k])
 
 
+def greedy_steps(ctx, student, single: list[float], keep: int) -> list[dict]:
+    """`selection.method: greedy`: starting from the teacher, swap in, one at a time, the aligned mixer whose
+    swap, on top of those already swapped, raises the KL to the teacher least, until `keep` layers keep their
+    attention. Each step re-scores every remaining layer with the current assembly (the mixers are the aligned
+    ones: nothing is re-aligned); the first step's scores are the single-swap `single`, so with one layer to
+    swap greedy chooses what `choose` does.
+
+    The steps ({"layer", "kl", "scores"}) do not depend on `keep` past it, so they are cached next to the
+    aligned mixers, step by step (a killed run resumes), and a lower fraction extends the cached ones."""
+    folder = aligned_dir(ctx.recipe, ctx.teacher)
+    path = folder / f"greedy-{ctx.recipe.selection.score_rows}rows.json"
+    steps = json.loads(path.read_text()) if path.is_file() else []
+    mixers = {i: layer.mamba for i, layer in enumerate(student.model.layers)}
+    rows = scored_rows(ctx)
+    while len(mixers) - len(steps) > keep:
+        swapped = [step["layer"] for step in steps]
+        candidates = [i for i in mixers if i not in swapped]
+        started = time.perf_counter()
+        scores = [single[i] for i in candidates] if not steps else swap_scores(
+            ctx.accelerator, ctx.teacher, mixers, rows, batch_size=4, candidates=candidates, swapped=swapped)
+        best = min(zip(scores, candidates))
+        steps.append({"layer": best[1], "kl": best[0], "scores": dict(zip(map(str, candidates), scores)),
+                      "seconds": time.perf_counter() - started})
+        logger.info("selection (greedy): layer %d becomes Mamba (KL %.4f with %d swapped, %.0f s)", best[1],
+                    best[0], len(steps), steps[-1]["seconds"])
+        if ctx.accelerator.is_main_process:
+            write_text(path, json.dumps(steps))
+    return steps[: len(mixers) - keep]
+
+
 def uniform_layers(num_layers: int, fraction: float) -> list[int]:
     from distill.init import select_attention_layers
 
@@ -164,10 +217,17 @@ def uniform_layers(num_layers: int, fraction: float) -> list[int]:
     return select_attention_layers(num_layers, attention_fraction=fraction)
 
 
-def record(recipe, summary: dict) -> dict:
-    """The choice of attention layers from the selection stage's summary (`selection/scores.json`)."""
+def record(recipe, summary: dict, greedy: list[dict] | None = None) -> dict:
+    """The choice of attention layers from the selection stage's summary and, for `method: greedy`, the greedy
+    steps (`selection/scores.json`)."""
     scores, fraction = summary["scores"], recipe.student.attention_fraction
-    return {"attention_layers": choose(scores, fraction), "fraction": fraction, "scores": scores,
+    swapped = {step["layer"] for step in greedy or []}
+    chosen = choose(scores, fraction)
+    if greedy is not None:
+        chosen = [i for i in range(len(scores)) if i not in swapped]
+    return {"attention_layers": chosen, "fraction": fraction, "method": recipe.selection.method,
+            "scores": scores,
+            "single_layers": choose(scores, fraction), "greedy": greedy,
             "uniform_layers": uniform_layers(len(scores), fraction), "cache": summary["cache"],
             "align_tokens": summary["tokens"], "align_seconds": summary["wall_time_s"],
             "align_reused": summary["reused"], "score_seconds": summary["score_seconds"],
@@ -192,12 +252,18 @@ def prepare_student(ctx, calibration_input_ids):
         if "scores" not in summary:  # the stage finished earlier for a recipe with fixed layers
             folder = aligned_dir(recipe, ctx.teacher)
             summary["scores"], summary["score_seconds"] = layer_scores(ctx, aligned, folder)
-        choice = record(recipe, summary)
+        keep = round(recipe.student.attention_fraction * len(summary["scores"]))
+        # with no attention to keep there is nothing to choose
+        greedy = None
+        if recipe.selection.method == "greedy" and keep:
+            greedy = greedy_steps(ctx, aligned, summary["scores"], keep)
+        choice = record(recipe, summary, greedy)
         if ctx.accelerator.is_main_process:
             write_text(layout.selection_record, json.dumps(choice, indent=2))
             plot_selection(choice, layout.selection / "scores.png")
-        logger.info("selection: attention kept at %s (uniform placement would keep %s)",
-                    choice["attention_layers"], choice["uniform_layers"])
+        logger.info("selection (%s): attention kept at %s (single-swap scores would keep %s, uniform "
+                    "placement %s)", choice["method"], choice["attention_layers"], choice["single_layers"],
+                    choice["uniform_layers"])
         student_cfg = recipe.student.model_copy(update={"attention_layers": choice["attention_layers"],
                                                         "attention_fraction": None})
         recipe = recipe.model_copy(update={"student": student_cfg})

@@ -71,9 +71,9 @@ def run_variant(precision: str, activations: str, teacher_fp32, student_cfg, bat
         objective = LayerwiseObjective(student, layers, LayerwiseStage(name="layerwise", max_tokens=1))
         capture = capture_teacher(AutocastOnly(autocast), teacher, layers, "mixer_output")
         if activations == "cached":
-            from distill.alignment import ActivationCache
+            from distill.alignment import ActivationCache, MemoryStore
 
-            capture = ActivationCache(capture, num_rows=len(batch["row"]), row_bytes=0, max_gb=1)
+            capture = ActivationCache(capture, MemoryStore(len(batch["row"]), row_bytes=0, max_gb=1))
             capture(batch)  # the first epoch's capture; the timed steps read the cache
 
     clock: dict[str, float] = {}

@@ -96,14 +96,14 @@ def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_ll
 
 
 def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_path, tiny_llama):
-    from distill.alignment import ActivationCache, LayerwiseObjective, capture_teacher
+    from distill.alignment import ActivationCache, LayerwiseObjective, MemoryStore, capture_teacher
 
     recipe = make_recipe(tmp_path, {"name": "layerwise", "max_tokens": 10, "objective": "l2"})
     ctx = make_context(recipe, tiny_llama)
     student = tiny_hybrid(tiny_llama)
     objective = LayerwiseObjective(student, [0, 2], recipe.stages[0])
     capture = capture_teacher(ctx.accelerator, tiny_llama, [0, 2], "mixer_output")
-    cache = ActivationCache(capture, num_rows=len(ctx.train), row_bytes=1, max_gb=1)
+    cache = ActivationCache(capture, MemoryStore(len(ctx.train), row_bytes=1, max_gb=1))
     rows = ctx.train.with_format("torch")
     first = {**rows[[0, 1, 2]], "row": torch.tensor([0, 1, 2])}
     second = {**rows[[2, 5, 0]], "row": torch.tensor([2, 5, 0])}  # rows 0 and 2 come from memory now
@@ -115,7 +115,7 @@ def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_pat
                 # the cache keeps bf16 copies (relative rounding 2^-9 per element); the error's relative change
                 # is then about 2^-9 * |target| / |error|, a few 1e-3 for these random mixers: allow 2e-2
                 assert float(cached[key]) == pytest.approx(float(online[key]), rel=2e-2), key
-    assert sorted(cache.rows) == [0, 1, 2, 5]
+    assert sorted(cache.store.rows) == [0, 1, 2, 5]
 
 
 def test_cached_activations_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_llama):
