@@ -286,13 +286,16 @@ def tokenizer_from_gguf(path: str | Path) -> list[tuple]:
     return fields
 
 
-def tokenizer_from_hf(folder: str | Path, cfg) -> list[tuple]:
-    """The `tokenizer.*` fields for an HF (BPE) tokenizer folder, built with gguf's vocab helpers."""
+def tokenizer_from_hf(folder: str | Path, cfg, pre: str | None = None) -> list[tuple]:
+    """The `tokenizer.*` fields for an HF (BPE) tokenizer folder, built with gguf's vocab helpers.
+
+    `pre` names llama.cpp's pre-tokenizer (its regex split before BPE); by default it is looked up by family.
+    """
     import gguf
     from transformers import AutoTokenizer
 
     folder = Path(folder)
-    pre = _PRE_TOKENIZERS.get((cfg.teacher_model_type, cfg.vocab_size)) or _PRE_TOKENIZERS.get(
+    pre = pre or _PRE_TOKENIZERS.get((cfg.teacher_model_type, cfg.vocab_size)) or _PRE_TOKENIZERS.get(
         (cfg.teacher_model_type, None)
     )
     if pre is None or not (folder / "tokenizer.json").is_file():

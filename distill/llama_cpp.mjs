@@ -2,7 +2,7 @@
 //
 //   node llama_cpp.mjs < request.json > answer.json
 //
-// request: {model, threads, context, jobs: [...]}, one job each:
+// request: {model, threads, context, kv_type ("F16" or "F32"), jobs: [...]}, one job each:
 //   {kind: "tokenize", text}                       -> {tokens}
 //   {kind: "evaluate", tokens, top}                -> {positions: [[[token, prob], ...top], ...]}: the next-token
 //                                                     distribution after every prefix of `tokens` (greedy order)
@@ -20,6 +20,7 @@ const model = await llama.loadModel({modelPath: request.model, gpuLayers: 0});
 const context = await model.createContext({
     contextSize: request.context, batchSize: Math.min(request.context, 512), threads: request.threads,
     sequences: 1, flashAttention: false,
+    experimentalKvCacheKeyType: request.kv_type, experimentalKvCacheValueType: request.kv_type,
 });
 const sequence = context.getSequence();
 const answers = [];

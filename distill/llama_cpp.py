@@ -38,12 +38,20 @@ def unavailable() -> str | None:
     return None
 
 
-def run(model: str | Path, jobs: list[dict], *, threads: int = 1, context: int = 512, timeout: float = 1800) -> dict:
-    """Run `jobs` (see distill/llama_cpp.mjs) on the GGUF `model` in one llama.cpp process; returns its answer."""
+def run(
+    model: str | Path, jobs: list[dict], *, threads: int = 1, context: int = 512, kv_type: str = "F16",
+    timeout: float = 1800,
+) -> dict:
+    """Run `jobs` (see distill/llama_cpp.mjs) on the GGUF `model` in one llama.cpp process; returns its answer.
+
+    `kv_type` is the attention cache's type: llama.cpp's default F16, or F32 to compare an f32 export exactly.
+    """
     reason = unavailable()
     if reason is not None:
         raise RuntimeError(reason)
-    request = {"model": str(Path(model).resolve()), "threads": threads, "context": context, "jobs": jobs}
+    request = {
+        "model": str(Path(model).resolve()), "threads": threads, "context": context, "kv_type": kv_type, "jobs": jobs
+    }
     env = dict(os.environ, NODE_LLAMA_CPP_ENTRY=_entry().as_uri())
     done = subprocess.run(
         ["node", str(RUNNER)], input=json.dumps(request), capture_output=True, text=True, env=env,
