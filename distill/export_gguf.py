@@ -16,6 +16,10 @@ ds = head dim = hd). Two things llama.cpp wants on top:
   that reads or writes a padded head is 0 (z, x, B, C rows, conv channels, out_proj columns), so a padded head
   holds a zero state, its gated-norm group (one per head) outputs 0, and out_proj ignores it: the logits are
   unchanged. It costs the padded heads' compute and in_proj/out_proj rows.
+- llama.cpp cannot allocate an attention cache with no attention layer (`GGML_ASSERT(buffer)` when the
+  context is created), so a student without attention gets one extra last layer that adds exactly 0: a
+  one-head attention and an MLP whose output projections (attn_output, ffn_down) are 0. Its cost is one
+  head's attention and one MLP.
 - llama.cpp's RoPE pairs adjacent channels (`LLAMA_ROPE_TYPE_NORM`) where transformers' rotates halves, so the
   rows of q and k are permuted per head (the permutation every Llama GGUF carries).
 
@@ -120,6 +124,28 @@ def architecture(cfg) -> str:
     return "granitehybrid" if "mamba2" in cfg.mixer_types else "llama"
 
 
+def needs_null_layer(cfg) -> bool:
+    """A granitehybrid without attention layers gets an extra zero-output attention layer (llama.cpp needs one)."""
+    return architecture(cfg) == "granitehybrid" and "attention" not in cfg.mixer_types
+
+
+def _null_layer(cfg, index: int) -> dict[str, torch.Tensor]:
+    """Layer `index`: one attention head and an MLP, both writing 0 to the residual stream."""
+    hidden, hd, ff = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    blk = f"blk.{index}."
+    return {
+        blk + "attn_norm.weight": torch.ones(hidden),
+        blk + "attn_q.weight": torch.zeros(hd, hidden),
+        blk + "attn_k.weight": torch.zeros(hd, hidden),
+        blk + "attn_v.weight": torch.zeros(hd, hidden),
+        blk + "attn_output.weight": torch.zeros(hidden, hd),
+        blk + "ffn_norm.weight": torch.ones(hidden),
+        blk + "ffn_gate.weight": torch.zeros(ff, hidden),
+        blk + "ffn_up.weight": torch.zeros(ff, hidden),
+        blk + "ffn_down.weight": torch.zeros(hidden, ff),
+    }
+
+
 def ssm_heads(cfg) -> int:
     """Heads of the exported mixer: ours padded with zero heads to llama.cpp's width 2*hidden_size."""
     return 2 * cfg.hidden_size // cfg.head_dim
@@ -192,6 +218,8 @@ def gguf_tensors(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         else:
             for suffix, tensor in _mamba2_tensors(cfg, prefix + "mamba.", state).items():
                 tensors[f"blk.{i}.{suffix}"] = tensor
+    if needs_null_layer(cfg):
+        tensors |= _null_layer(cfg, cfg.num_hidden_layers)
     if (cfg.rope_parameters or {}).get("rope_type") == "llama3":
         tensors["rope_freqs.weight"] = llama3_rope_factors(cfg)
     return tensors
@@ -250,12 +278,13 @@ def _file_type(outtype: str) -> int:
 def _add_hyperparameters(writer, cfg, outtype: str) -> None:
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
+    null = needs_null_layer(cfg)
+    writer.add_block_count(cfg.num_hidden_layers + null)
     writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
     if architecture(cfg) == "granitehybrid":
         kv = [cfg.num_key_value_heads if kind == "attention" else 0 for kind in cfg.mixer_types]
-        writer.add_head_count_kv(kv)
+        writer.add_head_count([cfg.num_attention_heads] * cfg.num_hidden_layers + [1] * null)
+        writer.add_head_count_kv(kv + [1] * null)
         heads = ssm_heads(cfg)
         writer.add_ssm_conv_kernel(cfg.d_conv)
         writer.add_ssm_inner_size(heads * cfg.head_dim)
@@ -263,6 +292,7 @@ def _add_hyperparameters(writer, cfg, outtype: str) -> None:
         writer.add_ssm_time_step_rank(heads)
         writer.add_ssm_group_count(heads)
     else:
+        writer.add_head_count(cfg.num_attention_heads)
         writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)

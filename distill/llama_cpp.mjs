@@ -36,7 +36,7 @@ for (const job of request.jobs) {
             Array.from(result.next.probabilities.entries()).slice(0, job.top))});
     } else if (job.kind === "greedy") {
         const out = [];
-        for await (const token of sequence.evaluate(job.tokens, {temperature: 0})) {
+        for await (const token of sequence.evaluate(job.tokens, {temperature: 0, yieldEogToken: true})) {
             out.push(token);
             if (out.length >= job.steps) break;
         }
@@ -49,7 +49,7 @@ for (const job of request.jobs) {
         const prefill_s = Number(process.hrtime.bigint() - start) / 1e9;
         start = process.hrtime.bigint();
         let decoded = 0;
-        for await (const token of sequence.evaluate([last], {temperature: 0})) {
+        for await (const token of sequence.evaluate([last], {temperature: 0, yieldEogToken: true})) {
             last = token;
             if (++decoded >= job.decode_tokens) break;
         }
