@@ -15,22 +15,41 @@ import itertools
 import json
 import logging
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.assets import asset_path, cache_root
+from distill.files import atomic_dir
 from distill.recipe import DataConfig, RecipeError
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_DATA = "sharegpt"
-COLUMNS = ("input_ids", "attention_mask", "position_ids", "labels")
+COLUMNS = ("input_ids", "attention_mask", "position_ids", "labels")  # a row, and a batch of rows (batch format)
+IGNORE_INDEX = -100  # a label that is no training target
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
          "system": "system"}
 _FORMAT_VERSION = 1  # bump when the row layout changes so old caches are not reused
+
+
+# ----------------------------------------------------------------------------- the batch contract
+
+
+def model_inputs(batch: dict) -> dict:
+    """What both models see. No attention_mask: padding is on the right (so causal attention never lets a
+    real token see it), and only without a 2D mask and without a cache does transformers derive the
+    block-diagonal mask from position_ids that keeps packed documents apart (Mamba layers reset their state
+    on the same position_ids). Hence also `use_cache=False`, which training wants anyway."""
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+
+
+def loss_positions(labels):
+    """(B, L) bool tensor: True at position t when labels[t + 1] is a training target (unshifted HF labels)."""
+    mask = labels.new_zeros(labels.shape).bool()
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -92,8 +111,6 @@ def check_source(cfg: DataConfig) -> None:
 def _read_records(cfg: DataConfig, stats: ParseStats) -> Iterator[dict]:
     check_source(cfg)
     if cfg.source == BUILTIN_DATA:
-        from distill.teacher import asset_path
-
         yield from iter_json_array(asset_path("sharegpt"), stats)
         return
     path = Path(cfg.source).expanduser()
@@ -193,13 +210,13 @@ def _row(docs: list[tuple[list[int], list[int]]], max_length: int, pad_id: int) 
     for ids, mask in docs:
         input_ids += ids
         position_ids += range(len(ids))
-        labels += [-100] + [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+        labels += [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
     pad = max_length - len(input_ids)
     return {
         "input_ids": input_ids + [pad_id] * pad,
         "attention_mask": [1] * len(input_ids) + [0] * pad,
         "position_ids": position_ids + list(range(pad)),
-        "labels": labels + [-100] * pad,
+        "labels": labels + [IGNORE_INDEX] * pad,
     }
 
 
@@ -281,29 +298,15 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
     """(train, held_out) `datasets.Dataset`s of rows in the batch format, built once and then cached."""
     import datasets
 
-    from distill.teacher import cache_dir
-
-    target = cache_dir() / "datasets" / _cache_key(cfg, tokenizer, seed)
+    target = cache_root() / "datasets" / _cache_key(cfg, tokenizer, seed)
     if (target / "held_out").is_dir():
         logger.info("data: reusing cached rows in %s", target)
         return datasets.load_from_disk(str(target / "train")), datasets.load_from_disk(str(target / "held_out"))
     train, held_out, stats = _build(cfg, tokenizer, seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=target.parent))
-    train.save_to_disk(str(tmp / "train"))
-    held_out.save_to_disk(str(tmp / "held_out"))
-    (tmp / "stats.json").write_text(json.dumps({"records": stats.records, "bytes_dropped": stats.bytes_dropped,
-                                                "skipped_roles": stats.skipped_roles,
-                                                "conversations_dropped": stats.conversations_dropped}))
-    try:
-        tmp.rename(target)
-    except OSError:  # built concurrently by another process
-        shutil.rmtree(tmp)
+    with atomic_dir(target, replace=False) as tmp:  # another process may build it concurrently
+        train.save_to_disk(str(tmp / "train"))
+        held_out.save_to_disk(str(tmp / "held_out"))
+        (tmp / "stats.json").write_text(json.dumps({
+            "records": stats.records, "bytes_dropped": stats.bytes_dropped, "skipped_roles": stats.skipped_roles,
+            "conversations_dropped": stats.conversations_dropped}))
     return datasets.load_from_disk(str(target / "train")), datasets.load_from_disk(str(target / "held_out"))
-
-
-def collate(rows: list[dict]) -> dict:
-    """Stack rows (lists or tensors) into a batch dict of int64 tensors, for `DataLoader(collate_fn=...)`."""
-    import torch
-
-    return {name: torch.stack([torch.as_tensor(row[name], dtype=torch.long) for row in rows]) for name in COLUMNS}

@@ -1,4 +1,4 @@
-"""GGUF export: one file that llama.cpp (and ollama, LM Studio, node-llama-cpp, llama-cpp-python) runs on a CPU.
+"""GGUF export: one file that llama.cpp (and ollama, LM Studio, node-llama-cpp) runs on a CPU.
 
 A Mamba-2 hybrid is written as llama.cpp's `granitehybrid` architecture (what its converter makes of
 `BambaForCausalLM`); a hybrid without Mamba layers (the teacher itself) as `llama`. `granitehybrid` marks each
@@ -115,17 +115,18 @@ def refuse_what_llama_cpp_lacks(cfg) -> None:
         )
     if lacking:
         raise UserError(
-            f"llama.cpp cannot run {'; '.join(lacking)}; use --format native (loads with trust_remote_code=True)"
+            f"llama.cpp cannot run {'; '.join(lacking)}; "
+            f"use --format native (loads with trust_remote_code=True)"
         )
 
 
 def architecture(cfg) -> str:
-    """`granitehybrid` for a model with Mamba-2 layers, `llama` for one that is all attention (the teacher)."""
+    """`granitehybrid` for a model with Mamba-2 layers, `llama` for an all-attention one (the teacher)."""
     return "granitehybrid" if "mamba2" in cfg.mixer_types else "llama"
 
 
 def needs_null_layer(cfg) -> bool:
-    """A granitehybrid without attention layers gets an extra zero-output attention layer (llama.cpp needs one)."""
+    """A granitehybrid without attention gets an extra zero-output attention layer (llama.cpp needs one)."""
     return architecture(cfg) == "granitehybrid" and "attention" not in cfg.mixer_types
 
 
@@ -163,7 +164,9 @@ def _rope_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _repeat_groups(rows: torch.Tensor, groups: int, repeats: int) -> torch.Tensor:
     """(groups * g, ...) -> (groups * repeats * g, ...): each group repeated in place (GQA's repeat)."""
-    return rows.reshape(groups, -1, *rows.shape[1:]).repeat_interleave(repeats, 0).reshape(-1, *rows.shape[1:])
+    return (
+        rows.reshape(groups, -1, *rows.shape[1:]).repeat_interleave(repeats, 0).reshape(-1, *rows.shape[1:])
+    )
 
 
 def _pad_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
@@ -171,7 +174,7 @@ def _pad_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _mamba2_tensors(cfg, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One Mamba-2 layer in llama.cpp's layout (GGUF suffix -> tensor): x and B at full width, zero heads padded."""
+    """One Mamba-2 layer in llama.cpp's layout (GGUF suffix -> tensor): x, B full width, zero heads padded."""
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     d_inner, d_xb, heads = nh * hd, nkv * hd, ssm_heads(cfg)
     width = heads * hd
@@ -203,7 +206,10 @@ def _mamba2_tensors(cfg, prefix: str, state: dict[str, torch.Tensor]) -> dict[st
 def gguf_tensors(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> llama.cpp's tensors (GGUF names; shapes are PyTorch's (out, in), GGUF's reversed)."""
     state = {name: tensor.detach().float() for name, tensor in state.items()}
-    tensors = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
     if not cfg.tie_word_embeddings:
         tensors["output.weight"] = state["lm_head.weight"]
     for i, kind in enumerate(cfg.mixer_types):
@@ -226,7 +232,7 @@ def gguf_tensors(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def llama3_rope_factors(cfg) -> torch.Tensor:
-    """Llama 3's per-frequency RoPE divisors (llama.cpp multiplies each wavelength by its `rope_freqs` entry)."""
+    """Llama 3's per-frequency RoPE divisors (llama.cpp multiplies each wavelength by its `rope_freqs`)."""
     rope = cfg.rope_parameters
     base, dim = rope["rope_theta"], cfg.head_dim
     factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
@@ -304,7 +310,7 @@ def _add_hyperparameters(writer, cfg, outtype: str) -> None:
 
 
 def tokenizer_from_gguf(path: str | Path) -> list[tuple]:
-    """Every `tokenizer.*` field of a GGUF file, as (key, value, type, sub_type) for `GGUFWriter.add_key_value`."""
+    """Every `tokenizer.*` field of a GGUF file as (key, value, type, sub_type), for `add_key_value`."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -325,8 +331,10 @@ def tokenizer_from_hf(folder: str | Path, cfg, pre: str | None = None) -> list[t
     from transformers import AutoTokenizer
 
     folder = Path(folder)
-    pre = pre or _PRE_TOKENIZERS.get((cfg.teacher_model_type, cfg.vocab_size)) or _PRE_TOKENIZERS.get(
-        (cfg.teacher_model_type, None)
+    pre = (
+        pre
+        or _PRE_TOKENIZERS.get((cfg.teacher_model_type, cfg.vocab_size))
+        or _PRE_TOKENIZERS.get((cfg.teacher_model_type, None))
     )
     if pre is None or not (folder / "tokenizer.json").is_file():
         raise UserError(
@@ -343,8 +351,10 @@ def tokenizer_from_hf(folder: str | Path, cfg, pre: str | None = None) -> list[t
     for text, index in vocab.items():
         tokens[index] = text
         types[index] = (
-            gguf.TokenType.CONTROL if text in special
-            else gguf.TokenType.USER_DEFINED if text in added
+            gguf.TokenType.CONTROL
+            if text in special
+            else gguf.TokenType.USER_DEFINED
+            if text in added
             else gguf.TokenType.NORMAL
         )
     for index, text in enumerate(tokens):
@@ -354,7 +364,12 @@ def tokenizer_from_hf(folder: str | Path, cfg, pre: str | None = None) -> list[t
         ("tokenizer.ggml.model", "gpt2", gguf.GGUFValueType.STRING, None),
         ("tokenizer.ggml.pre", pre, gguf.GGUFValueType.STRING, None),
         ("tokenizer.ggml.tokens", tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
-        ("tokenizer.ggml.token_type", [int(t) for t in types], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
+        (
+            "tokenizer.ggml.token_type",
+            [int(t) for t in types],
+            gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.INT32,
+        ),
     ]
 
     class Collect:  # SpecialVocab writes merges, special ids and the chat template through add_* calls
@@ -419,8 +434,9 @@ def write_gguf(model, path: str | Path, outtype: str, tokenizer_fields: list[tup
 
 def _tokenizer_fields(model, folder: Path) -> list[tuple]:
     """The teacher's tokenizer: the built-in teacher's own GGUF fields, else its HF tokenizer files."""
+    from distill.assets import asset_path
     from distill.export import _find_upwards, _tokenizer_source
-    from distill.teacher import BUILTIN_TEACHER, asset_path
+    from distill.teacher import BUILTIN_TEACHER
 
     recipe = _find_upwards(folder, "recipe.yaml")
     if recipe is not None:
@@ -438,17 +454,19 @@ def _tokenizer_fields(model, folder: Path) -> list[tuple]:
 
 
 def export_gguf(checkpoint_dir: str | Path, out_dir: str | Path, outtype: str = "q8_0") -> Path:
-    """Write `checkpoint_dir` as `out_dir/model-<outtype>.gguf` (the folder replaced atomically). Returns the file."""
-    from distill.export import _replace_atomically, load_checkpoint
+    """Write `checkpoint_dir` as `out_dir/model-<outtype>.gguf` (folder replaced atomically); returns it."""
+    from distill.export import load_hybrid
+    from distill.files import atomic_dir
 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype {outtype!r} is not supported; use one of {', '.join(OUTTYPES)}")
     folder, out = Path(checkpoint_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(p.suffix != ".gguf" for p in out.iterdir())):
         raise UserError(f"--out {out} exists and is not a GGUF export folder; choose a new or empty folder")
-    model = load_checkpoint(folder)
+    model = load_hybrid(folder)
     refuse_what_llama_cpp_lacks(model.config)
     fields = _tokenizer_fields(model, folder)
     file_name = f"model-{outtype}.gguf"
-    _replace_atomically(lambda tmp: write_gguf(model, tmp / file_name, outtype, fields, name=folder.name), out)
+    with atomic_dir(out) as tmp:  # `out` is never half-written
+        write_gguf(model, tmp / file_name, outtype, fields, name=folder.name)
     return out / file_name

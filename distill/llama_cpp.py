@@ -20,9 +20,9 @@ RUNNER = Path(__file__).with_name("llama_cpp.mjs")
 
 
 def install_dir() -> Path:
-    from distill.teacher import cache_dir
+    from distill.assets import cache_root
 
-    return cache_dir() / "llama.cpp"
+    return cache_root() / "llama.cpp"
 
 
 def _entry() -> Path:
@@ -39,10 +39,15 @@ def unavailable() -> str | None:
 
 
 def run(
-    model: str | Path, jobs: list[dict], *, threads: int = 1, context: int = 512, kv_type: str = "F16",
+    model: str | Path,
+    jobs: list[dict],
+    *,
+    threads: int = 1,
+    context: int = 512,
+    kv_type: str = "F16",
     timeout: float = 1800,
 ) -> dict:
-    """Run `jobs` (see distill/llama_cpp.mjs) on the GGUF `model` in one llama.cpp process; returns its answer.
+    """Run `jobs` (see distill/llama_cpp.mjs) on the GGUF `model` in one llama.cpp process; return its answer.
 
     `kv_type` is the attention cache's type: llama.cpp's default F16, or F32 to compare an f32 export exactly.
     """
@@ -50,13 +55,24 @@ def run(
     if reason is not None:
         raise RuntimeError(reason)
     request = {
-        "model": str(Path(model).resolve()), "threads": threads, "context": context, "kv_type": kv_type, "jobs": jobs
+        "model": str(Path(model).resolve()),
+        "threads": threads,
+        "context": context,
+        "kv_type": kv_type,
+        "jobs": jobs,
     }
     env = dict(os.environ, NODE_LLAMA_CPP_ENTRY=_entry().as_uri())
     done = subprocess.run(
-        ["node", str(RUNNER)], input=json.dumps(request), capture_output=True, text=True, env=env,
-        timeout=timeout, check=False,
+        ["node", str(RUNNER)],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"llama.cpp failed on {model} (status {done.returncode}): {done.stderr.strip()[-2000:]}")
+        raise RuntimeError(
+            f"llama.cpp failed on {model} (status {done.returncode}): {done.stderr.strip()[-2000:]}"
+        )
     return json.loads(done.stdout)

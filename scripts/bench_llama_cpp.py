@@ -1,6 +1,6 @@
 """Speed where CPU users decode: the teacher and its hybrids in a real llama.cpp, side by side.
 
-    python scripts/bench_llama_cpp.py [--contexts 512 2048 8192 16384] [--rounds 3] [--decode 32] [--threads 1]
+    python scripts/bench_llama_cpp.py [--contexts 512 2048 8192 16384] [--rounds 3] [--decode 32]
 
 Writes the built-in teacher (SmolLM2-135M-Instruct) and its 50%, 25% and 0% attention Mamba-2 hybrids
 (untrained: speed does not depend on the weights' values) as GGUF with the same exporter in the same outtype
@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from distill import llama_cpp
+from distill.assets import asset_path
 from distill.export_gguf import tokenizer_from_gguf, write_gguf
 from distill.init import hybrid_from_teacher
 from distill.recipe import StudentConfig, TeacherConfig
-from distill.teacher import asset_path, load_teacher
+from distill.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"teacher": 1.0, "hybrid 50%": 0.5, "hybrid 25%": 0.25, "hybrid 0%": 0.0}
@@ -40,8 +41,17 @@ def write_models(folder: Path, outtype: str) -> dict[str, Path]:
     fields = tokenizer_from_gguf(asset_path("smollm2"))
     paths = {}
     for name, fraction in MODELS.items():
-        model = hybrid_from_teacher(teacher, StudentConfig(mixer="mamba2", attention_fraction=fraction), seed=0)
-        paths[name] = write_gguf(model, folder / f"{name.replace(' ', '-').replace('%', '')}.gguf", outtype, fields)
+        student = StudentConfig(
+            mixer="mamba2",
+            attention_layers="uniform",
+            attention_fraction=fraction,
+            norm_init="ones",
+            conv_init="random",
+        )  # no training rows needed
+        model = hybrid_from_teacher(teacher, student, seed=0)
+        paths[name] = write_gguf(
+            model, folder / f"{name.replace(' ', '-').replace('%', '')}.gguf", outtype, fields
+        )
     return paths
 
 
@@ -51,8 +61,10 @@ def measure(paths: dict[str, Path], contexts: list[int], rounds: int, decode: in
         for round_ in range(rounds):
             for name, path in paths.items():
                 answer = llama_cpp.run(
-                    path, [{"kind": "speed", "prompt_tokens": context, "decode_tokens": decode}],
-                    threads=threads, context=context + decode + 8,
+                    path,
+                    [{"kind": "speed", "prompt_tokens": context, "decode_tokens": decode}],
+                    threads=threads,
+                    context=context + decode + 8,
                 )
                 timing = answer["answers"][0]
                 run = {
@@ -62,11 +74,15 @@ def measure(paths: dict[str, Path], contexts: list[int], rounds: int, decode: in
                     "peak_rss_mib": answer["rss_bytes"] / 2**20,
                 }
                 runs[name][context].append(run)
-                print(f"  {context:>6} round {round_} {name:<11} prefill {run['prefill_tok_s']:8.1f} tok/s  "
-                      f"decode {run['decode_tok_s']:6.1f} tok/s  state {run['state_mib']:7.1f} MiB", flush=True)
+                print(
+                    f"  {context:>6} round {round_} {name:<11} prefill {run['prefill_tok_s']:8.1f} tok/s  "
+                    f"decode {run['decode_tok_s']:6.1f} tok/s  state {run['state_mib']:7.1f} MiB",
+                    flush=True,
+                )
     return {
         name: {
-            str(c): {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in by_context.items()
+            str(c): {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            for c, rs in by_context.items()
         }
         for name, by_context in runs.items()
     }
@@ -75,7 +91,10 @@ def measure(paths: dict[str, Path], contexts: list[int], rounds: int, decode: in
 def table(results: dict, contexts: list[int]) -> str:
     teacher = results["teacher"]
     lines = [
-        "| model | context | prefill tok/s | decode tok/s | decode vs teacher | prefill vs teacher | state MiB | peak RSS MiB |",
+        (
+            "| model | context | prefill tok/s | decode tok/s | decode vs teacher | prefill vs teacher "
+            "| state MiB | peak RSS MiB |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, by_context in results.items():
@@ -83,7 +102,8 @@ def table(results: dict, contexts: list[int]) -> str:
             r, t = by_context[c], teacher[c]
             lines.append(
                 f"| {name} | {int(c):,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                f"{r['decode_tok_s'] / t['decode_tok_s']:.2f}x | {r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | "
+                f"{r['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
+                f"{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | "
                 f"{r['state_mib']:.1f} | {r['peak_rss_mib']:.0f} |"
             )
     return "\n".join(lines)
@@ -99,7 +119,9 @@ def plot(results: dict, contexts: list[int], path: Path) -> None:
     for name, by_context in results.items():
         for ax, key in zip(axes, ("decode_tok_s", "prefill_tok_s", "state_mib")):
             ax.plot(contexts, [by_context[str(c)][key] for c in contexts], marker="o", label=name)
-    for ax, title in zip(axes, ("decode tokens/s (batch 1)", "prefill tokens/s", "context state MiB (KV + SSM)")):
+    for ax, title in zip(
+        axes, ("decode tokens/s (batch 1)", "prefill tokens/s", "context state MiB (KV + SSM)")
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
         ax.set_xlabel("context (tokens)")
@@ -131,8 +153,12 @@ def main() -> None:
     print("\nGGUF sizes (MiB): " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {key: getattr(args, key) for key in ("contexts", "rounds", "decode", "threads", "outtype")}
-    record = {"settings": settings, "node_llama_cpp": llama_cpp.NODE_LLAMA_CPP_VERSION, "gguf_mib": sizes,
-              "results": results}
+    record = {
+        "settings": settings,
+        "node_llama_cpp": llama_cpp.NODE_LLAMA_CPP_VERSION,
+        "gguf_mib": sizes,
+        "results": results,
+    }
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     plot(results, args.contexts, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")

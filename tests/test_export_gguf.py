@@ -7,7 +7,7 @@ where it is missing.
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, clear_greedy, reordering_bound, tiny_llama_config
+from conftest import CHATML, REFERENCE_STUDENT, clear_greedy, reordering_bound, tiny_llama_config
 
 from distill import llama_cpp
 from distill.errors import UserError
@@ -26,7 +26,9 @@ def make_hybrid(teacher, mixer="mamba2", seed=0, sharpen=True, **student):
     """
     from distill.init import hybrid_from_teacher
 
-    model = hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, **student), seed=seed)
+    model = hybrid_from_teacher(
+        teacher, StudentConfig(**{**REFERENCE_STUDENT, "mixer": mixer, **student}), seed=seed
+    )
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -61,7 +63,7 @@ def byte_bpe_tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random 4-layer hybrid (attention in layers 1 and 2) with a byte-level BPE, saved as a checkpoint."""
+    """A tiny random 4-layer hybrid (attention in layers 1 and 2) with a byte-level BPE, saved."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -96,7 +98,7 @@ def rebuild(path, num_key_value_heads: int):
         t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
         for t in reader.tensors
     }
-    nh, hd = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.key_length"]
+    nh, hd = meta[f"{arch}.attention.head_count"][0], meta[f"{arch}.attention.key_length"]  # per layer
     nkv, repeats = num_key_value_heads, nh // num_key_value_heads
     kinds = ["attention" if kv else "mamba2" for kv in meta[f"{arch}.attention.head_count_kv"]]
     assert all(kv in (0, nkv) for kv in meta[f"{arch}.attention.head_count_kv"])
@@ -126,10 +128,15 @@ def rebuild(path, num_key_value_heads: int):
 
     def xbc(rows):
         x, b, c = rows.split(heads * hd)
-        assert not x[d_inner:].any() and not b[d_inner:].any() and not c[d_inner:].any(), "padding is not zero"
+        assert not x[d_inner:].any() and not b[d_inner:].any() and not c[d_inner:].any(), (
+            "padding is not zero"
+        )
         return torch.cat([kv_width(x), kv_width(b), c[:d_inner]])
 
-    state = {"model.embed_tokens.weight": tensors["token_embd.weight"], "model.norm.weight": tensors["output_norm.weight"]}
+    state = {
+        "model.embed_tokens.weight": tensors["token_embd.weight"],
+        "model.norm.weight": tensors["output_norm.weight"],
+    }
     state["lm_head.weight"] = tensors.get("output.weight", tensors["token_embd.weight"])
     for i, kind in enumerate(kinds):
         blk, ours = f"blk.{i}.", f"model.layers.{i}."
@@ -144,7 +151,11 @@ def rebuild(path, num_key_value_heads: int):
             state[ours + "self_attn.o_proj.weight"] = tensors[blk + "attn_output.weight"]
             continue
         z, xbc_rows, dt = tensors[blk + "ssm_in.weight"].split([heads * hd, 3 * heads * hd, heads])
-        assert not z[d_inner:].any() and not dt[nh:].any() and not tensors[blk + "ssm_out.weight"][:, d_inner:].any()
+        assert (
+            not z[d_inner:].any()
+            and not dt[nh:].any()
+            and not tensors[blk + "ssm_out.weight"][:, d_inner:].any()
+        )
         mixer = ours + "mamba."
         state[mixer + "in_proj.weight"] = torch.cat([z[:d_inner], xbc(xbc_rows), dt[:nh]])
         state[mixer + "conv1d.weight"] = xbc(tensors[blk + "ssm_conv1d.weight"]).unsqueeze(1)
@@ -160,8 +171,8 @@ def rebuild(path, num_key_value_heads: int):
 
 
 def test_f32_gguf_read_back_rebuilds_the_model(tiny, tmp_path):
-    """f32 stores every weight exactly except A, stored as -exp(A_log) (log(exp(a)) moves A_log by an ulp), and
-    the padding is exactly zero; so the rebuilt model's logits differ from ours by at most the reordering bound."""
+    """f32 stores every weight exactly except A, stored as -exp(A_log) (log(exp(a)) moves A_log by an ulp),
+    and the padding is exactly zero; so the rebuilt model's logits stay within the reordering bound."""
     model, _, fields = tiny
     path = write_gguf(model, tmp_path / "m.gguf", "f32", fields)
     rebuilt = rebuild(path, model.config.num_key_value_heads)
@@ -180,8 +191,15 @@ def test_outtypes_store_matrices_in_their_type(tiny, tmp_path):
     for outtype, kind in (("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")):
         reader = gguf.GGUFReader(str(write_gguf(model, tmp_path / f"{outtype}.gguf", outtype, fields)))
         types = {t.name: t.tensor_type.name for t in reader.tensors}
-        assert types["blk.0.ssm_in.weight"] == types["blk.1.attn_q.weight"] == types["token_embd.weight"] == kind
-        assert types["blk.0.ssm_conv1d.weight"] == types["blk.0.ssm_a"] == types["blk.0.attn_norm.weight"] == "F32"
+        assert (
+            types["blk.0.ssm_in.weight"] == types["blk.1.attn_q.weight"] == types["token_embd.weight"] == kind
+        )
+        assert (
+            types["blk.0.ssm_conv1d.weight"]
+            == types["blk.0.ssm_a"]
+            == types["blk.0.attn_norm.weight"]
+            == "F32"
+        )
 
 
 def test_cli_writes_the_file_and_refuses_in_one_line(tiny, tmp_path, capsys, monkeypatch):
@@ -190,13 +208,21 @@ def test_cli_writes_the_file_and_refuses_in_one_line(tiny, tmp_path, capsys, mon
 
     _, folder, _ = tiny
     assert main(["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "a")]) == 2
-    assert "tokenizers, not this llama one" in capsys.readouterr().err  # a byte tokenizer llama.cpp cannot name
+    assert (
+        "tokenizers, not this llama one" in capsys.readouterr().err
+    )  # a byte tokenizer llama.cpp cannot name
     monkeypatch.setitem(module._PRE_TOKENIZERS, ("llama", 262), "gpt-2")
-    assert main(["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "a"), "--outtype", "q4"]) == 2
+    assert (
+        main(["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "a"), "--outtype", "q4"])
+        == 2
+    )
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --outtype 'q4' is not supported; use one of f32, f16, bf16, q8_0"
     ]
-    assert main(["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "a"), "--outtype", "f16"]) == 0
+    assert (
+        main(["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "a"), "--outtype", "f16"])
+        == 0
+    )
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["model-f16.gguf"]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
@@ -213,7 +239,7 @@ def test_cli_writes_the_file_and_refuses_in_one_line(tiny, tmp_path, capsys, mon
 def test_what_llama_cpp_lacks_is_refused_in_one_line(tiny_llama, tmp_path, student, message):
     from distill.init import hybrid_from_teacher
 
-    model = hybrid_from_teacher(tiny_llama, StudentConfig(**student), seed=0)
+    model = hybrid_from_teacher(tiny_llama, StudentConfig(**{**REFERENCE_STUDENT, **student}), seed=0)
     with pytest.raises(UserError, match=message) as err:
         write_gguf(model, tmp_path / "m.gguf", "f32", [])
     assert "\n" not in str(err.value) and "--format native" in str(err.value)
@@ -229,9 +255,9 @@ def _llama_cpp_logprobs(answer, top: int) -> list[list[tuple[int, float]]]:
 
 @needs_llama_cpp
 def test_llama_cpp_runs_the_f32_export_like_transformers(tiny, tmp_path):
-    """Next-token distributions at every position and greedy continuations on 4 prompts, llama.cpp (f32 weights,
-    f32 KV cache) against ours. llama.cpp computes the same sums in another order (and the SSM by its sequential
-    scan, not our chunked one), so each log-probability may differ by twice the reordering bound of the logits;
+    """Next-token distributions at every position and greedy continuations on 4 prompts, llama.cpp (f32
+    weights, f32 KV cache) against ours. llama.cpp computes the same sums in another order (and the SSM by its
+    sequential scan, not our chunked one), so each log-probability may differ by twice the reordering bound;
     greedy picks are compared only where they win by more than that (`clear_greedy`)."""
     model, _, fields = tiny
     path = write_gguf(model, tmp_path / "m.gguf", "f32", fields)
@@ -249,14 +275,14 @@ def test_llama_cpp_runs_the_f32_export_like_transformers(tiny, tmp_path):
             assert top[0][0] == logprobs[position].argmax().item()
             for token, logprob in top:
                 assert abs(logprob - logprobs[position, token].item()) <= bound, (position, token)
-        expected = clear_greedy(model, ids, max_new_tokens=12)[0, len(prompt):].tolist()
+        expected = clear_greedy(model, ids, max_new_tokens=12)[0, len(prompt) :].tolist()
         assert greedy["tokens"] == expected
 
 
 @needs_llama_cpp
 def test_llama_cpp_q8_0_top1_agreement(tiny, tmp_path):
     """q8_0 rounds every matrix to 8 bits per weight, so only a measured rate is meaningful: top-1 agreement
-    with our fp32 model at every position of 8 prompts. This tiny random model (64-wide rows of random weights,
+    with our fp32 model at every position of 8 prompts. This tiny random model (64-wide random rows,
     sharpened q/k) measures 0.965; a mis-laid quantized block would scramble its weights and fall towards
     chance. The 0.98 target is for a real model (the SmolLM2 test below)."""
     model, _, fields = tiny
@@ -285,21 +311,31 @@ def test_llama_cpp_tokenizes_like_the_teacher(tiny, tmp_path):
 @pytest.mark.slow
 def test_builtin_teacher_tokenizer_fields_from_its_gguf_and_its_hf_folder_agree(smollm2):
     """The two tokenizer sources give llama.cpp the same vocabulary, merges, ids and chat template."""
-    from distill.teacher import asset_path, builtin_teacher_dir
+    from distill.assets import asset_path
+    from distill.teacher import builtin_teacher_dir
 
     teacher, _ = smollm2
     from_gguf = {key: value for key, value, *_ in tokenizer_from_gguf(asset_path("smollm2"))}
     cfg = make_hybrid(teacher, sharpen=False, attention_fraction=0.5).config
     from_hf = {key: value for key, value, *_ in tokenizer_from_hf(builtin_teacher_dir(), cfg)}
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+    ):
         assert from_hf[key] == from_gguf[key], key
 
 
 def clear_greedy_prefix(model, ids: torch.Tensor, steps: int) -> list[int]:
     """Our greedy continuation up to its first pick that does not win by twice the reordering bound: any other
     correct computation of the same logits must pick these tokens (past a near tie it may rightly diverge)."""
-    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        ids, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     logits = torch.stack(out.logits)[:, 0].float()
     top2 = logits.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * reordering_bound(model.config, torch.float32, logits.abs().max())
@@ -313,21 +349,26 @@ def test_llama_cpp_runs_a_smollm2_hybrid_like_transformers(smollm2, tmp_path):
     """The real teacher's 50% hybrid (mixers initialised from its attention), f32 and q8_0, on chat prompts:
     f32 greedy continuations equal ours up to the first near tie (at least 24 clear picks over the prompts);
     q8_0 top-1 agreement at every prompt position >= 0.98."""
+    from distill.assets import asset_path
     from distill.init import hybrid_from_teacher
-    from distill.teacher import asset_path
 
     teacher, tokenizer = smollm2
-    model = hybrid_from_teacher(teacher, StudentConfig(mixer="mamba2", attention_fraction=0.5), seed=0).eval()
+    student = StudentConfig(**{**REFERENCE_STUDENT, "mixer": "mamba2", "attention_fraction": 0.5})
+    model = hybrid_from_teacher(teacher, student, seed=0).eval()
     fields = tokenizer_from_gguf(asset_path("smollm2"))
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primes."]
     prompts = [
-        list(tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True
-        )["input_ids"])
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
         for q in questions
     ]
     f32 = write_gguf(model, tmp_path / "f32.gguf", "f32", fields)
-    answers = llama_cpp.run(f32, [{"kind": "greedy", "tokens": p, "steps": 16} for p in prompts], kv_type="F32")
+    answers = llama_cpp.run(
+        f32, [{"kind": "greedy", "tokens": p, "steps": 16} for p in prompts], kv_type="F32"
+    )
     clear_picks = 0
     for prompt, answer in zip(prompts, answers["answers"]):
         expected = clear_greedy_prefix(model, torch.tensor([prompt]), steps=16)

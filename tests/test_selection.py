@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import REFERENCE_INIT, tiny_llama_config
 from test_trainer import random_rows
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
@@ -52,8 +52,9 @@ def context(tmp_path, teacher, fraction=0.25, **selection):
 
     recipe = recipe_from_dict({
         "output_dir": str(tmp_path / "out"), "stages": [{"name": "layerwise", "max_tokens": 10}],
-        "student": {"attention_layers": "auto", "attention_fraction": fraction, "chunk_size": 16},
-        "selection": {"align": {"max_tokens": 4000, "lr": 1e-2, "batch_size": 4, "held_out_rows": 0},
+        "student": {"attention_layers": "auto", "attention_fraction": fraction, "chunk_size": 16, **REFERENCE_INIT},
+        "selection": {"align": {"max_tokens": 4000, "lr": 1e-2, "batch_size": 4, "held_out_rows": 0,
+                                "activations": "online"},
                       "score_rows": 8, "cache_dir": str(tmp_path / "cache"), **selection},
     })
     return StageContext(recipe=recipe, accelerator=make_accelerator(recipe), teacher=teacher, tokenizer=None,
@@ -78,21 +79,21 @@ def test_scoring_keeps_attention_at_a_layer_that_copies_from_far_back(tmp_path):
 
 def test_swap_score_is_the_kl_of_the_teacher_with_that_layer_replaced(tmp_path, tiny_llama):
     """Scores against an independent computation: a hybrid with exactly one Mamba layer, run as a model."""
+    from distill.data import loss_positions, model_inputs
     from distill.init import hybrid_from_teacher
-    from distill.losses import distill_kl, loss_positions
+    from distill.losses import distill_kl
     from distill.recipe import StudentConfig
     from distill.selection import swap_scores
-    from distill.stages.end_to_end import model_inputs
     from distill.trainer import make_accelerator
 
     ctx = context(tmp_path, tiny_llama)
-    full = hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers=[], chunk_size=16), seed=3)
+    full = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_INIT, attention_layers=[], chunk_size=16), seed=3)
     rows = random_rows(6, length=64, seed=4)
     scores = swap_scores(make_accelerator(ctx.recipe), tiny_llama, {i: full.model.layers[i].mamba for i in (1, 3)},
                          rows, batch_size=4)
     batch = rows.with_format("torch")[:]
     for score, layer in zip(scores, (1, 3)):
-        one = hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers=[i for i in range(4) if i != layer],
+        one = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_INIT, attention_layers=[i for i in range(4) if i != layer],
                                                             chunk_size=16))
         one.model.layers[layer].mamba.load_state_dict(full.model.layers[layer].mamba.state_dict())
         with torch.no_grad():
@@ -104,22 +105,22 @@ def test_swap_score_is_the_kl_of_the_teacher_with_that_layer_replaced(tmp_path, 
 
 def test_a_rerun_reuses_the_recorded_choice_and_another_fraction_reuses_the_aligned_mixers(
         tmp_path, tiny_llama, monkeypatch, caplog):
-    from distill import selection
-    from distill.stages import layerwise
+    from distill import alignment, selection
 
-    caplog.set_level(logging.INFO, logger="distill.selection")
+    caplog.set_level(logging.INFO, logger="distill")
     first, _ = selection.prepare_student(context(tmp_path, tiny_llama), None)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("must not run again")
 
-    monkeypatch.setattr(layerwise, "align", forbidden)
+    monkeypatch.setattr(alignment, "align", forbidden)
     monkeypatch.setattr(selection, "swap_scores", forbidden)
     again, student = selection.prepare_student(context(tmp_path, tiny_llama), None)
     assert again.student.attention_layers == first.student.attention_layers
-    assert "reusing the recorded choice" in caplog.text and "reusing the mixers aligned" in caplog.text
+    # the selection stage finished: the runner loads its final weights, and the choice is made again from its scores
+    assert "selection (align every layer) finished earlier" in caplog.text
     # the student's mixers are the aligned ones
-    aligned = selection.load_file(selection.cache_dir(again, tiny_llama) / "mixers.safetensors")
+    aligned = selection.load_file(selection.aligned_dir(again, tiny_llama) / "mixers.safetensors")
     for name, value in student.state_dict().items():
         if ".mamba." in name:
             assert torch.equal(value, aligned[name]), name

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE_STUDENT
 from test_trainer import make_context, make_recipe, random_rows
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
@@ -22,13 +23,14 @@ def tiny_hybrid(teacher, **student):
     from distill.init import hybrid_from_teacher
     from distill.recipe import StudentConfig
 
-    return hybrid_from_teacher(teacher, StudentConfig(**{"attention_fraction": 0.5, "chunk_size": 16, **student}))
+    return hybrid_from_teacher(teacher, StudentConfig(**{**REFERENCE_STUDENT, "attention_fraction": 0.5, "chunk_size": 16, **student}))
 
 
 def run(tmp_path, teacher, student, stage: dict):
     from distill.stages import run_stage
 
-    recipe = make_recipe(tmp_path, {"batch_size": 4, "held_out_rows": 8, "warmup_ratio": 0.1, **stage})
+    online = {"activations": "online"} if stage["name"] == "layerwise" else {}  # the test's own choice otherwise
+    recipe = make_recipe(tmp_path, {"batch_size": 4, "held_out_rows": 8, "warmup_ratio": 0.1, **online, **stage})
     ctx = make_context(recipe, teacher)
     student = run_stage(ctx, 0, recipe.stages[0], student)
     summary = json.loads((tmp_path / f"stage0-{stage['name']}" / "summary.json").read_text())
@@ -36,8 +38,8 @@ def run(tmp_path, teacher, student, stage: dict):
 
 
 def held_out_kl(student, teacher, rows=None) -> float:
-    from distill.losses import distill_kl, loss_positions
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import loss_positions, model_inputs
+    from distill.losses import distill_kl
 
     batch = (rows or random_rows(8, seed=2)).with_format("torch")[:]
     with torch.no_grad():
@@ -54,8 +56,8 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def test_teacher_capture_is_each_layers_attention_input_and_output(tiny_llama):
-    from distill.stages.end_to_end import model_inputs
-    from distill.stages.layerwise import capture_teacher
+    from distill.alignment import capture_teacher
+    from distill.data import model_inputs
 
     batch = random_rows(3, seed=5).with_format("torch")[:]
     accelerator = make_context(make_recipe("/tmp/unused", {"name": "layerwise", "max_tokens": 10}), tiny_llama).accelerator
@@ -94,7 +96,7 @@ def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_ll
 
 
 def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_path, tiny_llama):
-    from distill.stages.layerwise import ActivationCache, LayerwiseObjective, capture_teacher
+    from distill.alignment import ActivationCache, LayerwiseObjective, capture_teacher
 
     recipe = make_recipe(tmp_path, {"name": "layerwise", "max_tokens": 10, "objective": "l2"})
     ctx = make_context(recipe, tiny_llama)
@@ -117,7 +119,7 @@ def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_pat
 
 
 def test_cached_activations_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_llama):
-    from distill.trainer import TrainingError
+    from distill.errors import TrainingError
 
     stage = {"name": "layerwise", "max_tokens": 4000, "activations": "cached", "cache_max_gb": 1e-6}
     with pytest.raises(TrainingError, match=r"^activations: cached needs .* GiB .* raise cache_epochs[^\n]*$"):
@@ -125,22 +127,22 @@ def test_cached_activations_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_
 
 
 def test_cached_layerwise_runs_the_teacher_once_per_row_and_trains_several_epochs(tmp_path, tiny_llama, monkeypatch):
-    from distill.stages import layerwise
+    from distill import alignment
 
     captured = []
-    original = layerwise.capture_teacher
+    original = alignment.capture_teacher
 
     def counting(*args):
         step = original(*args)
         return lambda batch: captured.extend(batch["row"].tolist()) or step(batch)
 
-    monkeypatch.setattr(layerwise, "capture_teacher", counting)
+    monkeypatch.setattr(alignment, "capture_teacher", counting)
     stage = {"name": "layerwise", "max_tokens": 1200, "lr": 1e-2, "activations": "cached", "cache_epochs": 4,
              "held_out_rows": 0}
     _, summary, ctx = run(tmp_path, tiny_llama, tiny_hybrid(tiny_llama), stage)
     # the cached rows hold the first 1200 / 4 tokens of a permutation (rows have at most 32), and the teacher ran
     # once per row although the stage went over them 4 times
-    rows = layerwise.cached_rows(ctx.train, ctx.recipe.stages[0], seed=ctx.recipe.seed)
+    rows = alignment.cached_rows(ctx.train, ctx.recipe.stages[0], seed=ctx.recipe.seed)
     assert 300 <= sum(sum(mask) for mask in rows["attention_mask"]) < 300 + 32
     assert sorted(captured) == list(range(len(rows))) and summary["tokens"] >= 1200
 
@@ -192,7 +194,7 @@ def test_topk_teacher_cache_is_filled_once_and_reused(tmp_path, tiny_llama, monk
     assert done.all()  # 3000 tokens is more than an epoch of the 24 rows
     # the cache holds the teacher's top-8 log-probs at T=2
     batch = ctx.train.with_format("torch")[:2]
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import model_inputs
 
     with torch.no_grad():
         logp = torch.log_softmax(tiny_llama(**model_inputs(batch)).logits / 2.0, -1)
@@ -217,8 +219,8 @@ def test_topk_teacher_cache_is_filled_once_and_reused(tmp_path, tiny_llama, monk
 def test_packed_documents_do_not_see_each_other(tiny_llama):
     """The KL objective on a packed row equals the sum over its documents run alone: both models get the
     block-diagonal mask / reset scan from position_ids (this needs use_cache=False, see model_inputs)."""
-    from distill.losses import distill_kl, loss_positions
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import loss_positions, model_inputs
+    from distill.losses import distill_kl
 
     student = tiny_hybrid(tiny_llama)
     g = torch.Generator().manual_seed(0)
@@ -251,7 +253,7 @@ def test_replacement_schedule():
 
 
 def test_partial_student_is_the_teacher_with_nothing_switched_on_and_the_student_with_everything(tiny_llama):
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import model_inputs
     from distill.stages.stepwise import partial_student
 
     student = tiny_hybrid(tiny_llama)
