@@ -43,7 +43,7 @@ from distill.files import atomic_dir
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("native", "bamba")
+FORMATS = ("native", "bamba", "gguf")
 MIN_TRANSFORMERS_FOR_BAMBA = "5.23"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
@@ -368,10 +368,18 @@ def export(
     push_to_hub: str | None = None,
     max_shard_size: str = "2GB",
     report: str | Path | None = None,
+    outtype: str = "q8_0",
 ) -> Path:
-    """Write `checkpoint_dir` as `fmt` ("native" or "bamba") into `out_dir`; optionally push it. Returns out_dir."""
+    """Write `checkpoint_dir` as `fmt` into `out_dir` (`outtype`: gguf only); optionally push it. Returns out_dir."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        from distill.export_gguf import export_gguf
+
+        out = export_gguf(checkpoint_dir, out_dir, outtype).parent
+        if push_to_hub:
+            logger.info("pushed %s to %s", out, push(out, push_to_hub))
+        return out
     folder, out = Path(checkpoint_dir), Path(out_dir)
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise UserError(f"--out {out} would replace the checkpoint being exported; choose another folder")
@@ -431,7 +439,7 @@ def push(folder: Path, repo_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`distill export CKPT --format native|bamba --out DIR [--push-to-hub REPO_ID]`."""
+    """`distill export CKPT --format native|bamba|gguf --out DIR [--outtype T] [--push-to-hub REPO_ID]`."""
     parser = argparse.ArgumentParser(prog="distill export", description=__doc__.splitlines()[0])
     parser.add_argument(
         "checkpoint", help="a checkpoint folder written by `distill run` (e.g. outputs/run/final)"
@@ -439,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="native", dest="fmt")
     parser.add_argument(
         "--out", required=True, help="folder to write (replaced atomically if it holds a model)"
+    )
+    parser.add_argument(
+        "--outtype", default="q8_0", help="gguf only: f32, f16, bf16 or q8_0 (the weights' type; default q8_0)"
     )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this hub repository")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
@@ -453,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         push_to_hub=args.push_to_hub,
         max_shard_size=args.max_shard_size,
         report=args.report,
+        outtype=args.outtype,
     )
     print(f"wrote {args.fmt} export to {out}")
     return 0

@@ -156,7 +156,7 @@ def run(recipe, recipe_path: str | None = None) -> Path:
         for fmt in recipe.export.formats:  # the hub gets the first format only: one repo holds one model
             push = recipe.export.push_to_hub if fmt == recipe.export.formats[0] else None
             export(layout.final, fmt, layout.export(fmt), push_to_hub=push,
-                   max_shard_size=recipe.export.max_shard_size)
+                   max_shard_size=recipe.export.max_shard_size, outtype=recipe.export.gguf_outtype)
         outputs = [("final checkpoint", layout.final)]
         outputs += [("eval report", layout.eval / "report.md")] if recipe.eval.enabled else []
         outputs += [(f"{fmt} export", layout.export(fmt)) for fmt in recipe.export.formats]

@@ -254,9 +254,10 @@ class EvalConfig(_Section):
 
 
 class ExportConfig(_Section):
-    """Formats written from the final checkpoint (`bamba` needs a Mamba-2 student) and an optional hub push."""
+    """Formats written from the final checkpoint (`bamba`, `gguf`: Mamba-2 students) and an optional hub push."""
 
-    formats: list[Literal["native", "bamba"]] = ["native"]
+    formats: list[Literal["native", "bamba", "gguf"]] = ["native"]
+    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"  # the GGUF's weight type (llama.cpp)
     push_to_hub: str | None = None  # a repo id, e.g. "me/smollm2-hybrid50"; receives the first format
     max_shard_size: str = "2GB"  # largest safetensors file, as save_pretrained reads it
 

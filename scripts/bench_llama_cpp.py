@@ -1,0 +1,168 @@
+"""Speed where CPU users decode: the teacher and its hybrids in a real llama.cpp, side by side.
+
+    python scripts/bench_llama_cpp.py [--contexts 512 2048 8192 16384] [--rounds 3] [--decode 32]
+
+Writes the built-in teacher (SmolLM2-135M-Instruct) and its 50%, 25% and 0% attention Mamba-2 hybrids
+(untrained: speed does not depend on the weights' values) as GGUF with the same exporter in the same outtype
+(q8_0 by default; the teacher as llama.cpp's `llama`, the hybrids as `granitehybrid`), then, batch 1, for
+every context and round, runs each model once in a fresh llama.cpp process (interleaved: round r runs every
+model before round r+1 starts, so a load change on a shared machine hits all of them alike): a prompt of
+`context` tokens (prefill), then `--decode` greedy tokens. Prints the medians over rounds and each hybrid's
+ratio to the teacher, and writes eval/results/llama_cpp_speed.json and eval/results/llama_cpp_speed.png.
+
+Memory: llama.cpp's context state (attention KV cache, f16, sized for the whole context, plus the Mamba conv
+and SSM states) and the process's peak RSS (weights mmapped and touched, compute buffers, node itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distill import llama_cpp
+from distill.assets import asset_path
+from distill.export_gguf import tokenizer_from_gguf, write_gguf
+from distill.init import hybrid_from_teacher
+from distill.recipe import StudentConfig, TeacherConfig
+from distill.teacher import load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"teacher": 1.0, "hybrid 50%": 0.5, "hybrid 25%": 0.25, "hybrid 0%": 0.0}
+
+
+def write_models(folder: Path, outtype: str) -> dict[str, Path]:
+    """Every model of MODELS as a GGUF in `folder` (the teacher as a hybrid with attention in every layer)."""
+    teacher, _ = load_teacher(TeacherConfig(), dtype=torch.float32)
+    fields = tokenizer_from_gguf(asset_path("smollm2"))
+    paths = {}
+    for name, fraction in MODELS.items():
+        student = StudentConfig(
+            mixer="mamba2",
+            attention_layers="uniform",
+            attention_fraction=fraction,
+            norm_init="ones",
+            conv_init="random",
+        )  # no training rows needed
+        model = hybrid_from_teacher(teacher, student, seed=0)
+        paths[name] = write_gguf(
+            model, folder / f"{name.replace(' ', '-').replace('%', '')}.gguf", outtype, fields
+        )
+    return paths
+
+
+def measure(paths: dict[str, Path], contexts: list[int], rounds: int, decode: int, threads: int) -> dict:
+    runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in contexts} for name in paths}
+    for context in contexts:
+        for round_ in range(rounds):
+            for name, path in paths.items():
+                answer = llama_cpp.run(
+                    path,
+                    [{"kind": "speed", "prompt_tokens": context, "decode_tokens": decode}],
+                    threads=threads,
+                    context=context + decode + 8,
+                )
+                timing = answer["answers"][0]
+                run = {
+                    "prefill_tok_s": (context - 1) / timing["prefill_s"],
+                    "decode_tok_s": decode / timing["decode_s"],
+                    "state_mib": answer["state_bytes"] / 2**20,
+                    "peak_rss_mib": answer["rss_bytes"] / 2**20,
+                }
+                runs[name][context].append(run)
+                print(
+                    f"  {context:>6} round {round_} {name:<11} prefill {run['prefill_tok_s']:8.1f} tok/s  "
+                    f"decode {run['decode_tok_s']:6.1f} tok/s  state {run['state_mib']:7.1f} MiB",
+                    flush=True,
+                )
+    return {
+        name: {
+            str(c): {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            for c, rs in by_context.items()
+        }
+        for name, by_context in runs.items()
+    }
+
+
+def table(results: dict, contexts: list[int]) -> str:
+    teacher = results["teacher"]
+    lines = [
+        (
+            "| model | context | prefill tok/s | decode tok/s | decode vs teacher | prefill vs teacher "
+            "| state MiB | peak RSS MiB |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, by_context in results.items():
+        for c in map(str, contexts):
+            r, t = by_context[c], teacher[c]
+            lines.append(
+                f"| {name} | {int(c):,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                f"{r['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
+                f"{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | "
+                f"{r['state_mib']:.1f} | {r['peak_rss_mib']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: dict, contexts: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, by_context in results.items():
+        for ax, key in zip(axes, ("decode_tok_s", "prefill_tok_s", "state_mib")):
+            ax.plot(contexts, [by_context[str(c)][key] for c in contexts], marker="o", label=name)
+    for ax, title in zip(
+        axes, ("decode tokens/s (batch 1)", "prefill tokens/s", "context state MiB (KV + SSM)")
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("SmolLM2-135M and its Mamba-2 hybrids in llama.cpp (q8_0, 1 CPU thread)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode", type=int, default=32, help="greedy tokens decoded after each prompt")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--outtype", default="q8_0")
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "llama_cpp_speed")
+    args = parser.parse_args()
+    reason = llama_cpp.unavailable()
+    if reason is not None:
+        raise SystemExit(f"error: {reason}")
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_models(Path(folder), args.outtype)
+        sizes = {name: path.stat().st_size / 2**20 for name, path in paths.items()}
+        results = measure(paths, args.contexts, args.rounds, args.decode, args.threads)
+    print("\n" + table(results, args.contexts))
+    print("\nGGUF sizes (MiB): " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {key: getattr(args, key) for key in ("contexts", "rounds", "decode", "threads", "outtype")}
+    record = {
+        "settings": settings,
+        "node_llama_cpp": llama_cpp.NODE_LLAMA_CPP_VERSION,
+        "gguf_mib": sizes,
+        "results": results,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(results, args.contexts, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
