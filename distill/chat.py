@@ -22,7 +22,7 @@ from distill.errors import UserError
 
 def check_checkpoint(path: str | Path) -> Path:
     """A model folder with a readable config and undamaged weights (cheap: no weights are loaded)."""
-    from distill.export import _check_safetensors
+    from distill.export import check_safetensors
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -34,7 +34,7 @@ def check_checkpoint(path: str | Path) -> Path:
         raise UserError(
             f"{folder / 'config.json'} is not valid JSON ({err}); copy the checkpoint again"
         ) from None
-    _check_safetensors(folder)
+    check_safetensors(folder)
     return folder
 
 
@@ -42,8 +42,6 @@ def load_model(folder: Path, dtype: str, device: str):
     """A causal LM from a checked folder: our hybrid, or any stock transformers model (a teacher, a Bamba)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    import distill.modeling_hybrid  # noqa: F401  (registers the hybrid with the Auto classes)
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
@@ -53,9 +51,9 @@ def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer: in its folder, its run folder, or the teacher its recipe names."""
     from transformers import AutoTokenizer
 
-    from distill.export import _tokenizer_source
+    from distill.export import tokenizer_source
 
-    source = _tokenizer_source(Path(path))
+    source = tokenizer_source(Path(path))
     if source is None:
         raise UserError(
             f"found no tokenizer in {path}, its run folder or its recipe's teacher; "

@@ -217,7 +217,7 @@ def _check_same_logits(native, converted, tokens: int = 24) -> None:
 # ----------------------------------------------------------------------------- loading a checkpoint
 
 
-def _check_safetensors(folder: Path) -> None:
+def check_safetensors(folder: Path) -> None:
     """Open every safetensors header so a truncated or damaged file fails with its name, not a traceback."""
     from safetensors import SafetensorError, safe_open
 
@@ -252,11 +252,11 @@ def load_hybrid(checkpoint_dir: str | Path):
             f"{folder} holds a {model_type!r} model, not a mamba-distill hybrid; export works on the "
             f"folders `distill run` writes (e.g. outputs/run/final)"
         )
-    _check_safetensors(folder)
+    check_safetensors(folder)
     return HybridForCausalLM.from_pretrained(folder, dtype="auto").eval()
 
 
-def _find_upwards(folder: Path, relative: str, levels: int = 2) -> Path | None:
+def find_upwards(folder: Path, relative: str, levels: int = 2) -> Path | None:
     """`folder/relative`, else the same under its parents (a checkpoint sits inside the run's output_dir)."""
     for parent in [folder, *folder.parents][: levels + 1]:
         if (parent / relative).is_file():
@@ -264,18 +264,18 @@ def _find_upwards(folder: Path, relative: str, levels: int = 2) -> Path | None:
     return None
 
 
-def _tokenizer_source(folder: Path) -> Path | None:
+def tokenizer_source(folder: Path) -> Path | None:
     """Where the tokenizer lives: the checkpoint, the run folder, or the teacher named by the run's recipe."""
     for parent in [folder, *folder.parents][:3]:
         if any((parent / name).is_file() for name in TOKENIZER_FILES):
             return parent
-    recipe = _find_upwards(folder, "recipe.yaml")
+    recipe = find_upwards(folder, "recipe.yaml")
     if recipe is None:
         return None
     from distill.recipe import load_recipe
-    from distill.teacher import _resolve
+    from distill.teacher import resolve_source
 
-    source, _ = _resolve(load_recipe(recipe).teacher)
+    source, _ = resolve_source(load_recipe(recipe).teacher)
     return Path(source) if Path(source).is_dir() else None
 
 
@@ -387,14 +387,14 @@ def export(
     model = load_hybrid(folder)
     if fmt == "bamba":
         bamba_config(model.config)  # refuse before writing anything
-    report_path = Path(report) if report is not None else _find_upwards(folder, "eval/report.json", levels=1)
+    report_path = Path(report) if report is not None else find_upwards(folder, "eval/report.json", levels=1)
     if report_path is not None and not report_path.is_file():
         raise UserError(
             f"--report {report_path} does not exist; pass the report.json that `distill eval` wrote"
         )
-    card = model_card(model, fmt, _find_upwards(folder, "recipe.yaml"), report_path)
-    tokenizer_source = _tokenizer_source(folder)
-    if tokenizer_source is None:
+    card = model_card(model, fmt, find_upwards(folder, "recipe.yaml"), report_path)
+    tokenizer_folder = tokenizer_source(folder)
+    if tokenizer_folder is None:
         raise UserError(
             f"found no tokenizer in {folder}, its run folder or the recipe's teacher; save the tokenizer "
             f"into the checkpoint folder (tokenizer.save_pretrained) and export again"
@@ -407,7 +407,7 @@ def export(
 
             write_bamba(model, tmp, max_shard_size)
             _check_same_logits(model, BambaForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval())
-        copy_tokenizer_and_generation_config(model, tokenizer_source, tmp)
+        copy_tokenizer_and_generation_config(model, tokenizer_folder, tmp)
         (tmp / "README.md").write_text(card)
     if push_to_hub:
         logger.info("pushed %s to %s", out, push(out, push_to_hub))

@@ -435,16 +435,16 @@ def write_gguf(model, path: str | Path, outtype: str, tokenizer_fields: list[tup
 def _tokenizer_fields(model, folder: Path) -> list[tuple]:
     """The teacher's tokenizer: the built-in teacher's own GGUF fields, else its HF tokenizer files."""
     from distill.assets import asset_path
-    from distill.export import _find_upwards, _tokenizer_source
+    from distill.export import find_upwards, tokenizer_source
     from distill.teacher import BUILTIN_TEACHER
 
-    recipe = _find_upwards(folder, "recipe.yaml")
+    recipe = find_upwards(folder, "recipe.yaml")
     if recipe is not None:
         from distill.recipe import load_recipe
 
         if load_recipe(recipe).teacher.source == BUILTIN_TEACHER:
             return tokenizer_from_gguf(asset_path("smollm2"))
-    source = _tokenizer_source(folder)
+    source = tokenizer_source(folder)
     if source is None:
         raise UserError(
             f"found no tokenizer in {folder}, its run folder or the recipe's teacher; save the tokenizer "

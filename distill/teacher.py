@@ -46,7 +46,7 @@ def fetch_assets() -> dict[str, Path]:
     return {"teacher": builtin_teacher_dir(), "sharegpt": asset_path("sharegpt")}
 
 
-def _resolve(cfg: TeacherConfig) -> tuple[str, str | None]:
+def resolve_source(cfg: TeacherConfig) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name inside it or None)."""
     if cfg.source == BUILTIN_TEACHER:
         return str(builtin_teacher_dir()), None
@@ -80,7 +80,7 @@ def teacher_config(cfg: TeacherConfig):
     cross-checks and student shapes); a family the student cannot reproduce is refused here, in one line."""
     from transformers import AutoConfig
 
-    source, gguf_file = _resolve(cfg)
+    source, gguf_file = resolve_source(cfg)
     try:
         config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, revision=cfg.revision)
     except (OSError, ValueError) as err:  # missing, offline, or not a checkpoint: one line says which
@@ -101,7 +101,7 @@ def teacher_num_layers(cfg: TeacherConfig) -> int:
         if (folder / "config.json").is_file():
             return _json_layers(folder)
         return _gguf_layers(asset_path("smollm2"))
-    source, gguf_file = _resolve(cfg)
+    source, gguf_file = resolve_source(cfg)
     if gguf_file is not None and Path(source, gguf_file).is_file():
         return _gguf_layers(Path(source, gguf_file))
     if (Path(source) / "config.json").is_file():
@@ -140,7 +140,7 @@ def _from_pretrained(source: str, gguf_file: str | None, revision: str | None, d
 def load_teacher(cfg: TeacherConfig, dtype) -> tuple:
     """(frozen teacher in eval mode, tokenizer). `dtype` is a torch dtype. Any causal LM loads; the student is
     built only from the families `distill.families.check_teacher_family` accepts."""
-    source, gguf_file = _resolve(cfg)
+    source, gguf_file = resolve_source(cfg)
     try:
         model, tokenizer = _from_pretrained(source, gguf_file, cfg.revision, dtype)
     except (OSError, ValueError) as err:  # missing, offline, or not a checkpoint: one line says which
