@@ -221,3 +221,19 @@ def alignment_loss(
         per_token = per_token / target.pow(2).mean().clamp(min=1e-6)
     total = per_token.sum()
     return total if reduction == "sum" else total / mask.sum().clamp(min=1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[t + 1] | ..t) at each position t, in fp32: (B, L) with the last position 0.
+
+    `logits` are (B, L, V) next-token logits, `tokens` the (B, L) sequence they were computed on."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return F.pad(logp, (0, 1))
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair sigmoid DPO loss (Rafailov et al., 2023) from summed answer log-probs:
+    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))). Computed in fp32."""
+    margin = (policy_chosen.float() - reference_chosen.float()) - (policy_rejected.float() - reference_rejected.float())
+    return -F.logsigmoid(beta * margin)
