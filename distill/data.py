@@ -27,10 +27,29 @@ from distill.recipe import DataConfig, RecipeError
 logger = logging.getLogger(__name__)
 
 BUILTIN_DATA = "sharegpt"
-COLUMNS = ("input_ids", "attention_mask", "position_ids", "labels")
+COLUMNS = ("input_ids", "attention_mask", "position_ids", "labels")  # a row, and a batch of rows (batch format)
+IGNORE_INDEX = -100  # a label that is no training target
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
          "system": "system"}
 _FORMAT_VERSION = 1  # bump when the row layout changes so old caches are not reused
+
+
+# ----------------------------------------------------------------------------- the batch contract
+
+
+def model_inputs(batch: dict) -> dict:
+    """What both models see. No attention_mask: padding is on the right (so causal attention never lets a
+    real token see it), and only without a 2D mask and without a cache does transformers derive the
+    block-diagonal mask from position_ids that keeps packed documents apart (Mamba layers reset their state
+    on the same position_ids). Hence also `use_cache=False`, which training wants anyway."""
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+
+
+def loss_positions(labels):
+    """(B, L) bool tensor: True at position t when labels[t + 1] is a training target (unshifted HF labels)."""
+    mask = labels.new_zeros(labels.shape).bool()
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -193,13 +212,13 @@ def _row(docs: list[tuple[list[int], list[int]]], max_length: int, pad_id: int) 
     for ids, mask in docs:
         input_ids += ids
         position_ids += range(len(ids))
-        labels += [-100] + [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+        labels += [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
     pad = max_length - len(input_ids)
     return {
         "input_ids": input_ids + [pad_id] * pad,
         "attention_mask": [1] * len(input_ids) + [0] * pad,
         "position_ids": position_ids + list(range(pad)),
-        "labels": labels + [-100] * pad,
+        "labels": labels + [IGNORE_INDEX] * pad,
     }
 
 
@@ -300,10 +319,3 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
     except OSError:  # built concurrently by another process
         shutil.rmtree(tmp)
     return datasets.load_from_disk(str(target / "train")), datasets.load_from_disk(str(target / "held_out"))
-
-
-def collate(rows: list[dict]) -> dict:
-    """Stack rows (lists or tensors) into a batch dict of int64 tensors, for `DataLoader(collate_fn=...)`."""
-    import torch
-
-    return {name: torch.stack([torch.as_tensor(row[name], dtype=torch.long) for row in rows]) for name in COLUMNS}

@@ -34,13 +34,6 @@ class TopK(NamedTuple):
     indices: torch.Tensor  # (..., k) int64
 
 
-def loss_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: True at position t when labels[t + 1] is a training target (unshifted HF labels)."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask
-
-
 def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str, beta: float = 0.5):
     """Per-row divergence between two distributions given as log-probs over the same outcomes (last dim).
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.losses import distill_kl, loss_positions
-from distill.stages.end_to_end import model_inputs
+from distill.data import loss_positions, model_inputs
+from distill.losses import distill_kl
 from distill.teacher import cache_dir as assets_cache_dir
 from distill.trainer import batches
 

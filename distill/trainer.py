@@ -39,10 +39,10 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
+from distill.data import COLUMNS
 from distill.errors import UserError
 from distill.recipe import RecipeError
 
-BATCH_COLUMNS = ["input_ids", "attention_mask", "position_ids", "labels"]
 NO_DECAY_NAMES = ("A_log", "dt_bias", "D")
 
 
@@ -80,7 +80,7 @@ class DataPlan:
     """Which dataset rows each global step consumes: a seeded permutation per epoch, cycled as needed."""
 
     def __init__(self, dataset, global_batch: int, seed: int, max_tokens: int):
-        self.dataset = dataset.with_format("torch", columns=BATCH_COLUMNS)
+        self.dataset = dataset.with_format("torch", columns=list(COLUMNS))
         self.global_batch, self.seed = global_batch, seed
         self.row_tokens = np.asarray(dataset.with_format("numpy")["attention_mask"]).sum(axis=1)
         self._epochs: dict[int, np.ndarray] = {}
@@ -108,7 +108,7 @@ class DataPlan:
 def batches(dataset, batch_size: int, device, limit: int | None = None):
     """Held-out rows in order, as batches (every process evaluates all of them; the set is small)."""
     rows = np.arange(len(dataset) if limit is None else min(limit, len(dataset)))
-    plan_ds = dataset.with_format("torch", columns=BATCH_COLUMNS)
+    plan_ds = dataset.with_format("torch", columns=list(COLUMNS))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = {k: v.to(device) for k, v in plan_ds[[int(r) for r in chunk]].items()}

@@ -51,9 +51,10 @@ class AutocastOnly:
 
 
 def run_variant(precision: str, activations: str, teacher_fp32, student_cfg, batch: dict, args) -> dict:
+    from distill.data import loss_positions, model_inputs
     from distill.init import hybrid_from_teacher
-    from distill.losses import distill_kl, loss_positions
-    from distill.stages.end_to_end import model_inputs, set_trainable
+    from distill.losses import distill_kl
+    from distill.stages.end_to_end import set_trainable
     from distill.trainer import param_groups
 
     bf16 = precision == "bf16"

@@ -9,7 +9,6 @@ from distill.data import (
     ParseStats,
     build_datasets,
     check_source,
-    collate,
     iter_json_array,
     to_document,
     tokenize_conversation,
@@ -230,18 +229,6 @@ def test_hub_dataset_name_goes_through_datasets(cache, tiny_tokenizer):
     assert "\n" not in str(err.value)
 
 
-def test_collate_stacks_int64():
-    rows = [{c: [1, 2, 3] for c in COLUMNS}, {c: [4, 5, 6] for c in COLUMNS}]
-    batch = collate(rows)
-    assert set(batch) == set(COLUMNS)
-    assert batch["input_ids"].dtype.is_floating_point is False and batch["labels"].shape == (2, 3)
-    assert batch["labels"].tolist() == [[1, 2, 3], [4, 5, 6]]
-
-
-# ----------------------------------------------------------------------------- the real ShareGPT dump
-
-
-@pytest.mark.slow
 def test_real_sharegpt_file_is_parsed_to_the_cut():
     from distill.teacher import asset_path
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from distill.losses import ALIGNMENT_OBJECTIVES, KINDS, TopK, alignment_loss, distill_kl, loss_positions
+from distill.data import loss_positions
+from distill.losses import ALIGNMENT_OBJECTIVES, KINDS, TopK, alignment_loss, distill_kl
 
 B, L, H, V = 2, 7, 8, 11
 

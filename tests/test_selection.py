@@ -78,11 +78,11 @@ def test_scoring_keeps_attention_at_a_layer_that_copies_from_far_back(tmp_path):
 
 def test_swap_score_is_the_kl_of_the_teacher_with_that_layer_replaced(tmp_path, tiny_llama):
     """Scores against an independent computation: a hybrid with exactly one Mamba layer, run as a model."""
+    from distill.data import loss_positions, model_inputs
     from distill.init import hybrid_from_teacher
-    from distill.losses import distill_kl, loss_positions
+    from distill.losses import distill_kl
     from distill.recipe import StudentConfig
     from distill.selection import swap_scores
-    from distill.stages.end_to_end import model_inputs
     from distill.trainer import make_accelerator
 
     ctx = context(tmp_path, tiny_llama)

@@ -36,8 +36,8 @@ def run(tmp_path, teacher, student, stage: dict):
 
 
 def held_out_kl(student, teacher, rows=None) -> float:
-    from distill.losses import distill_kl, loss_positions
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import loss_positions, model_inputs
+    from distill.losses import distill_kl
 
     batch = (rows or random_rows(8, seed=2)).with_format("torch")[:]
     with torch.no_grad():
@@ -54,7 +54,7 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def test_teacher_capture_is_each_layers_attention_input_and_output(tiny_llama):
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import model_inputs
     from distill.stages.layerwise import capture_teacher
 
     batch = random_rows(3, seed=5).with_format("torch")[:]
@@ -192,7 +192,7 @@ def test_topk_teacher_cache_is_filled_once_and_reused(tmp_path, tiny_llama, monk
     assert done.all()  # 3000 tokens is more than an epoch of the 24 rows
     # the cache holds the teacher's top-8 log-probs at T=2
     batch = ctx.train.with_format("torch")[:2]
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import model_inputs
 
     with torch.no_grad():
         logp = torch.log_softmax(tiny_llama(**model_inputs(batch)).logits / 2.0, -1)
@@ -217,8 +217,8 @@ def test_topk_teacher_cache_is_filled_once_and_reused(tmp_path, tiny_llama, monk
 def test_packed_documents_do_not_see_each_other(tiny_llama):
     """The KL objective on a packed row equals the sum over its documents run alone: both models get the
     block-diagonal mask / reset scan from position_ids (this needs use_cache=False, see model_inputs)."""
-    from distill.losses import distill_kl, loss_positions
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import loss_positions, model_inputs
+    from distill.losses import distill_kl
 
     student = tiny_hybrid(tiny_llama)
     g = torch.Generator().manual_seed(0)
@@ -251,7 +251,7 @@ def test_replacement_schedule():
 
 
 def test_partial_student_is_the_teacher_with_nothing_switched_on_and_the_student_with_everything(tiny_llama):
-    from distill.stages.end_to_end import model_inputs
+    from distill.data import model_inputs
     from distill.stages.stepwise import partial_student
 
     student = tiny_hybrid(tiny_llama)

@@ -18,16 +18,9 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from distill.losses import TopK, distill_kl, loss_positions
+from distill.data import loss_positions, model_inputs
+from distill.losses import TopK, distill_kl
 from distill.trainer import TrainingError, evaluate, finish, load_final, stage_finished, train
-
-
-def model_inputs(batch: dict) -> dict:
-    """What both models see. No attention_mask: padding is on the right (so causal attention never lets a
-    real token see it), and only without a 2D mask and without a cache does transformers derive the
-    block-diagonal mask from position_ids that keeps packed documents apart (Mamba layers reset their state
-    on the same position_ids). Hence also `use_cache=False`, which training wants anyway."""
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
 
 
 def is_mixer_param(name: str) -> bool:

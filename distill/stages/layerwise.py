@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.data import model_inputs
 from distill.losses import alignment_loss
-from distill.stages.end_to_end import model_inputs, set_trainable
+from distill.stages.end_to_end import set_trainable
 from distill.trainer import TrainingError, evaluate, finish, load_final, stage_finished, train
 
 logger = logging.getLogger(__name__)
