@@ -9,6 +9,7 @@ per step, drawing from a `torch.Generator` so a run that reseeds it from its ste
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ def exchanges(dataset, max_prompt_tokens: int) -> list[Exchange]:
                                             columns["labels"]):
         real = int(mask.sum())
         starts = [int(s) for s in np.flatnonzero(positions[:real] == 0)] + [real]
-        for start, end in zip(starts[:-1], starts[1:]):
+        for start, end in itertools.pairwise(starts):
             targets = np.flatnonzero(labels[start:end] != -100)
             if not len(targets) or targets[0] == 0 or targets[0] > max_prompt_tokens:
                 continue

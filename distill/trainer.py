@@ -79,10 +79,12 @@ def make_accelerator(recipe) -> Accelerator:
 class DataPlan:
     """Which dataset rows each global step consumes: a seeded permutation per epoch, cycled as needed."""
 
-    def __init__(self, dataset, global_batch: int, seed: int, max_tokens: int):
+    def __init__(self, dataset, global_batch: int, seed: int, max_tokens: int, row_tokens=None):
         self.dataset = dataset.with_format("torch", columns=list(COLUMNS))
         self.global_batch, self.seed = global_batch, seed
-        self.row_tokens = np.asarray(dataset.with_format("numpy")["attention_mask"]).sum(axis=1)
+        if row_tokens is None:
+            row_tokens = np.asarray(dataset.with_format("numpy")["attention_mask"]).sum(axis=1)
+        self.row_tokens = np.asarray(row_tokens)
         self._epochs: dict[int, np.ndarray] = {}
         self.step_tokens: list[int] = []
         while sum(self.step_tokens) < max_tokens:
@@ -99,9 +101,11 @@ class DataPlan:
         positions = range(step * self.global_batch, (step + 1) * self.global_batch)
         return np.array([self._perm(p // n)[p % n] for p in positions])
 
-    def batch(self, rows, device) -> dict:
+    def batch(self, rows, device, step: int) -> dict:
+        """The rows as tensors, plus each one's row index and the global step (per row, so batches slice)."""
         batch = {k: v.to(device) for k, v in self.dataset[[int(r) for r in rows]].items()}
         batch["row"] = torch.as_tensor(rows, device=device)
+        batch["step"] = torch.full_like(batch["row"], step)
         return batch
 
 
@@ -231,11 +235,15 @@ def train(
     max_tokens: int | None = None,
     seed: int = 0,
     label: str = "",
+    dataset=None,
+    row_tokens=None,
 ) -> dict:
-    """Train `objective`'s trainable parameters on `ctx.train` for `cfg` and return a summary dict.
+    """Train `objective`'s trainable parameters on `dataset` (default `ctx.train`) for `cfg`; returns a summary.
 
     The objective must define `loss_tokens(batch) -> int tensor` (how many tokens its summed loss covers)
-    and `forward(batch, teacher_out) -> {"loss": summed loss, other summed metrics}`.
+    and `forward(batch, teacher_out) -> {"loss": summed loss, other summed metrics}`. `row_tokens` (one number
+    per row) is what the budget counts, by default each row's real tokens. Every micro-batch carries its
+    global `step` (an int), e.g. to seed what a stage samples.
     """
     accelerator = ctx.accelerator
     accelerator.free_memory()
@@ -244,7 +252,8 @@ def train(
     stage_dir.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     max_tokens = max_tokens or cfg.max_tokens
-    plan = DataPlan(ctx.train, cfg.batch_size * cfg.grad_accum * world, seed, max_tokens)
+    plan = DataPlan(ctx.train if dataset is None else dataset, cfg.batch_size * cfg.grad_accum * world, seed,
+                    max_tokens, row_tokens)
     total_steps = len(plan.step_tokens)
 
     groups = param_groups(objective, cfg.weight_decay, cfg.lr, getattr(cfg, "mixer_lr", None))
@@ -285,7 +294,7 @@ def train(
     model.train()
     for step in range(state["step"], total_steps):
         rows = plan.rows(step).reshape(cfg.grad_accum, world, cfg.batch_size)[:, rank]
-        micro = [plan.batch(r, accelerator.device) for r in rows]
+        micro = [plan.batch(r, accelerator.device, step) for r in rows]
         counts = torch.stack([unwrapped.loss_tokens(b) for b in micro]).sum().to(accelerator.device)
         n_global = accelerator.reduce(counts.float(), "sum").clamp(min=1)
         sums: dict[str, torch.Tensor] = {}

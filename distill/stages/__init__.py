@@ -30,3 +30,17 @@ class StageContext:
 def run_stage(ctx: StageContext, index: int, cfg, student):
     """Run one stage of the recipe and return the trained student."""
     return importlib.import_module(f"distill.stages.{cfg.name}").run(ctx, index, cfg, student)
+
+
+def run_trained(train, ctx: StageContext, index: int, cfg, student):
+    """Run a stage written as `train(ctx, cfg, student, stage_dir, seed=, label=) -> (student, summary)`:
+    reload it when an earlier run finished it, else train it and save its weights and summary."""
+    from distill.trainer import finish, load_final, stage_finished
+
+    stage_dir = Path(ctx.output_dir) / f"stage{index}-{cfg.name}"
+    if stage_finished(stage_dir):
+        return load_final(student, stage_dir)
+    student, summary = train(ctx, cfg, student, stage_dir, seed=ctx.recipe.seed + index,
+                             label=f"stage {index} ({cfg.name})")
+    finish(ctx.accelerator, stage_dir, student, {"name": cfg.name, "index": index, **summary})
+    return student
