@@ -45,16 +45,17 @@ def _records(source: str, split: str):
 
 
 def _answer(tokenizer, prompt, answer) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids); an empty answer gives no ids."""
     if isinstance(prompt, list):  # conversational
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
         if not full.startswith(head):
             raise UserError("pairs: the chat template does not extend the prompt with the answer; use standard "
                             "(string) prompt/chosen/rejected columns")
-        encode = tokenizer(head, add_special_tokens=False)["input_ids"]
-        return encode, tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        return ids, tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"] if answer else []
     ids = tokenizer(prompt)["input_ids"]
-    return ids, tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids, tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if answer else []
 
 
 def load_pairs(source: str, split: str, tokenizer, max_pairs: int | None) -> list[Pair]:

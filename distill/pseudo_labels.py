@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def teacher_identity(teacher) -> list:
     """What distinguishes one teacher's answers from another's: its config and a checksum of its head."""
-    return [teacher.config.to_json_string(use_diff=False), float(teacher.lm_head.weight.double().sum())]
+    return [teacher.config.to_json_string(use_diff=False), float(teacher.lm_head.weight.detach().double().sum())]
 
 
 def teacher_answers(teacher, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
