@@ -257,7 +257,7 @@ def test_on_policy_lmbda_zero_trains_on_the_data_answers_only(tmp_path, cache, m
     from distill.stages import on_policy
 
     monkeypatch.setattr(on_policy, "sample", lambda *a, **k: pytest.fail("sampled with lmbda 0"))
-    _, summary = run_stage_on_tiny(tmp_path, {**ON_POLICY, "lmbda": 0.0, "held_out_rows": 0})
+    run_stage_on_tiny(tmp_path, {**ON_POLICY, "lmbda": 0.0, "held_out_rows": 0})
     log = [json.loads(line) for line in (tmp_path / "stage0-on_policy" / "metrics.jsonl").read_text().splitlines()]
     assert {row["sampled"] for row in log} == {0.0}
 
@@ -272,7 +272,7 @@ def test_sft_fits_the_training_answers(tmp_path, cache):
 
 
 def test_dpo_teacher_vs_student_raises_the_reward_margin(tmp_path, cache):
-    student, summary = run_stage_on_tiny(tmp_path, DPO)
+    _, summary = run_stage_on_tiny(tmp_path, DPO)
     log = [json.loads(line) for line in (tmp_path / "stage0-dpo" / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the first step
     assert log[-1]["accuracy"] > 0.8 and log[-1]["reward_margin"] > 0.5, log[-1]
