@@ -271,6 +271,11 @@ class EvalConfig(_Section):
     enabled: bool = True
     max_sequences: int = Field(default=64, ge=1)  # held-out rows scored
     batch_size: int = Field(default=4, ge=1)  # held-out rows per forward
+    # generations on held-out prompts: teacher-scored NLL of the student's answers vs the teacher's own (0: skip)
+    generation_prompts: int = Field(default=24, ge=0)
+    generation_max_new_tokens: int = Field(default=64, ge=1)
+    generation_temperature: float = Field(default=1.0, gt=0)  # the sampled answers' (greedy ones are judged too)
+    generation_examples: int = Field(default=3, ge=0)  # side-by-side answers in report.md
     lm_eval_tasks: list[str] = []  # shipped (sharegpt_ppl, sharegpt_next_sentence) or standard task names
     lm_eval_limit: int | None = Field(default=None, ge=1)
     speed: bool = False

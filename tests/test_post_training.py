@@ -287,6 +287,35 @@ def test_dpo_on_a_pairs_file_with_the_teacher_as_reference(tmp_path, cache):
     assert summary["pairs"] == 8 and summary["reference"] == "teacher"
 
 
+# ----------------------------------------------------------------------------- judging generations
+
+
+def test_generation_judge_scores_the_teacher_against_itself_as_one():
+    from test_trainer import random_rows
+    from transformers import LlamaForCausalLM
+
+    from distill.eval.generations import judge_generations
+    from distill.eval.report import to_markdown
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(tiny_llama_config(vocab_size=258)).eval()
+    tok = make_tiny_tokenizer()
+    held_out = random_rows(6, vocab=258, seed=2)
+    same = judge_generations(teacher, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, examples=2)
+    assert same["prompts"] == 5 and same["greedy"]["perplexity_ratio"] == 1.0
+    assert same["sampled"]["perplexity_ratio"] == 1.0  # the same seeds: the same samples
+    assert same["greedy"]["shared_prefix"] == same["greedy"]["teacher_answer_length"]
+    student = tiny_student(teacher)
+    other = judge_generations(student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2)
+    assert other["greedy"]["perplexity_ratio"] > 1.0  # each greedy teacher token is its likeliest there; a random student's are not
+    assert other["greedy"]["shared_prefix"] < same["greedy"]["shared_prefix"]
+    report = {"teacher": {"perplexity": 2.0}, "student": {"perplexity": 2.1, "kl_to_teacher": 0.1,
+                                                          "top1_agreement": 0.9}, "generations": same}
+    text = to_markdown(report)
+    assert "generation perplexity ratio (greedy, teacher-scored) | 1 | 1 |" in text
+    assert text.count("**Student**") == 2
+
+
 # ----------------------------------------------------------------------------- kill and resume
 
 
