@@ -15,13 +15,13 @@ import itertools
 import json
 import logging
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.assets import asset_path, cache_root
+from distill.files import atomic_dir
 from distill.recipe import DataConfig, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,6 @@ def check_source(cfg: DataConfig) -> None:
 def _read_records(cfg: DataConfig, stats: ParseStats) -> Iterator[dict]:
     check_source(cfg)
     if cfg.source == BUILTIN_DATA:
-        from distill.teacher import asset_path
-
         yield from iter_json_array(asset_path("sharegpt"), stats)
         return
     path = Path(cfg.source).expanduser()
@@ -300,22 +298,15 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
     """(train, held_out) `datasets.Dataset`s of rows in the batch format, built once and then cached."""
     import datasets
 
-    from distill.teacher import cache_dir
-
-    target = cache_dir() / "datasets" / _cache_key(cfg, tokenizer, seed)
+    target = cache_root() / "datasets" / _cache_key(cfg, tokenizer, seed)
     if (target / "held_out").is_dir():
         logger.info("data: reusing cached rows in %s", target)
         return datasets.load_from_disk(str(target / "train")), datasets.load_from_disk(str(target / "held_out"))
     train, held_out, stats = _build(cfg, tokenizer, seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=target.parent))
-    train.save_to_disk(str(tmp / "train"))
-    held_out.save_to_disk(str(tmp / "held_out"))
-    (tmp / "stats.json").write_text(json.dumps({"records": stats.records, "bytes_dropped": stats.bytes_dropped,
-                                                "skipped_roles": stats.skipped_roles,
-                                                "conversations_dropped": stats.conversations_dropped}))
-    try:
-        tmp.rename(target)
-    except OSError:  # built concurrently by another process
-        shutil.rmtree(tmp)
+    with atomic_dir(target, replace=False) as tmp:  # another process may build it concurrently
+        train.save_to_disk(str(tmp / "train"))
+        held_out.save_to_disk(str(tmp / "held_out"))
+        (tmp / "stats.json").write_text(json.dumps({
+            "records": stats.records, "bytes_dropped": stats.bytes_dropped, "skipped_roles": stats.skipped_roles,
+            "conversations_dropped": stats.conversations_dropped}))
     return datasets.load_from_disk(str(target / "train")), datasets.load_from_disk(str(target / "held_out"))

@@ -133,6 +133,11 @@ FAMILIES = {  # keys: configuration_hybrid.TEACHER_MODEL_TYPES
 }
 
 
+def is_mixer_param(name: str) -> bool:
+    """Whether a parameter or state-dict name belongs to a Mamba mixer (a decoder layer's `mamba`)."""
+    return ".mamba." in f".{name}"
+
+
 def repeat_heads(x: torch.Tensor, groups: int, repeats: int) -> torch.Tensor:
     """(..., groups * d) -> (..., groups * repeats * d), each group repeated in place (GQA's repeat_kv)."""
     if repeats == 1:

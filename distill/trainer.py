@@ -30,7 +30,9 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,14 +42,13 @@ from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from distill.data import COLUMNS
-from distill.errors import UserError
+from distill.errors import TrainingError
+from distill.files import move_into_place, write_text
+from distill.layout import checkpoints_dir
+from distill.modeling_hybrid import is_mixer_param
 from distill.recipe import RecipeError
 
 NO_DECAY_NAMES = ("A_log", "dt_bias", "D")
-
-
-class TrainingError(UserError):
-    """Training cannot go on (e.g. the loss diverged); the message is one line naming the cause and the fix."""
 
 
 def make_accelerator(recipe) -> Accelerator:
@@ -82,7 +83,7 @@ class DataPlan:
     def __init__(self, dataset, global_batch: int, seed: int, max_tokens: int, row_tokens=None):
         self.dataset = dataset.with_format("torch", columns=list(COLUMNS))
         self.global_batch, self.seed = global_batch, seed
-        if row_tokens is None:
+        if row_tokens is None:  # what the budget counts per row: its real tokens unless the stage says otherwise
             row_tokens = np.asarray(dataset.with_format("numpy")["attention_mask"]).sum(axis=1)
         self.row_tokens = np.asarray(row_tokens)
         self._epochs: dict[int, np.ndarray] = {}
@@ -120,7 +121,15 @@ def batches(dataset, batch_size: int, device, limit: int | None = None):
         yield batch
 
 
-# ----------------------------------------------------------------------------- optimizer
+# ----------------------------------------------------------------------------- what trains
+
+
+def set_trainable(student, trainable: str) -> None:
+    """`mixers`: only the Mamba mixers; `all`: every parameter. (LoRA is layered on top by `distill.kl.with_lora`.)"""
+    for name, param in student.named_parameters():
+        param.requires_grad_(trainable == "all" or is_mixer_param(name))
+    if not any(p.requires_grad for p in student.parameters()):
+        raise TrainingError("trainable = 'mixers' but the student has no Mamba layers; use trainable: all")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, mixer_lr: float | None = None) -> list[dict]:
@@ -131,7 +140,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, mixer_l
         if not param.requires_grad:
             continue
         no_decay = param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES or "norm" in name
-        groups.setdefault((mixer_lr is not None and ".mamba." in f".{name}", no_decay), []).append(param)
+        groups.setdefault((mixer_lr is not None and is_mixer_param(name), no_decay), []).append(param)
     if not groups:
         raise TrainingError("no trainable parameters: the stage froze everything; check its `trainable` setting")
     return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": mixer_lr if mixer else lr}
@@ -157,14 +166,13 @@ def save_checkpoint(accelerator, root: Path, state: dict, scheduler, keep: int) 
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        move_into_place(tmp, final)
         for old in _checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
+def load_training_state(accelerator, path: Path, scheduler) -> dict:
     accelerator.load_state(str(path))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
@@ -184,7 +192,7 @@ class MetricsLog:
             # after a resume, drop what was logged past the checkpoint so each step appears once
             old = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
             self.rows = [row for row in old if row["step"] <= resume_step]
-            self.jsonl.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+            write_text(self.jsonl, "".join(json.dumps(row) + "\n" for row in self.rows))
 
     def log(self, row: dict) -> None:
         if self.accelerator.is_main_process:
@@ -207,7 +215,7 @@ def _to_float(value) -> float:
 
 
 @torch.no_grad()
-def evaluate(accelerator, objective, teacher_step, dataset, cfg, limit: int) -> dict:
+def held_out_losses(accelerator, objective, teacher_step, dataset, cfg, limit: int) -> dict:
     """Per-token held-out losses of the objective (every key it returns), on the first `limit` rows."""
     model = accelerator.unwrap_model(objective)
     was_training = model.training
@@ -225,37 +233,32 @@ def evaluate(accelerator, objective, teacher_step, dataset, cfg, limit: int) -> 
     return {key: value / max(count, 1) for key, value in totals.items()}
 
 
-def train(
-    ctx,
-    stage_dir: Path,
-    cfg,
-    objective: torch.nn.Module,
-    *,
-    teacher_step: Callable[[dict], dict] | None = None,
-    max_tokens: int | None = None,
-    seed: int = 0,
-    label: str = "",
-    dataset=None,
-    row_tokens=None,
-) -> dict:
-    """Train `objective`'s trainable parameters on `dataset` (default `ctx.train`) for `cfg`; returns a summary.
+@dataclass
+class Loop:
+    """What `setup` builds for one training run of a stage."""
 
-    The objective must define `loss_tokens(batch) -> int tensor` (how many tokens its summed loss covers)
-    and `forward(batch, teacher_out) -> {"loss": summed loss, other summed metrics}`. `row_tokens` (one number
-    per row) is what the budget counts, by default each row's real tokens. Every micro-batch carries its
-    global `step` (an int), e.g. to seed what a stage samples.
-    """
+    accelerator: Any
+    cfg: Any
+    model: Any  # the objective, prepared by accelerate
+    optimizer: Any
+    scheduler: Any
+    plan: DataPlan
+    checkpoints: Path
+    params: list  # the trainable parameters (for clipping)
+    loss_scale: int  # DeepSpeed divides by grad_accum itself
+    label: str
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan.step_tokens)
+
+
+def setup(ctx, stage_dir: Path, cfg, objective, max_tokens: int, row_tokens=None) -> Loop:
+    """The data plan, optimizer, LR schedule and accelerate wrapping for training `objective` on `ctx.train`."""
     accelerator = ctx.accelerator
-    accelerator.free_memory()
-    stage_dir = Path(stage_dir)
-    ckpt_root = stage_dir / "checkpoints"
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    max_tokens = max_tokens or cfg.max_tokens
-    plan = DataPlan(ctx.train if dataset is None else dataset, cfg.batch_size * cfg.grad_accum * world, seed,
-                    max_tokens, row_tokens)
+    world = accelerator.num_processes
+    plan = DataPlan(ctx.train, cfg.batch_size * cfg.grad_accum * world, ctx.seed, max_tokens, row_tokens)
     total_steps = len(plan.step_tokens)
-
     groups = param_groups(objective, cfg.weight_decay, cfg.lr, getattr(cfg, "mixer_lr", None))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     # Not passed through accelerator.prepare: its wrapper would step the schedule once per process.
@@ -266,130 +269,126 @@ def train(
     if deepspeed:  # DeepSpeed accumulates itself: it steps at every grad_accum-th backward, dividing by it
         accelerator.gradient_accumulation_steps = cfg.grad_accum
     model, optimizer = accelerator.prepare(objective, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_scale = cfg.grad_accum if deepspeed else 1
+    return Loop(accelerator, cfg, model, optimizer, scheduler, plan, checkpoints_dir(stage_dir),
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_accum if deepspeed else 1, ctx.label)
 
+
+def resume(loop: Loop) -> dict:
+    """The training state to start from: the newest checkpoint's (`resume: auto`) or a fresh one."""
+    accelerator, root = loop.accelerator, loop.checkpoints
     state = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "losses": []}
-    newest = _checkpoints(ckpt_root)[-1:] if cfg.resume == "auto" else []
+    newest = _checkpoints(root)[-1:] if loop.cfg.resume == "auto" else []
     if newest:
-        state = load_checkpoint(accelerator, newest[0], scheduler)
-        accelerator.print(f"{label}: resuming from {newest[0]} (step {state['step']}/{total_steps})")
+        state = load_training_state(accelerator, newest[0], loop.scheduler)
+        accelerator.print(f"{loop.label}: resuming from {newest[0]} (step {state['step']}/{loop.total_steps})")
     elif accelerator.is_main_process:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     if accelerator.is_main_process:  # checkpoints a kill interrupted while they were being written
-        for partial in ckpt_root.glob(".tmp-*"):
+        for partial in root.glob(".tmp-*"):
             shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return state
 
+
+def step(loop: Loop, step_index: int, teacher_step) -> tuple[dict, Any]:
+    """One optimizer step: forward and backward over this process's micro-batches, normalised by the global
+    number of loss tokens, then clip and step. Returns the step's per-token metrics and the gradient norm."""
+    accelerator, cfg, model = loop.accelerator, loop.cfg, loop.model
+    world, rank = accelerator.num_processes, accelerator.process_index
+    unwrapped = accelerator.unwrap_model(model)
+    rows = loop.plan.rows(step_index).reshape(cfg.grad_accum, world, cfg.batch_size)[:, rank]
+    micro = [loop.plan.batch(r, accelerator.device, step_index) for r in rows]
+    counts = torch.stack([unwrapped.loss_tokens(b) for b in micro]).sum().to(accelerator.device)
+    n_global = accelerator.reduce(counts.float(), "sum").clamp(min=1)
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro):
+        teacher_out = teacher_step(batch) if teacher_step else {}
+        sync = i == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            out = model(batch, teacher_out)
+            accelerator.backward(out["loss"] * (world * loop.loss_scale) / n_global)
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+    metrics = {k: accelerator.reduce(v, "sum") / n_global for k, v in sums.items()}
+    grad_norm = accelerator.clip_grad_norm_(loop.params, cfg.grad_clip or float("inf"))
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+        kept = _checkpoints(loop.checkpoints)
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+        raise TrainingError(
+            f"{loop.label}: the loss became {loss} (grad norm {float(grad_norm) if grad_norm is not None else 'n/a'})"
+            f" at step {step_index + 1}/{loop.total_steps}; {where}; lower the stage's lr or set grad_clip, then rerun"
+        )
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return metrics, grad_norm
+
+
+def train(
+    ctx,
+    stage_dir: Path,
+    cfg,
+    objective: torch.nn.Module,
+    *,
+    teacher_step: Callable[[dict], dict] | None = None,
+    max_tokens: int | None = None,
+    row_tokens=None,
+) -> dict:
+    """Train `objective`'s trainable parameters on `ctx.train` for `cfg` and return a summary dict.
+
+    The objective must define `loss_tokens(batch) -> int tensor` (how many tokens its summed loss covers)
+    and `forward(batch, teacher_out) -> {"loss": summed loss, other summed metrics}`. `ctx.seed` orders the
+    rows and `ctx.label` names the run in the progress bar. `row_tokens` (one number per row) is what the
+    budget counts, by default each row's real tokens. Every micro-batch carries its global `step` (one per
+    row), e.g. to seed what a stage samples.
+    """
+    accelerator = ctx.accelerator
+    accelerator.free_memory()
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    loop = setup(ctx, stage_dir, cfg, objective, max_tokens or cfg.max_tokens, row_tokens)
+    state = resume(loop)
     root = Path(ctx.output_dir)
     prefix = stage_dir.relative_to(root).as_posix() if stage_dir.is_relative_to(root) else stage_dir.name
     log = MetricsLog(accelerator, stage_dir, prefix, state["step"])
-    every = cfg.checkpoint_every_tokens
+    step_tokens, every = loop.plan.step_tokens, cfg.checkpoint_every_tokens
     bar = tqdm(
-        total=sum(plan.step_tokens), initial=state["tokens"], unit="tok", unit_scale=True, desc=label,
+        total=sum(step_tokens), initial=state["tokens"], unit="tok", unit_scale=True, desc=loop.label,
         disable=not accelerator.is_local_main_process, dynamic_ncols=True,
     )
     start_time, start_tokens = time.perf_counter(), state["tokens"]
-    model.train()
-    for step in range(state["step"], total_steps):
-        rows = plan.rows(step).reshape(cfg.grad_accum, world, cfg.batch_size)[:, rank]
-        micro = [plan.batch(r, accelerator.device, step) for r in rows]
-        counts = torch.stack([unwrapped.loss_tokens(b) for b in micro]).sum().to(accelerator.device)
-        n_global = accelerator.reduce(counts.float(), "sum").clamp(min=1)
-        sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(micro):
-            teacher_out = teacher_step(batch) if teacher_step else {}
-            sync = i == len(micro) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                out = model(batch, teacher_out)
-                accelerator.backward(out["loss"] * (world * loss_scale) / n_global)
-            for key, value in out.items():
-                sums[key] = sums.get(key, 0) + value.detach().float()
-        metrics = {k: accelerator.reduce(v, "sum") / n_global for k, v in sums.items()}
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
-            kept = _checkpoints(ckpt_root)
-            where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+    loop.model.train()
+    for index in range(state["step"], loop.total_steps):
+        try:
+            metrics, grad_norm = step(loop, index, teacher_step)
+        except TrainingError:
             bar.close()
-            raise TrainingError(
-                f"{label}: the loss became {loss} (grad norm {float(grad_norm) if grad_norm is not None else 'n/a'})"
-                f" at step {step + 1}/{total_steps}; {where}; lower the stage's lr or set grad_clip, then rerun"
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        state["step"], state["tokens"] = step + 1, state["tokens"] + plan.step_tokens[step]
+            raise
+        loss = float(metrics["loss"])
+        state["step"], state["tokens"] = index + 1, state["tokens"] + step_tokens[index]
         state["losses"] = (state["losses"] + [loss])[-20:]
-        elapsed = time.perf_counter() - start_time
-        speed = (state["tokens"] - start_tokens) / max(elapsed, 1e-9)
-        bar.update(plan.step_tokens[step])
+        speed = (state["tokens"] - start_tokens) / max(time.perf_counter() - start_time, 1e-9)
+        bar.update(step_tokens[index])
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}", refresh=False)
-        if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
-            row = {"step": state["step"], "tokens": state["tokens"], "lr": scheduler.get_last_lr()[0]}
+        if state["step"] % cfg.log_every_steps == 0 or state["step"] == loop.total_steps:
+            row = {"step": state["step"], "tokens": state["tokens"], "lr": loop.scheduler.get_last_lr()[0]}
             row.update({k: float(v) for k, v in metrics.items()})
             row.update(grad_norm=float(grad_norm) if grad_norm is not None else None, tokens_per_s=speed)
             log.log(row)
-        crossed = every and state["tokens"] // every > (state["tokens"] - plan.step_tokens[step]) // every
-        if crossed and state["step"] < total_steps:
+        crossed = every and state["tokens"] // every > (state["tokens"] - step_tokens[index]) // every
+        if crossed and state["step"] < loop.total_steps:
             state["wall_time_s"] += time.perf_counter() - start_time
             start_time, start_tokens = time.perf_counter(), state["tokens"]
-            save_checkpoint(accelerator, ckpt_root, state, scheduler, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, loop.checkpoints, state, loop.scheduler, cfg.keep_checkpoints)
     bar.close()
     state["wall_time_s"] += time.perf_counter() - start_time
     accelerator.wait_for_everyone()
-    summary = {
+    accelerator.free_memory()
+    return {
         "tokens": state["tokens"],
         "steps": state["step"],
         "wall_time_s": round(state["wall_time_s"], 2),
         "final_loss": float(np.mean(state["losses"][-max(1, min(5, len(state["losses"]))) :])),
         "last_step_loss": state["losses"][-1],
     }
-    accelerator.free_memory()
-    return summary
-
-
-# ----------------------------------------------------------------------------- stage bookkeeping
-
-
-def stage_finished(stage_dir: Path) -> dict | None:
-    """The stage's summary if it completed earlier, else None."""
-    path = Path(stage_dir) / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("finished"):
-            return summary
-    return None
-
-
-def finish(accelerator, stage_dir: Path, student, summary: dict) -> None:
-    """Save the stage's final weights, then its summary (last, so it marks completion), then drop checkpoints."""
-    stage_dir = Path(stage_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        student.save_pretrained(stage_dir / "final")
-        tmp = stage_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps({**summary, "finished": True}, indent=2))
-        os.replace(tmp, stage_dir / "summary.json")
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def load_final(student, stage_dir: Path):
-    """Load a finished stage's final weights into `student` (same architecture) and return it."""
-    from safetensors.torch import load_file
-
-    final = Path(stage_dir) / "final"
-    state = {}
-    for shard in sorted(final.glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and student.config.tie_word_embeddings}
-    if unexpected or set(missing) - tied:
-        raise TrainingError(
-            f"{final} does not match the student (missing {sorted(set(missing) - tied)[:3]}, unexpected "
-            f"{sorted(unexpected)[:3]}); delete {stage_dir} to retrain that stage"
-        )
-    return student

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
+from distill.assets import cache_root
 from distill.data import build_datasets
 from distill.eval.quality import compare_on_held_out
 from distill.init import hybrid_from_teacher
 from distill.recipe import DataConfig, StudentConfig, recipe_from_dict
 from distill.stages import StageContext, run_stage
-from distill.teacher import cache_dir
 from distill.trainer import make_accelerator
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -79,7 +79,7 @@ def main() -> None:
         DataConfig(max_length=256, max_conversations=3000, held_out_size=args.rows, loss_on="all"), tokenizer, seed=0
     )
     started = time.perf_counter()
-    saved = cache_dir() / "teachers" / f"tiny-qwen3-bytes-{args.teacher_steps}"
+    saved = cache_root() / "teachers" / f"tiny-qwen3-bytes-{args.teacher_steps}"
     if (saved / "config.json").is_file():
         from transformers import Qwen3ForCausalLM
 

@@ -54,8 +54,7 @@ def run_variant(precision: str, activations: str, teacher_fp32, student_cfg, bat
     from distill.data import loss_positions, model_inputs
     from distill.init import hybrid_from_teacher
     from distill.losses import distill_kl
-    from distill.stages.end_to_end import set_trainable
-    from distill.trainer import param_groups
+    from distill.trainer import param_groups, set_trainable
 
     bf16 = precision == "bf16"
     teacher = teacher_fp32.to(torch.bfloat16) if bf16 else teacher_fp32
@@ -65,14 +64,14 @@ def run_variant(precision: str, activations: str, teacher_fp32, student_cfg, bat
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     mask = loss_positions(batch["labels"])
     if args.stage == "layerwise":
+        from distill.alignment import LayerwiseObjective, capture_teacher, mamba_layers
         from distill.recipe import LayerwiseStage
-        from distill.stages.layerwise import LayerwiseObjective, capture_teacher, mamba_layers
 
         layers = mamba_layers(student)
         objective = LayerwiseObjective(student, layers, LayerwiseStage(name="layerwise", max_tokens=1))
         capture = capture_teacher(AutocastOnly(autocast), teacher, layers, "mixer_output")
         if activations == "cached":
-            from distill.stages.layerwise import ActivationCache
+            from distill.alignment import ActivationCache
 
             capture = ActivationCache(capture, num_rows=len(batch["row"]), row_bytes=0, max_gb=1)
             capture(batch)  # the first epoch's capture; the timed steps read the cache

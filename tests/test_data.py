@@ -230,7 +230,7 @@ def test_hub_dataset_name_goes_through_datasets(cache, tiny_tokenizer):
 
 
 def test_real_sharegpt_file_is_parsed_to_the_cut():
-    from distill.teacher import asset_path
+    from distill.assets import asset_path
 
     path = asset_path("sharegpt")
     stats = ParseStats()

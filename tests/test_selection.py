@@ -104,22 +104,22 @@ def test_swap_score_is_the_kl_of_the_teacher_with_that_layer_replaced(tmp_path, 
 
 def test_a_rerun_reuses_the_recorded_choice_and_another_fraction_reuses_the_aligned_mixers(
         tmp_path, tiny_llama, monkeypatch, caplog):
-    from distill import selection
-    from distill.stages import layerwise
+    from distill import alignment, selection
 
-    caplog.set_level(logging.INFO, logger="distill.selection")
+    caplog.set_level(logging.INFO, logger="distill")
     first, _ = selection.prepare_student(context(tmp_path, tiny_llama), None)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("must not run again")
 
-    monkeypatch.setattr(layerwise, "align", forbidden)
+    monkeypatch.setattr(alignment, "align", forbidden)
     monkeypatch.setattr(selection, "swap_scores", forbidden)
     again, student = selection.prepare_student(context(tmp_path, tiny_llama), None)
     assert again.student.attention_layers == first.student.attention_layers
-    assert "reusing the recorded choice" in caplog.text and "reusing the mixers aligned" in caplog.text
+    # the selection stage finished: the runner loads its final weights, and the choice is made again from its scores
+    assert "selection (align every layer) finished earlier" in caplog.text
     # the student's mixers are the aligned ones
-    aligned = selection.load_file(selection.cache_dir(again, tiny_llama) / "mixers.safetensors")
+    aligned = selection.load_file(selection.aligned_dir(again, tiny_llama) / "mixers.safetensors")
     for name, value in student.state_dict().items():
         if ".mamba." in name:
             assert torch.equal(value, aligned[name]), name

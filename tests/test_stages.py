@@ -54,8 +54,8 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def test_teacher_capture_is_each_layers_attention_input_and_output(tiny_llama):
+    from distill.alignment import capture_teacher
     from distill.data import model_inputs
-    from distill.stages.layerwise import capture_teacher
 
     batch = random_rows(3, seed=5).with_format("torch")[:]
     accelerator = make_context(make_recipe("/tmp/unused", {"name": "layerwise", "max_tokens": 10}), tiny_llama).accelerator
@@ -94,7 +94,7 @@ def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_ll
 
 
 def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_path, tiny_llama):
-    from distill.stages.layerwise import ActivationCache, LayerwiseObjective, capture_teacher
+    from distill.alignment import ActivationCache, LayerwiseObjective, capture_teacher
 
     recipe = make_recipe(tmp_path, {"name": "layerwise", "max_tokens": 10, "objective": "l2"})
     ctx = make_context(recipe, tiny_llama)
@@ -117,7 +117,7 @@ def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_pat
 
 
 def test_cached_activations_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_llama):
-    from distill.trainer import TrainingError
+    from distill.errors import TrainingError
 
     stage = {"name": "layerwise", "max_tokens": 4000, "activations": "cached", "cache_max_gb": 1e-6}
     with pytest.raises(TrainingError, match=r"^activations: cached needs .* GiB .* raise cache_epochs[^\n]*$"):
@@ -125,22 +125,22 @@ def test_cached_activations_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_
 
 
 def test_cached_layerwise_runs_the_teacher_once_per_row_and_trains_several_epochs(tmp_path, tiny_llama, monkeypatch):
-    from distill.stages import layerwise
+    from distill import alignment
 
     captured = []
-    original = layerwise.capture_teacher
+    original = alignment.capture_teacher
 
     def counting(*args):
         step = original(*args)
         return lambda batch: captured.extend(batch["row"].tolist()) or step(batch)
 
-    monkeypatch.setattr(layerwise, "capture_teacher", counting)
+    monkeypatch.setattr(alignment, "capture_teacher", counting)
     stage = {"name": "layerwise", "max_tokens": 1200, "lr": 1e-2, "activations": "cached", "cache_epochs": 4,
              "held_out_rows": 0}
     _, summary, ctx = run(tmp_path, tiny_llama, tiny_hybrid(tiny_llama), stage)
     # the cached rows hold the first 1200 / 4 tokens of a permutation (rows have at most 32), and the teacher ran
     # once per row although the stage went over them 4 times
-    rows = layerwise.cached_rows(ctx.train, ctx.recipe.stages[0], seed=ctx.recipe.seed)
+    rows = alignment.cached_rows(ctx.train, ctx.recipe.stages[0], seed=ctx.recipe.seed)
     assert 300 <= sum(sum(mask) for mask in rows["attention_mask"]) < 300 + 32
     assert sorted(captured) == list(range(len(rows))) and summary["tokens"] >= 1200
 

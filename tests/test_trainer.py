@@ -5,6 +5,7 @@ run the very same training in subprocesses and under `accelerate launch`.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -211,12 +212,13 @@ def test_mixer_lr_gives_the_mamba_mixers_their_own_learning_rate(tmp_path):
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
-    from distill.trainer import TrainingError, train
+    from distill.errors import TrainingError
+    from distill.trainer import train
 
     teacher, student = tiny_pair()
     recipe = make_recipe(tmp_path, e2e_stage(max_tokens=2000, checkpoint_every_tokens=300))
     ctx = make_context(recipe, teacher)
-    from distill.stages.end_to_end import KLObjective, online_teacher
+    from distill.kl import KLObjective, online_teacher
 
     calls = {"n": 0}
     step = online_teacher(ctx.accelerator, teacher)
@@ -227,8 +229,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
         return {**out, "hidden": out["hidden"] * float("nan")} if calls["n"] >= 5 else out
 
     with pytest.raises(TrainingError) as err:
-        train(ctx, tmp_path / "stage", recipe.stages[0], KLObjective(student, recipe.stages[0]),
-              teacher_step=poisoned, label="stage 0")
+        train(dataclasses.replace(ctx, label="stage 0"), tmp_path / "stage", recipe.stages[0],
+              KLObjective(student, recipe.stages[0]), teacher_step=poisoned)
     message = str(err.value)
     assert "\n" not in message and "nan" in message and "at step 5/" in message and "lower the stage's lr" in message
     kept = sorted((tmp_path / "stage" / "checkpoints").glob("step-*"))
@@ -322,7 +324,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
 
 def main(spec: dict) -> None:
     """Train the tiny student as `spec` says; `kill_at_forward` SIGKILLs this process in that forward pass."""
-    from distill.stages import end_to_end, run_stage
+    from distill import kl
+    from distill.stages import run_stage
 
     teacher, student = tiny_pair()
     recipe = make_recipe(spec["out"], spec["stage"])
@@ -332,7 +335,7 @@ def main(spec: dict) -> None:
         info = {"num_processes": ctx.accelerator.num_processes, "type": ctx.accelerator.distributed_type.value}
         (Path(spec["out"]) / "processes.json").write_text(json.dumps(info))
     if "kill_at_forward" in spec:
-        forward, calls = end_to_end.KLObjective.forward, {"n": 0}
+        forward, calls = kl.KLObjective.forward, {"n": 0}
 
         def dying_forward(self, batch, teacher_out):
             calls["n"] += 1
@@ -340,7 +343,7 @@ def main(spec: dict) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return forward(self, batch, teacher_out)
 
-        end_to_end.KLObjective.forward = dying_forward
+        kl.KLObjective.forward = dying_forward
     run_stage(ctx, 0, recipe.stages[0], student)
 
 

@@ -9,18 +9,18 @@ resumed run uses the very same pairs and references.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from distill.data import COLUMNS, _row, loss_positions, model_inputs
+from distill.files import atomic_file
 from distill.generation import exchanges, require_exchanges
 from distill.losses import dpo_loss, target_logprobs
 from distill.pairs import TEACHER_VS_STUDENT, Pair, check_vocabulary, load_pairs, teacher_vs_student
-from distill.stages.end_to_end import set_trainable
 from distill.stages.on_policy import pad_id_of
-from distill.trainer import batches
+from distill.trainer import batches, set_trainable
 from distill.trainer import train as train_loop
 
 
@@ -66,12 +66,6 @@ class DpoObjective(torch.nn.Module):
         return {"loss": loss.sum(), "reward_margin": reward.sum(), "accuracy": (reward > 0).float().sum()}
 
 
-def _save(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(value, tmp)
-    os.replace(tmp, path)
-
-
 def build_pairs(ctx, cfg, student, seed: int) -> list[Pair]:
     pad_id = pad_id_of(ctx)
     if cfg.pairs == TEACHER_VS_STUDENT:
@@ -95,7 +89,7 @@ def reference_logprobs(ctx, cfg, model, rows) -> torch.Tensor:
     return torch.cat(sums)
 
 
-def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "dpo"):
+def train(ctx, cfg, student, stage_dir):
     """Train `student` on preference pairs; returns (student, summary)."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -103,15 +97,16 @@ def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "dpo"):
     student.requires_grad_(False)
     saved = stage_dir / "pairs.pt"
     if saved.is_file():  # a resumed run: the pairs and references computed when the stage started
-        pairs, reference = torch.load(saved, weights_only=False)
+        stored, reference = torch.load(saved, weights_only=False)
+        pairs = [Pair(**p) for p in stored]
     else:
-        pairs = build_pairs(ctx, cfg, student, seed)
-        rows = pair_rows(pairs, cfg.max_length, pad_id_of(ctx))
-        reference = reference_logprobs(ctx, cfg, student if cfg.reference == "student" else ctx.teacher, rows)
+        pairs = build_pairs(ctx, cfg, student, ctx.seed)
+        model = student if cfg.reference == "student" else ctx.teacher
+        reference = reference_logprobs(ctx, cfg, model, pair_rows(pairs, cfg.max_length, pad_id_of(ctx)))
         if ctx.accelerator.is_main_process:
-            _save(saved, ([vars(p) for p in pairs], reference))
-        pairs = [vars(p) for p in pairs]
-    rows = pair_rows([Pair(**p) for p in pairs], cfg.max_length, pad_id_of(ctx))
+            with atomic_file(saved) as tmp:
+                torch.save(([vars(p) for p in pairs], reference), tmp)
+    rows = pair_rows(pairs, cfg.max_length, pad_id_of(ctx))
     set_trainable(student, cfg.trainable)
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -120,8 +115,7 @@ def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "dpo"):
     def step(batch: dict) -> dict:
         return {"reference": reference.to(batch["row"].device)[batch["row"]]}
 
-    summary = train_loop(ctx, stage_dir, cfg, objective, teacher_step=step, max_tokens=cfg.max_tokens, seed=seed,
-                         label=label, dataset=rows)
+    summary = train_loop(dataclasses.replace(ctx, train=rows), stage_dir, cfg, objective, teacher_step=step)
     chosen_better = float((reference[:, 0] > reference[:, 1]).float().mean())
     summary.update(pairs=len(rows), reference=cfg.reference, reference_prefers_chosen=chosen_better)
     if cfg.gradient_checkpointing:
@@ -129,8 +123,3 @@ def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "dpo"):
     student.requires_grad_(False)
     return student, summary
 
-
-def run(ctx, index: int, cfg, student):
-    from distill.stages import run_trained
-
-    return run_trained(train, ctx, index, cfg, student)

@@ -14,6 +14,7 @@ the step and the rows (see `distill.generation.step_generator`), so a resumed ru
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
@@ -29,8 +30,7 @@ from distill.generation import (
     step_generator,
 )
 from distill.losses import distill_kl
-from distill.stages.end_to_end import set_trainable
-from distill.trainer import evaluate
+from distill.trainer import held_out_losses, set_trainable
 from distill.trainer import train as train_loop
 
 
@@ -125,7 +125,7 @@ def pad_id_of(ctx) -> int:
     return 0 if pad is None else int(pad)
 
 
-def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "on_policy"):
+def train(ctx, cfg, student, stage_dir):
     """Train `student` on its own samples scored by the teacher; returns (student, summary)."""
     ctx.teacher.requires_grad_(False)
     pad_id = pad_id_of(ctx)
@@ -137,24 +137,19 @@ def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "on_polic
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     objective = OnPolicyObjective(student, cfg)
-    step = teacher_step(ctx.accelerator, ctx.teacher, student, cfg, seed, pad_id)
+    step = teacher_step(ctx.accelerator, ctx.teacher, student, cfg, ctx.seed, pad_id)
 
     def held_out():  # the divergence and teacher NLL on the student's samples of held-out prompts
         if not cfg.held_out_rows or held_rows is None:
             return None
-        return evaluate(ctx.accelerator, objective, step, held_rows, cfg, cfg.held_out_rows)
+        return held_out_losses(ctx.accelerator, objective, step, held_rows, cfg, cfg.held_out_rows)
 
     before = held_out()
-    summary = train_loop(ctx, stage_dir, cfg, objective, teacher_step=step, max_tokens=cfg.max_tokens, seed=seed,
-                         label=label, dataset=rows, row_tokens=[cfg.max_new_tokens] * len(rows))
+    summary = train_loop(dataclasses.replace(ctx, train=rows), stage_dir, cfg, objective, teacher_step=step,
+                         row_tokens=[cfg.max_new_tokens] * len(rows))
     summary.update(held_out_before=before, held_out_after=held_out(), prompts=len(rows))
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
     student.requires_grad_(False)
     return student, summary
 
-
-def run(ctx, index: int, cfg, student):
-    from distill.stages import run_trained
-
-    return run_trained(train, ctx, index, cfg, student)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from distill.data import loss_positions, model_inputs
+from distill.kl import online_teacher
 from distill.losses import distill_kl
-from distill.stages.end_to_end import online_teacher, set_trainable
-from distill.trainer import evaluate
+from distill.trainer import held_out_losses, set_trainable
 from distill.trainer import train as train_loop
 
 
@@ -32,7 +32,7 @@ class SftObjective(torch.nn.Module):
         return {"loss": loss}
 
 
-def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "sft"):
+def train(ctx, cfg, student, stage_dir):
     """Fine-tune `student` on the training rows' targets; returns (student, summary)."""
     ctx.teacher.requires_grad_(False)
     set_trainable(student, cfg.trainable)
@@ -44,19 +44,13 @@ def train(ctx, cfg, student, stage_dir, *, seed: int = 0, label: str = "sft"):
     def held_out():
         if not cfg.held_out_rows:
             return None
-        return evaluate(ctx.accelerator, objective, step, ctx.held_out, cfg, cfg.held_out_rows)
+        return held_out_losses(ctx.accelerator, objective, step, ctx.held_out, cfg, cfg.held_out_rows)
 
     before = held_out()
-    summary = train_loop(ctx, stage_dir, cfg, objective, teacher_step=step, max_tokens=cfg.max_tokens, seed=seed,
-                         label=label)
+    summary = train_loop(ctx, stage_dir, cfg, objective, teacher_step=step)
     summary.update(held_out_before=before, held_out_after=held_out())
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
     student.requires_grad_(False)
     return student, summary
 
-
-def run(ctx, index: int, cfg, student):
-    from distill.stages import run_trained
-
-    return run_trained(train, ctx, index, cfg, student)

@@ -6,8 +6,8 @@ the teacher's attention, so the model trained at step k is the student with more
 switched-on mixers train end to end (the `end_to_end` KL objective) on max_tokens / num_steps tokens, and
 then go back into the student. After the last step every Mamba layer is on: the student's own layout.
 
-Each step is a sub-run under `stage{i}-stepwise/step{k}` with its own checkpoints and summary, so a killed
-stage resumes at the step (and the checkpoint) where it stopped.
+Each step is a part of the stage that the stage runner runs in `step{k}/` of the stage's folder, with its own
+checkpoints, summary and seed, so a killed stage resumes at the step (and the checkpoint) where it stopped.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import copy
 import math
 from pathlib import Path
 
-from distill.stages.end_to_end import train_kl
-from distill.stages.layerwise import mamba_layers
-from distill.trainer import TrainingError, finish, load_final, stage_finished
+from distill.alignment import mamba_layers
+from distill.errors import TrainingError
+from distill.kl import train_kl
+from distill.layout import read_summary
+from distill.stages import run
 
 
 def replacement_schedule(layers: list[int], num_steps: int, order: str) -> list[list[int]]:
@@ -46,10 +48,7 @@ def partial_student(student, teacher, active: list[int]):
     return model
 
 
-def run(ctx, index: int, cfg, student):
-    stage_dir = Path(ctx.output_dir) / f"stage{index}-{cfg.name}"
-    if stage_finished(stage_dir):
-        return load_final(student, stage_dir)
+def train(ctx, cfg, student, stage_dir: Path):
     layers = mamba_layers(student)
     if not layers:
         raise TrainingError("stepwise: the student has no Mamba layers to switch on; drop the stage")
@@ -57,24 +56,19 @@ def run(ctx, index: int, cfg, student):
     per_step = math.ceil(cfg.max_tokens / cfg.num_steps)
     summaries = []
     for k, active in enumerate(schedule, start=1):
+
+        def train_step(step_ctx, cfg, student, step_dir, k=k, active=active):
+            model, summary = train_kl(step_ctx, cfg, partial_student(student, ctx.teacher, active), step_dir,
+                                      max_tokens=per_step)
+            student.load_state_dict({name: value for name, value in model.state_dict().items()
+                                     if name in student.state_dict()}, strict=False)
+            return student, {**summary, "step": k, "active_layers": active}
+
         step_dir = stage_dir / f"step{k}"
-        if done := stage_finished(step_dir):
-            student = load_final(student, step_dir)
-            summaries.append(done)
-            continue
-        model = partial_student(student, ctx.teacher, active)
-        model, summary = train_kl(
-            ctx, step_dir, cfg, model, max_tokens=per_step, seed=ctx.recipe.seed + index * 1000 + k,
-            label=f"stage {index} ({cfg.name}) step {k}/{cfg.num_steps}",
-        )
-        student.load_state_dict({k_: v for k_, v in model.state_dict().items() if k_ in student.state_dict()},
-                                strict=False)
-        summary.update(step=k, active_layers=active)
-        finish(ctx.accelerator, step_dir, student, summary)
-        summaries.append(summary)
-    summary = {
-        "name": cfg.name,
-        "index": index,
+        student = run(ctx, cfg, student, step_dir, label=f"{ctx.label} step {k}/{cfg.num_steps}",
+                      seed=ctx.seed * 1000 + k, train=train_step)
+        summaries.append(read_summary(step_dir))
+    return student, {
         "tokens": sum(s["tokens"] for s in summaries),
         "steps": sum(s["steps"] for s in summaries),
         "wall_time_s": round(sum(s["wall_time_s"] for s in summaries), 2),
@@ -82,8 +76,5 @@ def run(ctx, index: int, cfg, student):
         "schedule": schedule,
         "held_out_before": summaries[0].get("held_out_before"),
         "held_out_after": summaries[-1].get("held_out_after"),
-        "substeps": [{k: s.get(k) for k in ("step", "tokens", "final_loss", "active_layers")} for s in summaries],
+        "substeps": [{key: s.get(key) for key in ("step", "tokens", "final_loss", "active_layers")} for s in summaries],
     }
-    finish(ctx.accelerator, stage_dir, student, summary)
-    return student
-
