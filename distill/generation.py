@@ -74,6 +74,14 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def padding_id(model, tokenizer=None) -> int:
+    """The padding id: the model's, else the tokenizer's, else 0 (padding is masked wherever it is used)."""
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    return 0 if pad is None else int(pad)
+
+
 def eos_ids(model) -> set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = model.config.eos_token_id if eos is None else eos

@@ -27,7 +27,7 @@ ARMS = {
     "end_to_end (forward KL, fixed data)": {"name": "end_to_end", "lr": 3e-4, "batch_size": 4, "kl": "forward",
                                             "trainable": "mixers"},
     "on_policy (reverse KL)": {"name": "on_policy", "lr": 3e-4, "batch_size": 4, "kl": "reverse",
-                               "trainable": "mixers", "max_new_tokens": 64, "max_prompt_tokens": 192},
+                               "trainable": "mixers", "max_new_tokens": 48, "max_prompt_tokens": 192},
     "sft on teacher answers (CE + 0.1 KL)": {"name": "sft", "lr": 3e-4, "batch_size": 4, "kl_weight": 0.1,
                                              "trainable": "mixers", "teacher_answers": True},
 }
@@ -89,14 +89,14 @@ def train_arm(ctx, base_student, out: Path, stage: dict, budget: float):
     return student, cpu() - started
 
 
-def evaluate(ctx, student) -> dict:
+def evaluate(ctx, student, args) -> dict:
     from distill.eval.generations import judge_generations
     from distill.eval.quality import compare_on_held_out
 
     student.eval()
-    quality = compare_on_held_out(student, ctx.teacher, ctx.held_out, max_sequences=32, batch_size=4)
-    generations = judge_generations(student, ctx.teacher, ctx.tokenizer, ctx.held_out, prompts=24,
-                                    max_new_tokens=64, examples=2)
+    quality = compare_on_held_out(student, ctx.teacher, ctx.held_out, max_sequences=args.held_out, batch_size=4)
+    generations = judge_generations(student, ctx.teacher, ctx.tokenizer, ctx.held_out, prompts=args.prompts,
+                                    max_new_tokens=args.new_tokens, examples=2)
     return {"perplexity_ratio": quality["student"]["perplexity"] / quality["teacher"]["perplexity"],
             "kl": quality["student"]["kl_to_teacher"], "top1": quality["student"]["top1_agreement"],
             "generation": generations}
@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=240.0, help="CPU seconds of each arm's stage")
     parser.add_argument("--layerwise-tokens", default="1e5")
     parser.add_argument("--teacher-prompts", type=int, default=160, help="prompts the teacher answers (SFT arm)")
+    parser.add_argument("--held-out", type=int, default=32, help="held-out rows for the teacher-forced metrics")
+    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts the generations are judged on")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per judged answer")
     args = parser.parse_args()
     import datasets
     import torch
@@ -121,7 +124,8 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     ctx, base, base_cpu = setup(out, float(args.layerwise_tokens))
     results.setdefault("_setup", {"layerwise_tokens": float(args.layerwise_tokens), "cpu_seconds": args.cpu_seconds,
-                                  "threads": torch.get_num_threads()})
+                                  "threads": torch.get_num_threads(), "held_out": args.held_out,
+                                  "prompts": args.prompts, "new_tokens": args.new_tokens})
     data_rows, pad_id = ctx.train, ctx.tokenizer.pad_token_id
     for name, stage in ARMS.items():
         if name in results:
@@ -135,7 +139,7 @@ def main() -> None:
             if stage.get("teacher_answers"):
                 from distill.pseudo_labels import teacher_answer_rows
 
-                data_cfg = ctx.recipe.data.model_copy(update={"answer_max_new_tokens": 64})
+                data_cfg = ctx.recipe.data.model_copy(update={"answer_max_new_tokens": args.new_tokens})
                 few = data_rows.select(range(min(args.teacher_prompts // 2, len(data_rows))))  # ~2 documents a row
                 started = cpu()
                 ctx.train = teacher_answer_rows(few, ctx.teacher, data_cfg, ctx.recipe.seed, pad_id)
@@ -150,7 +154,7 @@ def main() -> None:
             started_wall = time.time()
             student, stage_cpu = train_arm(ctx, base, arm_dir, stage, budget)
             record.update(tokens=int(budget), stage_cpu_s=stage_cpu, stage_wall_s=time.time() - started_wall)
-        record.update(evaluate(ctx, student))
+        record.update(evaluate(ctx, student, args))
         results[name] = record
         results_path.write_text(json.dumps(results, indent=2))
         print(name, json.dumps({k: v for k, v in record.items() if k != "generation"}), flush=True)

@@ -16,10 +16,9 @@ import torch
 
 from distill.data import COLUMNS, _row, loss_positions, model_inputs
 from distill.files import atomic_file
-from distill.generation import exchanges, require_exchanges
+from distill.generation import exchanges, padding_id, require_exchanges
 from distill.losses import dpo_loss, target_logprobs
 from distill.pairs import TEACHER_VS_STUDENT, Pair, check_vocabulary, load_pairs, teacher_vs_student
-from distill.stages.on_policy import pad_id_of
 from distill.trainer import batches, set_trainable
 from distill.trainer import train as train_loop
 
@@ -67,7 +66,7 @@ class DpoObjective(torch.nn.Module):
 
 
 def build_pairs(ctx, cfg, student, seed: int) -> list[Pair]:
-    pad_id = pad_id_of(ctx)
+    pad_id = padding_id(ctx.teacher, ctx.tokenizer)
     if cfg.pairs == TEACHER_VS_STUDENT:
         found = require_exchanges(exchanges(ctx.train, cfg.max_prompt_tokens), "dpo", cfg.max_prompt_tokens)
         with ctx.accelerator.autocast():
@@ -102,11 +101,11 @@ def train(ctx, cfg, student, stage_dir):
     else:
         pairs = build_pairs(ctx, cfg, student, ctx.seed)
         model = student if cfg.reference == "student" else ctx.teacher
-        reference = reference_logprobs(ctx, cfg, model, pair_rows(pairs, cfg.max_length, pad_id_of(ctx)))
+        reference = reference_logprobs(ctx, cfg, model, pair_rows(pairs, cfg.max_length, padding_id(ctx.teacher, ctx.tokenizer)))
         if ctx.accelerator.is_main_process:
             with atomic_file(saved) as tmp:
                 torch.save(([vars(p) for p in pairs], reference), tmp)
-    rows = pair_rows(pairs, cfg.max_length, pad_id_of(ctx))
+    rows = pair_rows(pairs, cfg.max_length, padding_id(ctx.teacher, ctx.tokenizer))
     set_trainable(student, cfg.trainable)
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

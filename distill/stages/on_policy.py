@@ -25,6 +25,7 @@ from distill.generation import (
     answer_labels,
     exchanges,
     forward_inputs,
+    padding_id,
     require_exchanges,
     sample,
     step_generator,
@@ -117,18 +118,10 @@ def teacher_step(accelerator, teacher, student, cfg, seed: int, pad_id: int):
     return step
 
 
-def pad_id_of(ctx) -> int:
-    config = ctx.teacher.config
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None and ctx.tokenizer is not None:
-        pad = ctx.tokenizer.pad_token_id
-    return 0 if pad is None else int(pad)
-
-
 def train(ctx, cfg, student, stage_dir):
     """Train `student` on its own samples scored by the teacher; returns (student, summary)."""
     ctx.teacher.requires_grad_(False)
-    pad_id = pad_id_of(ctx)
+    pad_id = padding_id(ctx.teacher, ctx.tokenizer)
     found = require_exchanges(exchanges(ctx.train, cfg.max_prompt_tokens), "on_policy", cfg.max_prompt_tokens)
     rows = exchange_rows(found, cfg.max_prompt_tokens, cfg.max_new_tokens, pad_id)
     held = exchanges(ctx.held_out, cfg.max_prompt_tokens)
