@@ -3,6 +3,10 @@ the teacher's answers, judged on held-out teacher-forced metrics and on what the
 
     python scripts/post_training_compare.py                  # base checkpoint once, then every arm, then the table
     python scripts/post_training_compare.py --cpu-seconds 300 --layerwise-tokens 2e5
+    python scripts/post_training_compare.py --arm 0 & python scripts/post_training_compare.py --arm 1 & ...
+
+With --arm, one process runs that arm only (the others wait for the base checkpoint the first one trains) and
+writes OUT/results-<arm>.json; a run without --arm collects every result file into the table.
 
 The base is the demo recipe cut down (uniform odd attention layers instead of data-chosen ones, a shorter
 layerwise stage). Each arm starts from the base's layerwise checkpoint and trains one more stage; its token
@@ -40,17 +44,20 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def base_recipe(out: Path, layerwise_tokens: float, overrides: list[str] | None = None):
+def base_recipe(out: Path, layerwise_tokens: float, base: str | None):
+    """The demo recipe cut to its layerwise stage; with `base`, that run's resolved recipe (its chosen layers)."""
     from distill.recipe import load_recipe
 
-    sets = ["student.attention_layers=null", "selection=null", f"stages.0.max_tokens={layerwise_tokens}",
-            "stages.0.checkpoint_every_tokens=5e4", "eval.enabled=false", f"output_dir={out}"]
-    recipe = load_recipe(DEMO, sets + (overrides or []))
+    sets = [f"stages.0.max_tokens={layerwise_tokens}", "stages.0.checkpoint_every_tokens=5e4", "eval.enabled=false",
+            f"output_dir={out}", "selection=null"]
+    if base is None:
+        sets.append("student.attention_layers=null")
+    recipe = load_recipe(Path(base) / "recipe.yaml" if base else DEMO, sets)
     recipe.stages = recipe.stages[:1]
     return recipe
 
 
-def setup(out: Path, layerwise_tokens: float):
+def setup(out: Path, layerwise_tokens: float, base: str | None):
     """Teacher, data and the base student (its layerwise stage trained once, then reloaded)."""
     import torch
 
@@ -60,7 +67,7 @@ def setup(out: Path, layerwise_tokens: float):
     from distill.teacher import load_teacher
     from distill.trainer import make_accelerator
 
-    recipe = base_recipe(out / "base", layerwise_tokens)
+    recipe = base_recipe(out / "base", layerwise_tokens, base)
     accelerator = make_accelerator(recipe)
     teacher, tokenizer = load_teacher(recipe.teacher, dtype=torch.float32)
     train, held_out = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
@@ -107,6 +114,9 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/post-training")
     parser.add_argument("--cpu-seconds", type=float, default=240.0, help="CPU seconds of each arm's stage")
     parser.add_argument("--layerwise-tokens", default="1e5")
+    parser.add_argument("--arm", type=int, help="run only this arm (its index in ARMS)")
+    parser.add_argument("--base", help="a finished run folder (recipe.yaml; OUT/base/stage0-layerwise holds a copy "
+                                       "of its layerwise stage) to start from instead of training the base")
     parser.add_argument("--teacher-prompts", type=int, default=160, help="prompts the teacher answers (SFT arm)")
     parser.add_argument("--held-out", type=int, default=32, help="held-out rows for the teacher-forced metrics")
     parser.add_argument("--prompts", type=int, default=24, help="held-out prompts the generations are judged on")
@@ -120,14 +130,23 @@ def main() -> None:
     datasets.disable_progress_bars()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    ctx, base, base_cpu = setup(out, float(args.layerwise_tokens))
+    results = {}
+    for path in sorted(out.glob("results-*.json")):
+        results.update(json.loads(path.read_text()))
+    names = list(ARMS) if args.arm is None else [list(ARMS)[args.arm]]
+    if all(name in results for name in names):
+        print(table(results))
+        return
+    base_done = out / "base" / "stage0-layerwise" / "summary.json"
+    while args.arm and not base_done.is_file():  # arm 0 trains the base checkpoint; the others reuse it
+        time.sleep(10)
+    ctx, base, base_cpu = setup(out, float(args.layerwise_tokens), args.base)
     results.setdefault("_setup", {"layerwise_tokens": float(args.layerwise_tokens), "cpu_seconds": args.cpu_seconds,
                                   "threads": torch.get_num_threads(), "held_out": args.held_out,
                                   "prompts": args.prompts, "new_tokens": args.new_tokens})
     data_rows, pad_id = ctx.train, ctx.tokenizer.pad_token_id
-    for name, stage in ARMS.items():
+    for name in names:
+        stage = ARMS[name]
         if name in results:
             continue
         record: dict = {}
@@ -156,7 +175,8 @@ def main() -> None:
             record.update(tokens=int(budget), stage_cpu_s=stage_cpu, stage_wall_s=time.time() - started_wall)
         record.update(evaluate(ctx, student, args))
         results[name] = record
-        results_path.write_text(json.dumps(results, indent=2))
+        setup_info = {"_setup": results["_setup"]}
+        (out / f"results-{list(ARMS).index(name)}.json").write_text(json.dumps({**setup_info, name: record}, indent=2))
         print(name, json.dumps({k: v for k, v in record.items() if k != "generation"}), flush=True)
     print(table(results))
 

@@ -183,6 +183,26 @@ def test_teacher_answers_are_cached_by_teacher_prompts_and_settings(cache, monke
     assert len(calls) == 4
 
 
+def test_teacher_answer_rows_put_the_targets_on_the_teachers_answers(cache):
+    from test_trainer import random_rows
+
+    from distill.generation import exchanges
+    from distill.pseudo_labels import teacher_answer_rows, teacher_answers
+    from distill.recipe import DataConfig
+
+    teacher = tiny_teacher()
+    teacher.generation_config.eos_token_id = None  # every answer runs to answer_max_new_tokens
+    train = random_rows(6, seed=1)
+    cfg = DataConfig(max_length=48, answers="teacher", max_conversations=10, answer_max_new_tokens=5,
+                     answer_batch_size=4)
+    rows = teacher_answer_rows(train, teacher, cfg, seed=0, pad_id=0)
+    prompts = [ex.prompt for ex in exchanges(train, 48 - 5)]
+    answers = teacher_answers(teacher, prompts, max_new_tokens=5, temperature=0.0, batch_size=4, seed=0, pad_id=0)
+    got = exchanges(rows, 48)
+    assert [(ex.prompt, ex.answer) for ex in got] == list(zip(prompts, answers))
+    assert all(len(ex.answer) == 5 for ex in got)
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
