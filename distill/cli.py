@@ -6,36 +6,32 @@
     distill eval ... | export ... | import-mil ...
 
 User mistakes (`distill.errors.UserError`, which `RecipeError` is) print one `error: ...` line and exit 2.
-Subcommands import their heavy modules only when run, so `validate` loads no model, data or accelerate; the
-package itself still imports torch and transformers (it registers the hybrid with the Auto classes), which
-is most of `validate`'s ~9 s.
+Subcommands import their heavy modules only when run, so `validate` loads no model, data, torch or accelerate.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-from distill.errors import UserError
+from distill.errors import entry_point
+from distill.pipeline import add_recipe_arguments
+from distill.recipe import load_recipe
 
 # subcommands that own their argument parsing: name -> (module, function taking argv)
 DELEGATED = {
     "eval": ("distill.eval.cli", "main", "evaluate a checkpoint against its teacher"),
-    "export": ("distill.export", "main", "export a checkpoint (native or bamba), optionally push it to the hub"),
-    "import-mil": ("distill.export", "import_mil_main", "convert a MambaInLlama checkpoint to the native format"),
+    "export": ("distill.export", "main", "export a checkpoint (native or bamba), optionally push it to a hub"),
+    "import-mil": ("distill.import_mil", "main", "convert a MambaInLlama checkpoint to the native format"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description="Distil a Llama-family teacher into a hybrid.")
+    parser = argparse.ArgumentParser(prog="distill", description="Distil a Transformer into a hybrid.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (("run", "run a recipe end to end"), ("validate", "check a recipe and print it")):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("recipe", help="a recipe YAML, e.g. recipes/smollm2-135m/hybrid50-mamba2.yaml")
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a recipe value, e.g. --set stages.0.max_tokens=2e5 (repeatable)")
+        add_recipe_arguments(commands.add_parser(name, help=help_text))
     commands.add_parser("fetch-assets", help="download and convert the built-in teacher and data")
     for name, (_, _, help_text) in DELEGATED.items():
         commands.add_parser(name, help=f"{help_text} (see `distill {name} --help`)")
@@ -44,7 +40,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def validate(recipe_path: str, overrides: list[str]) -> None:
     from distill.data import check_source
-    from distill.recipe import load_recipe
     from distill.teacher import teacher_num_layers
 
     recipe = load_recipe(recipe_path, overrides)
@@ -59,10 +54,10 @@ def _dispatch(argv: list[str]) -> int:
         return getattr(importlib.import_module(module), function)(argv[1:]) or 0
     args = _parser().parse_args(argv)
     if args.command == "run":
-        from distill.run import main as run_main
+        from distill.pipeline import run
 
-        return run_main([args.recipe, *(f"--set={item}" for item in args.set)])
-    if args.command == "validate":
+        run(load_recipe(args.recipe, args.set), recipe_path=args.recipe)
+    elif args.command == "validate":
         validate(args.recipe, args.set)
     elif args.command == "fetch-assets":
         from distill.teacher import fetch_assets
@@ -73,12 +68,4 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        return _dispatch(sys.argv[1:] if argv is None else list(argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return entry_point(_dispatch, sys.argv[1:] if argv is None else list(argv))

@@ -7,8 +7,8 @@ hyper-parameters. `layer_types` is derived from it in transformers' own vocabula
 transformers builds the right cache (`DynamicCache(config)`: KV, windowed KV, or conv + SSM state) and the right
 masks without model-specific code.
 
-This file, like `modeling_hybrid.py`, imports only torch/transformers: both are copied into every checkpoint
-so that it loads with `trust_remote_code=True` where mamba-distill is not installed.
+This file, like `modeling_hybrid.py`, imports only torch/transformers and its neighbour `families.py`: they are
+copied into every checkpoint so that it loads with `trust_remote_code=True` where mamba-distill is not installed.
 """
 
 import math
@@ -18,8 +18,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .families import TEACHER_MODEL_TYPES
+
 MIXER_TYPES = ("attention", "mamba2", "mamba1")
-TEACHER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")  # transformers' model_type of each family
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 AUTO_MAP = {
     "AutoConfig": "configuration_hybrid.HybridConfig",

@@ -34,19 +34,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from distill.errors import UserError
+from distill.files import atomic_dir
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("native", "bamba")
 MIN_TRANSFORMERS_FOR_BAMBA = "5.23"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
 # Our key -> Bamba key, for the parts that only change name (attention keeps Llama's names in both).
 _BAMBA_RENAMES = (
@@ -237,7 +236,7 @@ def _check_safetensors(folder: Path) -> None:
             ) from None
 
 
-def load_checkpoint(checkpoint_dir: str | Path):
+def load_hybrid(checkpoint_dir: str | Path):
     """Our `HybridForCausalLM` from a checkpoint folder, in the dtype it was saved in, eval mode."""
     from distill.modeling_hybrid import HybridForCausalLM
 
@@ -268,7 +267,7 @@ def _find_upwards(folder: Path, relative: str, levels: int = 2) -> Path | None:
 def _tokenizer_source(folder: Path) -> Path | None:
     """Where the tokenizer lives: the checkpoint, the run folder, or the teacher named by the run's recipe."""
     for parent in [folder, *folder.parents][:3]:
-        if any((parent / name).is_file() for name in _TOKENIZER_FILES):
+        if any((parent / name).is_file() for name in TOKENIZER_FILES):
             return parent
     recipe = _find_upwards(folder, "recipe.yaml")
     if recipe is None:
@@ -280,7 +279,7 @@ def _tokenizer_source(folder: Path) -> Path | None:
     return Path(source) if Path(source).is_dir() else None
 
 
-def _copy_tokenizer_and_generation_config(model, source: Path | None, out: Path) -> None:
+def copy_tokenizer_and_generation_config(model, source: Path | None, out: Path) -> None:
     """The tokenizer (with its chat template) and generation config from `source`, next to the weights."""
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -361,23 +360,6 @@ def check_out_dir(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not a model folder; choose a new or empty folder")
 
 
-def _replace_atomically(build, out: Path) -> None:
-    """Run `build(tmp)` into a temp folder beside `out`, then swap it into place; `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        build(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export(
     checkpoint_dir: str | Path,
     fmt: str,
@@ -394,7 +376,7 @@ def export(
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise UserError(f"--out {out} would replace the checkpoint being exported; choose another folder")
     check_out_dir(out)
-    model = load_checkpoint(folder)
+    model = load_hybrid(folder)
     if fmt == "bamba":
         bamba_config(model.config)  # refuse before writing anything
     report_path = Path(report) if report is not None else _find_upwards(folder, "eval/report.json", levels=1)
@@ -409,8 +391,7 @@ def export(
             f"found no tokenizer in {folder}, its run folder or the recipe's teacher; save the tokenizer "
             f"into the checkpoint folder (tokenizer.save_pretrained) and export again"
         )
-
-    def build(tmp: Path) -> None:
+    with atomic_dir(out) as tmp:  # `out` is never half-written
         if fmt == "native":
             model.save_pretrained(tmp, max_shard_size=max_shard_size)  # also copies the modeling code
         else:
@@ -418,10 +399,8 @@ def export(
 
             write_bamba(model, tmp, max_shard_size)
             _check_same_logits(model, BambaForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval())
-        _copy_tokenizer_and_generation_config(model, tokenizer_source, tmp)
+        copy_tokenizer_and_generation_config(model, tokenizer_source, tmp)
         (tmp / "README.md").write_text(card)
-
-    _replace_atomically(build, out)
     if push_to_hub:
         logger.info("pushed %s to %s", out, push(out, push_to_hub))
     return out
@@ -476,19 +455,4 @@ def main(argv: list[str] | None = None) -> int:
         report=args.report,
     )
     print(f"wrote {args.fmt} export to {out}")
-    return 0
-
-
-def import_mil_main(argv: list[str] | None = None) -> int:
-    """`distill import-mil DIR --out OUT`."""
-    from distill.import_mil import import_mil
-
-    parser = argparse.ArgumentParser(
-        prog="distill import-mil", description="Convert a MambaInLlama checkpoint to our native format."
-    )
-    parser.add_argument("mil_dir", help="folder with mamba_config.json, config.json and the weights")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    out = import_mil(args.mil_dir, args.out)
-    print(f"wrote native checkpoint to {out}")
     return 0

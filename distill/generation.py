@@ -31,8 +31,9 @@ def exchanges(dataset, max_prompt_tokens: int) -> list[Exchange]:
     """The first exchange of every document of every row whose prompt fits in `max_prompt_tokens`."""
     columns = dataset.with_format("numpy")[:]
     found = []
-    for ids, mask, positions, labels in zip(columns["input_ids"], columns["attention_mask"], columns["position_ids"],
-                                            columns["labels"]):
+    for ids, mask, positions, labels in zip(
+        columns["input_ids"], columns["attention_mask"], columns["position_ids"], columns["labels"]
+    ):
         real = int(mask.sum())
         starts = [int(s) for s in np.flatnonzero(positions[:real] == 0)] + [real]
         for start, end in itertools.pairwise(starts):
@@ -43,14 +44,17 @@ def exchanges(dataset, max_prompt_tokens: int) -> list[Exchange]:
             last = first  # the answer: the contiguous targets from the first one
             while last + 1 < end - start and labels[start + last + 1] != -100:
                 last += 1
-            found.append(Exchange(ids[start : start + first].tolist(), ids[start + first : start + last + 1].tolist()))
+            found.append(
+                Exchange(ids[start : start + first].tolist(), ids[start + first : start + last + 1].tolist())
+            )
     return found
 
 
 def require_exchanges(found: list[Exchange], what: str, max_prompt_tokens: int) -> list[Exchange]:
     if not found:
         raise UserError(
-            f"{what}: no prompt found (a prompt is the tokens before a document's first training target, at most "
+            f"{what}: no prompt found (a prompt is the tokens before a document's first training target, "
+            "at most "
             f"max_prompt_tokens = {max_prompt_tokens}); use chat data with data.loss_on: assistant, or raise "
             "max_prompt_tokens"
         )
@@ -89,8 +93,15 @@ def eos_ids(model) -> set[int]:
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-           generator: torch.Generator | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Answer each prompt: temperature 0 is greedy, otherwise sampling from softmax(logits / temperature).
 
     Returns (input_ids, attention_mask, answer_mask), each (B, P + max_new_tokens): the prompts left-padded,
@@ -106,8 +117,11 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, temperature:
     step_ids, step_pos = ids, positions(mask)
     answer, alive = [], []
     for _ in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache,
-                       use_cache=True).logits[:, -1].float()
+        logits = (
+            model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, use_cache=True)
+            .logits[:, -1]
+            .float()
+        )
         if temperature == 0:
             token = logits.argmax(-1)
         else:
@@ -136,8 +150,12 @@ def answer_labels(input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.T
 
 def forward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """A left-padded batch as a model sees it without a cache."""
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions(attention_mask),
-            "use_cache": False}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": positions(attention_mask),
+        "use_cache": False,
+    }
 
 
 def step_generator(seed: int, step: int, rows, device) -> torch.Generator:

@@ -36,6 +36,7 @@ The doubled bias is theirs: `dt_proj(...)` adds it and the scan adds it again (`
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -43,6 +44,8 @@ from pathlib import Path
 import torch
 
 from distill.errors import UserError
+from distill.export import TOKENIZER_FILES, check_out_dir, copy_tokenizer_and_generation_config
+from distill.files import atomic_dir
 
 MIL_GATED_NORM_EPS = 1e-5  # hard-coded in MambaInLlama's Mamba2 (RMSNormGated(..., eps=1e-5))
 
@@ -196,21 +199,24 @@ def mil_to_native(folder: str | Path):
 
 def import_mil(mil_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert a MambaInLlama folder into a native checkpoint folder (written atomically)."""
-    from distill.export import (
-        _TOKENIZER_FILES,
-        _copy_tokenizer_and_generation_config,
-        _replace_atomically,
-        check_out_dir,
-    )
-
     folder, out = Path(mil_dir), Path(out_dir)
     check_out_dir(out)
     model = mil_to_native(folder)
-
-    def build(tmp: Path) -> None:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)  # safetensors, config with auto_map, and the modeling code
-        has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
-        _copy_tokenizer_and_generation_config(model, folder if has_tokenizer else None, tmp)
-
-    _replace_atomically(build, out)
+        has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+        copy_tokenizer_and_generation_config(model, folder if has_tokenizer else None, tmp)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`distill import-mil DIR --out OUT`."""
+    parser = argparse.ArgumentParser(
+        prog="distill import-mil", description="Convert a MambaInLlama checkpoint to our native format."
+    )
+    parser.add_argument("mil_dir", help="folder with mamba_config.json, config.json and the weights")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    out = import_mil(args.mil_dir, args.out)
+    print(f"wrote native checkpoint to {out}")
+    return 0

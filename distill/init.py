@@ -1,6 +1,6 @@
 """Build the student from the teacher: pick the attention layers, map attention weights into the mixers.
 
-Teachers: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3 and SmolLM3 (`TEACHER_MODEL_TYPES`); the student reuses the
+Teachers: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3 and SmolLM3 (`distill.families`); the student reuses the
 family's own attention, MLP and norm classes, and carries over what makes the family differ (q/k/v biases,
 q/k norms, sliding windows, NoPE layers, RoPE scaling, tied or untied embeddings).
 
@@ -15,10 +15,11 @@ mixer the same: a per-head RMSNorm on in_proj's C and B rows, initialised from q
 start as exactly the normed q and k the attention scored with; `bc_norm: false` drops the norms (C, B = the
 raw q_proj, k_proj outputs). See docs/design.md for the measurement behind the default.
 
-Two optional fixes, to be measured: `conv_init: identity` starts the conv as a delta on the current token, so
-the mixer initially sees silu(q), silu(k), silu(v) rather than a random mix of the last four tokens;
-`norm_init: rms_ratio` scales each Mamba-2 gated norm so that the mixer's output has the RMS of the
-attention output it replaces (measured on `calibration_input_ids`).
+The calibrated defaults (they won the measurements, docs/findings.md): `conv_init: identity` starts the conv as a
+delta on the current token, so the mixer initially sees silu(q), silu(k), silu(v) rather than a random mix of
+the last four tokens; `norm_init: rms_ratio` scales each Mamba-2 gated norm so that the mixer's output has the
+RMS of the attention output it replaces (measured on `calibration_input_ids`). `ones` and `random` are the
+reference's.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import copy
 
 import torch
 
-from distill.configuration_hybrid import TEACHER_MODEL_TYPES, HybridConfig
-from distill.modeling_hybrid import HybridForCausalLM, HybridMamba2Mixer
-from distill.recipe import RecipeError, StudentConfig
+from distill.configuration_hybrid import HybridConfig
+from distill.families import check_teacher_family
+from distill.modeling_hybrid import HybridForCausalLM, HybridMamba2Mixer, is_mixer_param
+from distill.recipe import RecipeError, StudentConfig, attention_layers_problem
 
 _LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -41,26 +43,22 @@ _LLAMA_FIELDS = (
 
 def select_attention_layers(
     num_layers: int,
-    attention_layers: list[int] | None = None,
+    attention_layers: list[int] | str = "uniform",
     attention_fraction: float | None = None,
 ) -> list[int]:
     """The sorted indices of the layers that keep attention.
 
-    `attention_layers` is taken as given. `attention_fraction` f keeps k = round(f * num_layers) layers, the
+    A list is taken as given. `uniform` with `attention_fraction` f keeps k = round(f * num_layers) layers, the
     last of each of k equal groups: index floor((j + 1) * num_layers / k) - 1, which at f = 0.5 is every odd
-    layer, the reference's placement. Layers chosen from data (`attention_layers: auto`) are distill.selection's.
+    layer, the reference's placement. Layers chosen from data (`auto`) are resolved by distill.selection before
+    the student is built.
     """
-    if (attention_layers is None) == (attention_fraction is None):
-        raise RecipeError("student: set exactly one of attention_layers or attention_fraction")
-    if attention_layers is not None:
-        bad = [i for i in attention_layers if not 0 <= i < num_layers]
-        if bad:
-            raise RecipeError(
-                f"student.attention_layers: {bad} out of range; the teacher has {num_layers} layers, "
-                f"so use indices 0..{num_layers - 1}"
-            )
-        if len(set(attention_layers)) != len(attention_layers):
-            raise RecipeError(f"student.attention_layers has duplicates: {attention_layers}")
+    if attention_layers == "auto":
+        raise RecipeError("student.attention_layers = 'auto' is chosen from data by the selection stage before the "
+                          "student is built; build it directly from a list or 'uniform'")
+    if isinstance(attention_layers, list):
+        if problem := attention_layers_problem(attention_layers, num_layers):
+            raise RecipeError(f"student.attention_layers: {problem}")
         return sorted(attention_layers)
     if not 0.0 <= attention_fraction <= 1.0:
         raise RecipeError(f"student.attention_fraction = {attention_fraction}: must be between 0 and 1")
@@ -71,15 +69,6 @@ def select_attention_layers(
             f"Mamba student or at least {1 / num_layers:.3g} for one attention layer"
         )
     return [(j + 1) * num_layers // k - 1 for j in range(k)]
-
-
-def check_teacher_family(model_type: str | None) -> None:
-    """Refuse, in one line, a teacher whose family the student cannot reproduce."""
-    if model_type not in TEACHER_MODEL_TYPES:
-        raise RecipeError(
-            f"teacher is a {model_type!r} model, which mamba-distill does not support; supported teacher "
-            f"model_types: {', '.join(TEACHER_MODEL_TYPES)}"
-        )
 
 
 def family_fields(teacher_config) -> dict:
@@ -167,7 +156,7 @@ def hybrid_from_teacher(
 
     teacher_state = teacher.state_dict()
     for name, param in student.named_parameters():
-        if ".mamba." not in name:
+        if not is_mixer_param(name):
             param.copy_(teacher_state[name])
     for index, layer in enumerate(student.model.layers):
         if layer.mixer_type == "attention":

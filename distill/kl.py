@@ -30,11 +30,13 @@ def with_lora(student, lora):
     """Wrap with peft LoRA on `lora.target_modules`, keeping the Mamba mixers fully trainable."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules)
     try:
         model = get_peft_model(student, config)
     except ValueError as err:
-        raise TrainingError(f"lora.target_modules = {lora.target_modules}: {str(err).splitlines()[0]}") from None
+        first = str(err).splitlines()[0]
+        raise TrainingError(f"lora.target_modules = {lora.target_modules}: {first}") from None
     for name, param in model.named_parameters():
         if is_mixer_param(name):
             param.requires_grad_(True)
@@ -131,7 +133,8 @@ class TopKCache:
             self.done[rows[todo]] = True  # only after the values are on disk
             self.done.flush()
         device = batch["input_ids"].device
-        topk = TopK(torch.from_numpy(self.logprobs[rows]).to(device), torch.from_numpy(self.indices[rows]).to(device))
+        topk = TopK(torch.from_numpy(self.logprobs[rows]).to(device),
+                    torch.from_numpy(self.indices[rows]).to(device))
         return {"topk": topk}
 
 

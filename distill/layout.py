@@ -58,7 +58,8 @@ class RunLayout:
 
     def stage_summaries(self, names: list[str]) -> list[dict]:
         """Each stage's summary (only its name where the stage has not finished)."""
-        return [{"name": name, **(read_summary(self.stage(index, name)) or {})} for index, name in enumerate(names)]
+        return [{"name": name, **(read_summary(self.stage(index, name)) or {})}
+                for index, name in enumerate(names)]
 
 
 # ----------------------------------------------------------------------------- inside a stage folder

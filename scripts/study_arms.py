@@ -86,4 +86,6 @@ def arm_overrides(name: str, out: Path, scale: float) -> list[str]:
             return sets + [e2e_only] + overrides
         budget = budget[1:]
     sets += [f"stages.0.max_tokens={int(budget[0] * scale)}", f"stages.1.max_tokens={int(budget[1] * scale)}"]
+    if "stages.0.name=stepwise" not in overrides and not any(o.startswith("stages.0.activations=") for o in overrides):
+        sets.append("stages.0.activations=online")  # the arms measured online alignment unless they say cached
     return sets + overrides

@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 from study_arms import ARMS, BASE, ROOT, SHARED_FIRST_STAGE, arm_overrides
 
+from distill.layout import RunLayout, finished_summary
+
 
 def run_arm(name: str, out: Path, scale: float, threads: int) -> dict:
     report = out / name / "eval" / "report.json"
@@ -26,11 +28,13 @@ def run_arm(name: str, out: Path, scale: float, threads: int) -> dict:
     (out / name).mkdir(parents=True, exist_ok=True)
     if name in SHARED_FIRST_STAGE:
         source = SHARED_FIRST_STAGE[name]
-        if not (out / source / "stage0-layerwise" / "summary.json").is_file():
-            return {"arm": name, "status": f"waiting: needs {source}'s layerwise stage; rerun when it has finished"}
-        link = out / name / "stage0-layerwise"
+        shared = RunLayout(out / source).stage(0, "layerwise")
+        if not finished_summary(shared):
+            status = f"waiting: needs {source}'s layerwise stage; rerun when it has finished"
+            return {"arm": name, "status": status}
+        link = RunLayout(out / name).stage(0, "layerwise")
         if not link.exists():
-            link.symlink_to(Path("..") / source / "stage0-layerwise")
+            link.symlink_to(Path("..") / source / shared.name)
     (out / name / "threads").write_text(str(threads))
     started = time.time()
     with open(out / name / "study.log", "a") as log:
@@ -66,11 +70,14 @@ def decode_speed(arms: list[str], out: Path, contexts: list[int]) -> dict[str, d
     for name in arms:
         student = yaml.safe_load((out / name / "recipe.yaml").read_text())["student"]
         layers = student["attention_layers"]  # a list when chosen from data: its count sets the speed
-        fraction = len(layers) / teacher.config.num_hidden_layers if layers is not None else student["attention_fraction"] or 0
+        fraction = (len(layers) / teacher.config.num_hidden_layers if isinstance(layers, list)
+                    else student["attention_fraction"] or 0)
         arch = f"{student['mixer']}@{fraction}"
         arch_of[name] = arch
         if arch not in models:
-            cfg = StudentConfig(mixer=student["mixer"], attention_fraction=fraction)
+            # speed does not depend on the weights
+            cfg = StudentConfig(mixer=student["mixer"], attention_layers="uniform",
+                                attention_fraction=fraction, norm_init="ones")
             models[arch] = hybrid_from_teacher(teacher, cfg, seed=0).eval()
     rows = benchmark(models, contexts, [1], steps=4, prefill_max_tokens=0)
     by_arch = {}
@@ -142,7 +149,7 @@ def collect(out: Path, arms: list[str], lm_eval_limit: int | None, speed_context
             "threads": arm_threads,
             "cpu_hours": wall * arm_threads / 3600,
             "lm_eval": lm_eval_scores(out / name / "final", lm_eval_limit),
-            "curves": {stage["name"]: loss_curve(out / name / f"stage{stage['index']}-{stage['name']}")
+            "curves": {stage["name"]: loss_curve(RunLayout(out / name).stage(stage["index"], stage["name"]))
                        for stage in report["stages"]},
         }
     if finished and speed_contexts:

@@ -127,3 +127,10 @@ def smollm2():
 
     model, tokenizer = load_teacher(TeacherConfig(), dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+# The reference's student: evenly spaced attention layers, norm weights at one and a random conv. The library's
+# defaults (layers chosen from data, the calibrated norm) need training rows; tests that build a student
+# directly pin these.
+REFERENCE_INIT = {"norm_init": "ones", "conv_init": "random"}
+REFERENCE_STUDENT = {**REFERENCE_INIT, "attention_layers": "uniform"}

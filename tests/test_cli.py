@@ -81,10 +81,11 @@ def test_validate_prints_the_resolved_recipe(tmp_path, teacher_dir, capsys):
 
 def test_delegated_subcommands_get_their_argv(monkeypatch):
     import distill.export
+    import distill.import_mil
 
     seen = []
     monkeypatch.setattr(distill.export, "main", lambda argv: seen.append(("export", argv)) or 0)
-    monkeypatch.setattr(distill.export, "import_mil_main", lambda argv: seen.append(("import-mil", argv)) or 0)
+    monkeypatch.setattr(distill.import_mil, "main", lambda argv: seen.append(("import-mil", argv)) or 0)
     assert main(["export", "outputs/run/final", "--format", "bamba", "--out", "x"]) == 0
     assert main(["import-mil", "mil/", "--out", "y"]) == 0
     assert seen == [("export", ["outputs/run/final", "--format", "bamba", "--out", "x"]),

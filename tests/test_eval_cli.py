@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import REFERENCE_STUDENT
 from test_eval_lm_eval import save_tiny_checkpoint
 
 from distill.cli import main as distill_main
@@ -55,8 +56,8 @@ def test_teacher_against_itself(tmp_path, text_data):
 def test_run_output_folder(tmp_path, text_data):
     """`--student <run>/final` finds the run's recipe: its teacher, held-out split and stage summaries."""
     from distill.init import hybrid_from_teacher
+    from distill.pipeline import save_final
     from distill.recipe import StudentConfig, recipe_from_dict
-    from distill.run import save_final
 
     teacher, tokenizer = save_tiny_checkpoint(tmp_path / "llama")
     run = tmp_path / "run"
@@ -71,7 +72,7 @@ def test_run_output_folder(tmp_path, text_data):
     (run / "stage0-end_to_end").mkdir(parents=True)
     (run / "recipe.yaml").write_text(recipe.dump())
     (run / "stage0-end_to_end" / "summary.json").write_text(json.dumps({"tokens": 1024, "wall_time_s": 2.0}))
-    save_final(hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5)), tokenizer, run / "final")
+    save_final(hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5)), tokenizer, run / "final")
     assert main(["--student", str(run / "final")]) == 0
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["stages"] == [{"name": "end_to_end", "tokens": 1024, "wall_time_s": 2.0}]

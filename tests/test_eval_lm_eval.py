@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import REFERENCE_STUDENT, tiny_llama_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -45,11 +45,11 @@ def _loglikelihood(model, tokens: list[int], first_scored: int) -> float:
 def _native_hybrid(tmp_path):
     """The tiny Llama turned into a 50% hybrid and saved as a run's final/ folder (with its remote code)."""
     from distill.init import hybrid_from_teacher
+    from distill.pipeline import save_final
     from distill.recipe import StudentConfig
-    from distill.run import save_final
 
     teacher, tokenizer = save_tiny_checkpoint(tmp_path / "teacher")
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5), seed=0).eval()
+    student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5), seed=0).eval()
     save_final(student, tokenizer, tmp_path / "tiny")
     return student, tokenizer
 

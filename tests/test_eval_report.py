@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import REFERENCE_STUDENT
 from datasets import Dataset
 from test_eval_lm_eval import save_tiny_checkpoint
 
@@ -51,7 +52,7 @@ def models(tmp_path):
     from distill.init import hybrid_from_teacher
 
     teacher, tokenizer = save_tiny_checkpoint(tmp_path / "teacher")
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5), seed=0)
+    student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5), seed=0)
     return teacher, student, tokenizer
 
 

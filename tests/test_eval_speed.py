@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import REFERENCE_STUDENT
 
 from distill.eval.speed import benchmark, build_cache, cache_bytes, markdown, measure_decode, peak_memory
 
@@ -10,7 +11,7 @@ def _hybrid(teacher, fraction):
     from distill.init import hybrid_from_teacher
     from distill.recipe import StudentConfig
 
-    return hybrid_from_teacher(teacher, StudentConfig(attention_fraction=fraction), seed=0).eval()
+    return hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=fraction), seed=0).eval()
 
 
 @pytest.mark.parametrize("fraction", [None, 0.5, 0.0])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import clear_greedy, reordering_bound
+from conftest import REFERENCE_STUDENT, clear_greedy, reordering_bound
 
 from distill.errors import UserError
 from distill.export import export, main
@@ -33,7 +33,7 @@ def make_hybrid(teacher, mixer="mamba2", seed=0, **student):
     """A hybrid from `teacher` whose freshly initialised mixer parameters are all perturbed (so all matter)."""
     from distill.init import hybrid_from_teacher
 
-    model = hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, **student), seed=seed)
+    model = hybrid_from_teacher(teacher, StudentConfig(**{**REFERENCE_STUDENT, "mixer": mixer, **student}), seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():

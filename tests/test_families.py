@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import clear_greedy, left_padded
+from conftest import REFERENCE_INIT, REFERENCE_STUDENT, clear_greedy, left_padded
 from test_stages import run, tiny_hybrid
 from transformers import (
     AutoModelForCausalLM,
@@ -88,7 +88,7 @@ def ids_and_mask(length: int = 16):
 @pytest.mark.parametrize("family", CONFIGS)
 def test_zero_mamba_student_is_the_teacher(family):
     teacher = teacher_model(family)
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=1.0)).eval()
+    student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=1.0)).eval()
     for mine, theirs in zip(student.model.layers, teacher.model.layers):
         assert type(mine.self_attn) is type(theirs.self_attn) and type(mine.mlp) is type(theirs.mlp)
     assert student.config.tie_word_embeddings == teacher.config.tie_word_embeddings
@@ -130,25 +130,25 @@ def test_each_tiny_teacher_exercises_its_feature(family):
 
 
 def test_family_fields_carry_over():
-    llama = hybrid_config_from_teacher(CONFIGS["llama3"](), StudentConfig())
+    llama = hybrid_config_from_teacher(CONFIGS["llama3"](), StudentConfig(**REFERENCE_STUDENT))
     assert llama.rope_parameters["rope_type"] == "llama3" and llama.rope_parameters["factor"] == 8.0
     assert not llama.tie_word_embeddings and not llama.mamba_proj_bias
-    mistral = hybrid_config_from_teacher(CONFIGS["mistral"](), StudentConfig())
+    mistral = hybrid_config_from_teacher(CONFIGS["mistral"](), StudentConfig(**REFERENCE_STUDENT))
     assert mistral.sliding_window == WINDOW
     assert mistral.layer_types == ["linear_attention", "sliding_attention"] * 2
-    qwen2 = hybrid_config_from_teacher(CONFIGS["qwen2"](), StudentConfig())
+    qwen2 = hybrid_config_from_teacher(CONFIGS["qwen2"](), StudentConfig(**REFERENCE_STUDENT))
     assert qwen2.layer_types == ["linear_attention", "full_attention", "linear_attention", "sliding_attention"]
     assert qwen2.mamba_proj_bias
-    qwen3 = hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig())
+    qwen3 = hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig(**REFERENCE_STUDENT))
     assert qwen3.head_dim == 24 and qwen3.mamba_bc_norm and not qwen3.mamba_proj_bias
-    assert not hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig(bc_norm=False)).mamba_bc_norm
-    smol = hybrid_config_from_teacher(CONFIGS["smollm3"](), StudentConfig())
+    assert not hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig(**REFERENCE_STUDENT, bc_norm=False)).mamba_bc_norm
+    smol = hybrid_config_from_teacher(CONFIGS["smollm3"](), StudentConfig(**REFERENCE_STUDENT))
     assert smol.no_rope_layers == [1, 1, 1, 0] and smol.sliding_window is None
 
 
 def test_unsupported_family_is_one_line_naming_it():
     with pytest.raises(RecipeError) as err:
-        hybrid_config_from_teacher(GemmaConfig(**COMMON), StudentConfig())
+        hybrid_config_from_teacher(GemmaConfig(**COMMON), StudentConfig(**REFERENCE_STUDENT))
     message = str(err.value)
     assert "'gemma'" in message and "llama, mistral, qwen2, qwen3, smollm3" in message and "\n" not in message
 
@@ -158,7 +158,7 @@ def test_unsupported_family_is_one_line_naming_it():
 def test_biases_and_qk_norms_land_in_the_mixer(family, mixer):
     """in_proj's C and B rows (bias and, for Qwen3, the per-head norm) give exactly the teacher's q and k."""
     teacher = teacher_model(family)
-    student = hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, attention_layers=[1, 3]))
+    student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_INIT, mixer=mixer, attention_layers=[1, 3]))
     u = torch.randn(2, 7, 64)
     with torch.no_grad():
         for i in (0, 2):
@@ -206,7 +206,7 @@ def test_layerwise_loss_falls(tmp_path, family):
 @pytest.mark.parametrize("family", CONFIGS)
 def test_batched_left_padded_generation_equals_unbatched(family, mixer):
     teacher = teacher_model(family)
-    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(mixer=mixer, attention_fraction=0.5)))
+    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, mixer=mixer, attention_fraction=0.5)))
     student.generation_config.pad_token_id = 0
     prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)]
     ids, mask = left_padded(prompts)
@@ -223,7 +223,7 @@ def test_batched_left_padded_generation_equals_unbatched(family, mixer):
 @pytest.mark.parametrize("family", CONFIGS)
 def test_save_then_load_is_bit_exact(tmp_path, family):
     teacher = teacher_model(family)
-    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5)))
+    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5)))
     student.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     saved = {k: v for k, v in student.config.to_dict().items() if k != "_name_or_path"}
@@ -256,7 +256,7 @@ REMOTE = textwrap.dedent(
 def test_remote_code_loads_every_family_without_our_package(tmp_path):
     folders = []
     for family in CONFIGS:
-        student = perturb_mixers(hybrid_from_teacher(teacher_model(family), StudentConfig(attention_fraction=0.5)))
+        student = perturb_mixers(hybrid_from_teacher(teacher_model(family), StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5)))
         folder = tmp_path / family
         student.save_pretrained(folder)
         ids, _ = ids_and_mask()
@@ -270,7 +270,7 @@ def test_remote_code_loads_every_family_without_our_package(tmp_path):
 
 
 def test_families_table_matches_the_config():
-    from distill.configuration_hybrid import TEACHER_MODEL_TYPES
+    from distill.families import TEACHER_MODEL_TYPES
 
     assert tuple(FAMILIES) == TEACHER_MODEL_TYPES
 
@@ -290,7 +290,7 @@ def test_bamba_export_of_expressible_families_equals_native(tmp_path, family):
         teacher = AutoModelForCausalLM.from_config(MistralConfig(**COMMON, head_dim=16, sliding_window=None)).eval()
     else:
         teacher = teacher_model(family)
-    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5)))
+    student = perturb_mixers(hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5)))
     student.save_pretrained(tmp_path / "ckpt")
     char_tokenizer().save_pretrained(tmp_path / "ckpt")
     out = export(tmp_path / "ckpt", "bamba", tmp_path / "bamba")  # itself compares logits on a random sequence
@@ -317,7 +317,7 @@ def test_bamba_export_of_expressible_families_equals_native(tmp_path, family):
 def test_bamba_refuses_what_it_cannot_express(tmp_path, family, student, feature):
     from distill.export import export
 
-    model = hybrid_from_teacher(teacher_model(family), StudentConfig(**student))
+    model = hybrid_from_teacher(teacher_model(family), StudentConfig(**{**REFERENCE_STUDENT, **student}))
     model.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(UserError, match=feature) as err:
         export(tmp_path / "ckpt", "bamba", tmp_path / "bamba")
@@ -329,13 +329,13 @@ def test_qwen3_without_attention_or_bc_norm_is_expressible_but_needs_hidden_widt
     """Without kept attention and B/C norms nothing Qwen3-specific is left; its head_dim still stops Bamba."""
     from distill.export import bamba_config
 
-    config = hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig(attention_fraction=0.0, bc_norm=False))
+    config = hybrid_config_from_teacher(CONFIGS["qwen3"](), StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.0, bc_norm=False))
     with pytest.raises(UserError, match=r"num_attention_heads\*head_dim = 4\*24 != hidden_size = 64"):
         bamba_config(config)
 
 
 def test_config_round_trips_through_json(tmp_path):
-    config = hybrid_config_from_teacher(CONFIGS["smollm3"](), StudentConfig())
+    config = hybrid_config_from_teacher(CONFIGS["smollm3"](), StudentConfig(**REFERENCE_STUDENT))
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["teacher_model_type"] == "smollm3" and saved["no_rope_layers"] == [1, 1, 1, 0]
@@ -351,8 +351,8 @@ def test_pipeline_runs_on_each_family(tmp_path, monkeypatch, family):
     """distill run on a tiny teacher of the family: layerwise, end-to-end, eval (lm-eval, decode speed), export."""
     from conftest import make_tiny_tokenizer
 
+    from distill.pipeline import run as distill_run
     from distill.recipe import recipe_from_dict
-    from distill.run import run as distill_run
 
     monkeypatch.setenv("MAMBA_DISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
@@ -366,9 +366,9 @@ def test_pipeline_runs_on_each_family(tmp_path, monkeypatch, family):
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     recipe = recipe_from_dict({
         "teacher": {"source": "teacher"},
-        "student": {"attention_fraction": 0.5, "chunk_size": 16},
+        "student": {**REFERENCE_STUDENT, "attention_fraction": 0.5, "chunk_size": 16},
         "data": {"source": "chat.jsonl", "max_length": 128, "held_out_size": 4},
-        "stages": [{"name": "layerwise", "max_tokens": 1000, "batch_size": 4},
+        "stages": [{"name": "layerwise", "max_tokens": 1000, "batch_size": 4, "activations": "online"},
                    {"name": "end_to_end", "max_tokens": 1000, "batch_size": 4}],
         "eval": {"max_sequences": 4, "lm_eval_tasks": ["sharegpt_ppl"], "lm_eval_limit": 2, "speed": True,
                  "speed_contexts": [16], "speed_batch_sizes": [2], "speed_steps": 2},

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import clear_greedy, left_padded, reordering_bound
+from conftest import REFERENCE_STUDENT, clear_greedy, left_padded, reordering_bound
 from test_model import random_model
 from transformers import DynamicCache
 
@@ -123,7 +123,7 @@ def test_cached_generation_equals_uncached(layout):
 @pytest.mark.slow
 def test_smollm2_zero_mamba_student_is_the_teacher(smollm2):
     teacher, tokenizer = smollm2
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_fraction=1.0)).eval()
+    student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=1.0)).eval()
     ids = tokenizer(["The capital of France is", "def fibonacci(n):"], return_tensors="pt", padding=True)
     with torch.no_grad():
         diff = (student(**ids).logits - teacher(**ids).logits).abs().max().item()
@@ -134,9 +134,9 @@ def test_smollm2_zero_mamba_student_is_the_teacher(smollm2):
 @pytest.mark.parametrize(
     "cfg",
     [
-        StudentConfig(mixer="mamba2", attention_fraction=0.5),
-        StudentConfig(mixer="mamba1", attention_fraction=0.5),
-        StudentConfig(mixer="mamba2", attention_fraction=0.0),
+        StudentConfig(**REFERENCE_STUDENT, mixer="mamba2", attention_fraction=0.5),
+        StudentConfig(**REFERENCE_STUDENT, mixer="mamba1", attention_fraction=0.5),
+        StudentConfig(**REFERENCE_STUDENT, mixer="mamba2", attention_fraction=0.0),
     ],
     ids=["mamba2-50", "mamba1-50", "mamba2-0"],
 )

@@ -225,7 +225,7 @@ def write_mil_checkpoint(folder, mixer, ssm_cfg=None, storage="safetensors", lay
 def _compare(folder, tmp_path, reference):
     from transformers import AutoModelForCausalLM
 
-    from distill.export import import_mil_main
+    from distill.import_mil import main as import_mil_main
 
     out = tmp_path / "native"
     assert import_mil_main([str(folder), "--out", str(out)]) == 0

@@ -1,8 +1,10 @@
 """Initialisation from the teacher: layer selection, exact weight mapping, seeds, conv and norm options."""
 
+import math
+
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import REFERENCE_INIT, REFERENCE_STUDENT, tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from distill.init import hybrid_config_from_teacher, hybrid_from_teacher, select_attention_layers
@@ -39,20 +41,20 @@ def test_explicit_layers_and_mistakes():
 
 
 def test_config_from_teacher():
-    config = hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", attention_layers=[2]))
+    config = hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(**REFERENCE_INIT, mixer="mamba1", attention_layers=[2]))
     assert config.mixer_types == ["mamba1", "mamba1", "attention", "mamba1"]
     assert config.mamba1_d_state == 16 and config.mamba1_dt_rank == 4  # head_dim, ceil(64 / 16)
     assert config._attn_implementation == "sdpa"
-    narrow = hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", mamba1_d_state=8))
+    narrow = hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(**REFERENCE_STUDENT, mixer="mamba1", mamba1_d_state=8))
     assert narrow.mamba1_d_state == 8  # any divisor of the kv width (MambaInLlama uses 16)
     with pytest.raises(RecipeError, match="must divide the teacher's kv width"):
-        hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(mixer="mamba1", mamba1_d_state=12))
-    assert hybrid_config_from_teacher(tiny_llama_config(attention_bias=True), StudentConfig()).mamba_proj_bias
+        hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(**REFERENCE_STUDENT, mixer="mamba1", mamba1_d_state=12))
+    assert hybrid_config_from_teacher(tiny_llama_config(attention_bias=True), StudentConfig(**REFERENCE_STUDENT)).mamba_proj_bias
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
 def test_attention_weights_land_in_the_mixer_exactly(tiny_llama, mixer):
-    student = hybrid_from_teacher(tiny_llama, StudentConfig(mixer=mixer, attention_layers=[1]))
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_INIT, mixer=mixer, attention_layers=[1]))
     teacher = dict(tiny_llama.state_dict())
     for i, layer in enumerate(student.model.layers):
         for part in ("input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
@@ -75,7 +77,7 @@ def test_attention_weights_land_in_the_mixer_exactly(tiny_llama, mixer):
 
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
 def test_seed_changes_fresh_parameters_only(tiny_llama, mixer):
-    cfg = StudentConfig(mixer=mixer)
+    cfg = StudentConfig(**REFERENCE_STUDENT, mixer=mixer)
     rng = torch.get_rng_state()
     a, a2, b = (hybrid_from_teacher(tiny_llama, cfg, seed=s).state_dict() for s in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), rng), "hybrid_from_teacher must not consume the global RNG"
@@ -91,7 +93,7 @@ def test_seed_changes_fresh_parameters_only(tiny_llama, mixer):
 
 
 def test_random_init_keeps_nothing_of_the_attention(tiny_llama):
-    student = hybrid_from_teacher(tiny_llama, StudentConfig(init="random"))
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_STUDENT, init="random"))
     rows = student.model.layers[0].mamba.in_proj.weight
     assert not torch.equal(rows[64:96], tiny_llama.model.layers[0].self_attn.v_proj.weight)
     assert not torch.equal(student.model.layers[0].mamba.out_proj.weight, tiny_llama.model.layers[0].self_attn.o_proj.weight)
@@ -99,7 +101,7 @@ def test_random_init_keeps_nothing_of_the_attention(tiny_llama):
 
 
 def test_identity_conv_passes_the_current_token(tiny_llama):
-    student = hybrid_from_teacher(tiny_llama, StudentConfig(conv_init="identity"))
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(**{**REFERENCE_STUDENT, "conv_init": "identity"}))
     conv = student.model.layers[0].mamba.conv1d
     x = torch.randn(1, conv.in_channels, 5)
     out = torch.nn.functional.conv1d(x, conv.weight, conv.bias, padding=3, groups=conv.in_channels)[..., :5]
@@ -109,8 +111,8 @@ def test_identity_conv_passes_the_current_token(tiny_llama):
 def test_rms_ratio_matches_the_attention_output_scale(tiny_llama):
     ids = torch.randint(0, 128, (2, 16))
     with pytest.raises(RecipeError, match="calibration_input_ids"):
-        hybrid_from_teacher(tiny_llama, StudentConfig(norm_init="rms_ratio"))
-    student = hybrid_from_teacher(tiny_llama, StudentConfig(norm_init="rms_ratio"), calibration_input_ids=ids)
+        hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers="uniform"))
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers="uniform"), calibration_input_ids=ids)
     captured = {}
     for i in (0, 2):
         tiny_llama.model.layers[i].self_attn.register_forward_pre_hook(
@@ -134,17 +136,23 @@ def test_rms_ratio_matches_the_attention_output_scale(tiny_llama):
 
 
 @pytest.mark.slow
-def test_smollm2_students_and_parameter_counts(smollm2, capsys):
+def test_smollm2_students_have_the_parameter_counts_of_the_documented_shapes(smollm2):
+    """Each replaced layer trades the attention's q, k, v, o for a mixer of the shapes docs/design.md lists."""
     teacher, _ = smollm2
     assert isinstance(teacher, LlamaForCausalLM)
-    counts = {"teacher": teacher.num_parameters()}
-    for name, cfg in {
-        "50% mamba2": StudentConfig(mixer="mamba2", attention_fraction=0.5),
-        "50% mamba1": StudentConfig(mixer="mamba1", attention_fraction=0.5),
-        "0% attention mamba2": StudentConfig(mixer="mamba2", attention_fraction=0.0),
-    }.items():
-        student = hybrid_from_teacher(teacher, cfg)
-        counts[name] = student.num_parameters()
+    c = teacher.config
+    hidden, heads, hd = c.hidden_size, c.num_attention_heads, c.head_dim
+    d_inner, d_xb, w = heads * hd, c.num_key_value_heads * hd, 4
+    attention = 2 * hidden * d_inner + 2 * hidden * d_xb  # q, o and k, v (no biases)
+    rank, n1 = math.ceil(hidden / 16), hd
+    mixers = {
+        "mamba2": (2 * d_inner + 2 * d_xb + heads) * hidden + (2 * d_xb + d_inner) * (w + 1) + 3 * heads + d_inner
+        + hidden * d_inner,
+        "mamba1": (2 * d_inner + 2 * d_xb + rank) * hidden + d_inner * (w + 1) + d_inner * (rank + 1)
+        + d_inner * n1 + d_inner + hidden * d_inner,
+    }
+    for mixer, fraction in (("mamba2", 0.5), ("mamba1", 0.5), ("mamba2", 0.0)):
+        student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, mixer=mixer, attention_fraction=fraction))
+        replaced = c.num_hidden_layers - round(fraction * c.num_hidden_layers)
         assert student.config.num_hidden_layers == 30
-    with capsys.disabled():
-        print("\nparameter counts:", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
+        assert student.num_parameters() - teacher.num_parameters() == replaced * (mixers[mixer] - attention), mixer

@@ -179,7 +179,7 @@ def test_distill_eval_and_speed_run_our_kernels_on_a_bamba_export(tmp_path, monk
     from test_export import make_hybrid
 
     from distill.eval.cli import main as eval_main
-    from distill.eval.speed import benchmark, load_checkpoint
+    from distill.eval.speed import benchmark, load_with_our_kernels
     from distill.export import write_bamba
     from distill.kernels import dispatch
 
@@ -204,5 +204,5 @@ def test_distill_eval_and_speed_run_our_kernels_on_a_bamba_export(tmp_path, monk
         calls.clear()
     # the same fp32 model in two layouts: only rounding differs (see LOGIT_TOL), and perplexity is exp(mean NLL)
     assert perplexity["bamba"] == pytest.approx(perplexity["native"], rel=1e-4)
-    rows = benchmark({"bamba": load_checkpoint(tmp_path / "bamba", "cpu")}, [24], [2], 2, 64, log=lambda _: None)
+    rows = benchmark({"bamba": load_with_our_kernels(tmp_path / "bamba", "cpu")}, [24], [2], 2, 64, log=lambda _: None)
     assert calls and rows[0]["prefill_tok_s"] > 0 and rows[0]["ssm_state_bytes"] > 0

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reordering_bound, tiny_llama_config
+from conftest import REFERENCE_STUDENT, reordering_bound, tiny_llama_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModelForCausalLM
 
@@ -198,7 +198,7 @@ def test_padding_does_not_leak(side):
 
 
 def test_zero_mamba_hybrid_equals_teacher(tiny_llama):
-    student = hybrid_from_teacher(tiny_llama, StudentConfig(attention_fraction=1.0)).eval()
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_STUDENT, attention_fraction=1.0)).eval()
     ids = torch.randint(0, 128, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -338,6 +338,6 @@ def test_llama_fields_follow_the_teacher():
                                                  "original_max_position_embeddings": 64})
     from distill.init import hybrid_config_from_teacher
 
-    config = hybrid_config_from_teacher(teacher, StudentConfig())
+    config = hybrid_config_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT))
     assert config.rope_parameters["rope_type"] == "llama3"
     assert (config.head_dim, config.num_key_value_heads, config.tie_word_embeddings) == (16, 2, True)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_llama_config
+from conftest import REFERENCE_INIT, make_tiny_tokenizer, tiny_llama_config
 
+from distill.pipeline import save_final
 from distill.recipe import StudentConfig
-from distill.run import save_final
 
 ROOT = Path(__file__).parents[1]
 
@@ -20,7 +20,7 @@ def test_save_final_replaces_the_folder_atomically(tmp_path, tiny_llama, tiny_to
 
     from distill.init import hybrid_from_teacher
 
-    student = hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers=[0, 2]), seed=0).eval()
+    student = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_INIT, attention_layers=[0, 2]), seed=0).eval()
     out = tmp_path / "final"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
@@ -49,10 +49,10 @@ def tiny_run(tmp_path_factory):
     (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (root / "recipe.yaml").write_text(
         "teacher: {source: teacher}\n"
-        "student: {attention_layers: [0, 2], chunk_size: 16}\n"
+        "student: {attention_layers: [0, 2], chunk_size: 16, norm_init: ones, conv_init: random}\n"
         "data: {source: chat.jsonl, max_length: 128, held_out_size: 4}\n"
         "stages:\n"
-        "  - {name: layerwise, max_tokens: 1000, batch_size: 4, checkpoint_every_tokens: 500}\n"
+        "  - {name: layerwise, max_tokens: 1000, batch_size: 4, checkpoint_every_tokens: 500, activations: online}\n"
         "  - {name: end_to_end, max_tokens: 1000, batch_size: 4}\n"
         "eval: {max_sequences: 4}\n"
         "output_dir: out\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import REFERENCE_INIT, tiny_llama_config
 from test_trainer import random_rows
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
@@ -52,8 +52,9 @@ def context(tmp_path, teacher, fraction=0.25, **selection):
 
     recipe = recipe_from_dict({
         "output_dir": str(tmp_path / "out"), "stages": [{"name": "layerwise", "max_tokens": 10}],
-        "student": {"attention_layers": "auto", "attention_fraction": fraction, "chunk_size": 16},
-        "selection": {"align": {"max_tokens": 4000, "lr": 1e-2, "batch_size": 4, "held_out_rows": 0},
+        "student": {"attention_layers": "auto", "attention_fraction": fraction, "chunk_size": 16, **REFERENCE_INIT},
+        "selection": {"align": {"max_tokens": 4000, "lr": 1e-2, "batch_size": 4, "held_out_rows": 0,
+                                "activations": "online"},
                       "score_rows": 8, "cache_dir": str(tmp_path / "cache"), **selection},
     })
     return StageContext(recipe=recipe, accelerator=make_accelerator(recipe), teacher=teacher, tokenizer=None,
@@ -86,13 +87,13 @@ def test_swap_score_is_the_kl_of_the_teacher_with_that_layer_replaced(tmp_path, 
     from distill.trainer import make_accelerator
 
     ctx = context(tmp_path, tiny_llama)
-    full = hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers=[], chunk_size=16), seed=3)
+    full = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_INIT, attention_layers=[], chunk_size=16), seed=3)
     rows = random_rows(6, length=64, seed=4)
     scores = swap_scores(make_accelerator(ctx.recipe), tiny_llama, {i: full.model.layers[i].mamba for i in (1, 3)},
                          rows, batch_size=4)
     batch = rows.with_format("torch")[:]
     for score, layer in zip(scores, (1, 3)):
-        one = hybrid_from_teacher(tiny_llama, StudentConfig(attention_layers=[i for i in range(4) if i != layer],
+        one = hybrid_from_teacher(tiny_llama, StudentConfig(**REFERENCE_INIT, attention_layers=[i for i in range(4) if i != layer],
                                                             chunk_size=16))
         one.model.layers[layer].mamba.load_state_dict(full.model.layers[layer].mamba.state_dict())
         with torch.no_grad():

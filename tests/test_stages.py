@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE_STUDENT
 from test_trainer import make_context, make_recipe, random_rows
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
@@ -22,13 +23,14 @@ def tiny_hybrid(teacher, **student):
     from distill.init import hybrid_from_teacher
     from distill.recipe import StudentConfig
 
-    return hybrid_from_teacher(teacher, StudentConfig(**{"attention_fraction": 0.5, "chunk_size": 16, **student}))
+    return hybrid_from_teacher(teacher, StudentConfig(**{**REFERENCE_STUDENT, "attention_fraction": 0.5, "chunk_size": 16, **student}))
 
 
 def run(tmp_path, teacher, student, stage: dict):
     from distill.stages import run_stage
 
-    recipe = make_recipe(tmp_path, {"batch_size": 4, "held_out_rows": 8, "warmup_ratio": 0.1, **stage})
+    online = {"activations": "online"} if stage["name"] == "layerwise" else {}  # the test's own choice otherwise
+    recipe = make_recipe(tmp_path, {"batch_size": 4, "held_out_rows": 8, "warmup_ratio": 0.1, **online, **stage})
     ctx = make_context(recipe, teacher)
     student = run_stage(ctx, 0, recipe.stages[0], student)
     summary = json.loads((tmp_path / f"stage0-{stage['name']}" / "summary.json").read_text())

@@ -6,10 +6,17 @@ from conftest import make_tiny_tokenizer, tiny_llama_config
 
 pytest.importorskip("trl", reason="TRL is in the dev extra: pip install -e '.[dev]'")
 
-MESSAGES = [[{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}] for i in range(8)]
-PAIRS = [{"prompt": [{"role": "user", "content": f"what is {i}+1?"}],
-          "chosen": [{"role": "assistant", "content": str(i + 1)}],
-          "rejected": [{"role": "assistant", "content": "no"}]} for i in range(8)]
+MESSAGES = [
+    [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}] for i in range(8)
+]
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": f"what is {i}+1?"}],
+        "chosen": [{"role": "assistant", "content": str(i + 1)}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
+    for i in range(8)
+]
 
 
 @pytest.fixture
@@ -33,7 +40,9 @@ def exported(tmp_path):
 
 
 def changed(model, before: dict) -> bool:
-    return any(not torch.equal(before[name], p.detach()) for name, p in model.named_parameters() if ".mamba." in name)
+    return any(
+        not torch.equal(before[name], p.detach()) for name, p in model.named_parameters() if ".mamba." in name
+    )
 
 
 @pytest.mark.slow
@@ -43,10 +52,23 @@ def test_exported_student_trains_in_trls_sft_trainer(exported, tmp_path):
 
     model, tokenizer = exported
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                     report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, max_length=64)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": m} for m in MESSAGES]),
-                         processing_class=tokenizer)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_length=64,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": m} for m in MESSAGES]),
+        processing_class=tokenizer,
+    )
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
@@ -60,9 +82,20 @@ def test_exported_student_trains_in_trls_dpo_trainer(exported, tmp_path):
 
     model, tokenizer = exported
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                     report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, beta=0.1)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        beta=0.1,
+    )
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer
+    )
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))

@@ -89,7 +89,7 @@ def run(ctx: StageContext, cfg, student, stage_dir: Path, *, label: str, seed: i
 
 
 def save_finished(accelerator, stage_dir: Path, student, summary: dict) -> None:
-    """Save the stage's final weights, then its summary (last, so it marks completion), then drop checkpoints."""
+    """Save the stage's final weights, then its summary (last: it marks completion), then drop checkpoints."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         student.save_pretrained(final_dir(stage_dir))

@@ -43,7 +43,9 @@ def pair_rows(pairs: list[Pair], max_length: int, pad_id: int):
     for pair in pairs:
         prompt = pair.prompt[-(max_length // 2) :]  # the prompt's end (the question) matters most
         sides = [(prompt + answer)[:max_length] for answer in (pair.chosen, pair.rejected)]
-        masks = [([0] * len(prompt) + [1] * len(answer))[:max_length] for answer in (pair.chosen, pair.rejected)]
+        masks = [
+            ([0] * len(prompt) + [1] * len(answer))[:max_length] for answer in (pair.chosen, pair.rejected)
+        ]
         rows.append(_row(list(zip(sides, masks)), 2 * max_length, pad_id))
     return Dataset.from_list(rows, features=Features({c: Sequence(Value("int64")) for c in COLUMNS}))
 
@@ -70,9 +72,16 @@ def build_pairs(ctx, cfg, student, seed: int) -> list[Pair]:
     if cfg.pairs == TEACHER_VS_STUDENT:
         found = require_exchanges(exchanges(ctx.train, cfg.max_prompt_tokens), "dpo", cfg.max_prompt_tokens)
         with ctx.accelerator.autocast():
-            pairs = teacher_vs_student(ctx.teacher, student, found[: cfg.max_pairs], max_new_tokens=cfg.max_new_tokens,
-                                       temperature=cfg.sample_temperature, seed=seed, pad_id=pad_id,
-                                       batch_size=cfg.batch_size)
+            pairs = teacher_vs_student(
+                ctx.teacher,
+                student,
+                found[: cfg.max_pairs],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.sample_temperature,
+                seed=seed,
+                pad_id=pad_id,
+                batch_size=cfg.batch_size,
+            )
     else:
         pairs = load_pairs(cfg.pairs, cfg.pairs_split, ctx.tokenizer, cfg.max_pairs)
     check_vocabulary(pairs, student.config.vocab_size, cfg.pairs)
@@ -101,7 +110,9 @@ def train(ctx, cfg, student, stage_dir):
     else:
         pairs = build_pairs(ctx, cfg, student, ctx.seed)
         model = student if cfg.reference == "student" else ctx.teacher
-        reference = reference_logprobs(ctx, cfg, model, pair_rows(pairs, cfg.max_length, padding_id(ctx.teacher, ctx.tokenizer)))
+        reference = reference_logprobs(
+            ctx, cfg, model, pair_rows(pairs, cfg.max_length, padding_id(ctx.teacher, ctx.tokenizer))
+        )
         if ctx.accelerator.is_main_process:
             with atomic_file(saved) as tmp:
                 torch.save(([vars(p) for p in pairs], reference), tmp)
@@ -121,4 +132,3 @@ def train(ctx, cfg, student, stage_dir):
         student.activation_checkpointing_disable()
     student.requires_grad_(False)
     return student, summary
-

@@ -36,7 +36,8 @@ from distill.trainer import train as train_loop
 
 
 def exchange_rows(found, max_prompt_tokens: int, max_new_tokens: int, pad_id: int):
-    """One right-padded row per exchange: the prompt, then the data's answer cut to max_new_tokens (targets)."""
+    """One right-padded row per exchange: the prompt, then the data's answer cut to max_new_tokens
+    (the targets)."""
     from datasets import Dataset
 
     width = max_prompt_tokens + max_new_tokens
@@ -73,22 +74,37 @@ class OnPolicyObjective(torch.nn.Module):
         self.student, self.cfg = student, cfg
 
     def loss_tokens(self, batch: dict) -> torch.Tensor:
-        return torch.tensor(len(batch["input_ids"]) * self.cfg.max_new_tokens, device=batch["input_ids"].device)
+        return torch.tensor(
+            len(batch["input_ids"]) * self.cfg.max_new_tokens, device=batch["input_ids"].device
+        )
 
     def forward(self, batch: dict, teacher_out: dict) -> dict:
         seq, mask, labels = teacher_out["input_ids"], teacher_out["attention_mask"], teacher_out["labels"]
         hidden = self.student.model(**forward_inputs(seq, mask)).last_hidden_state
         cfg = self.cfg
-        loss = distill_kl(hidden, teacher_out["hidden"], loss_positions(labels), student_head=self.student.lm_head.weight,
-                          teacher_head=teacher_out["head"], kind=cfg.kl, temperature=cfg.temperature,
-                          jsd_beta=cfg.jsd_beta, ce_weight=cfg.ce_weight, labels=labels, chunk=cfg.kl_chunk_tokens,
-                          reduction="sum")
+        loss = distill_kl(
+            hidden,
+            teacher_out["hidden"],
+            loss_positions(labels),
+            student_head=self.student.lm_head.weight,
+            teacher_head=teacher_out["head"],
+            kind=cfg.kl,
+            temperature=cfg.temperature,
+            jsd_beta=cfg.jsd_beta,
+            ce_weight=cfg.ce_weight,
+            labels=labels,
+            chunk=cfg.kl_chunk_tokens,
+            reduction="sum",
+        )
         slots = self.loss_tokens(batch)
         count = teacher_out["answer_tokens"].clamp(min=1)
         # per-token means of this micro-batch, scaled like the loss so the log shows per-token values
-        return {"loss": loss, "teacher_nll": teacher_out["teacher_nll"] / count * slots,
-                "answer_length": teacher_out["answer_tokens"] * self.cfg.max_new_tokens,
-                "sampled": torch.tensor(float(teacher_out["sampled"]), device=loss.device) * slots}
+        return {
+            "loss": loss,
+            "teacher_nll": teacher_out["teacher_nll"] / count * slots,
+            "answer_length": teacher_out["answer_tokens"] * self.cfg.max_new_tokens,
+            "sampled": torch.tensor(float(teacher_out["sampled"]), device=loss.device) * slots,
+        }
 
 
 def teacher_step(accelerator, teacher, student, cfg, seed: int, pad_id: int):
@@ -103,17 +119,30 @@ def teacher_step(accelerator, teacher, student, cfg, seed: int, pad_id: int):
         if on_policy:
             generator = step_generator(seed, index, batch["row"], batch["input_ids"].device)
             with accelerator.autocast():
-                seq, mask, answer = sample(student, prompts_of(batch), max_new_tokens=cfg.max_new_tokens,
-                                           temperature=cfg.sample_temperature, generator=generator, pad_id=pad_id)
+                seq, mask, answer = sample(
+                    student,
+                    prompts_of(batch),
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.sample_temperature,
+                    generator=generator,
+                    pad_id=pad_id,
+                )
             labels = answer_labels(seq, answer)
         else:
             seq, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         with accelerator.autocast():
             hidden = teacher.model(**forward_inputs(seq, mask)).last_hidden_state
         nll, count = teacher_nll(hidden, teacher.lm_head.weight, seq, labels)
-        return {"input_ids": seq, "attention_mask": mask, "labels": labels, "hidden": hidden,
-                "head": teacher.lm_head.weight, "teacher_nll": nll, "answer_tokens": count.float(),
-                "sampled": on_policy}
+        return {
+            "input_ids": seq,
+            "attention_mask": mask,
+            "labels": labels,
+            "hidden": hidden,
+            "head": teacher.lm_head.weight,
+            "teacher_nll": nll,
+            "answer_tokens": count.float(),
+            "sampled": on_policy,
+        }
 
     return step
 
@@ -138,11 +167,16 @@ def train(ctx, cfg, student, stage_dir):
         return held_out_losses(ctx.accelerator, objective, step, held_rows, cfg, cfg.held_out_rows)
 
     before = held_out()
-    summary = train_loop(dataclasses.replace(ctx, train=rows), stage_dir, cfg, objective, teacher_step=step,
-                         row_tokens=[cfg.max_new_tokens] * len(rows))
+    summary = train_loop(
+        dataclasses.replace(ctx, train=rows),
+        stage_dir,
+        cfg,
+        objective,
+        teacher_step=step,
+        row_tokens=[cfg.max_new_tokens] * len(rows),
+    )
     summary.update(held_out_before=before, held_out_after=held_out(), prompts=len(rows))
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
     student.requires_grad_(False)
     return student, summary
-

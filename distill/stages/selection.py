@@ -17,6 +17,7 @@ def train(ctx, cfg, student, stage_dir: Path):
     student.requires_grad_(False)
     summary.update(cache=aligned_dir(ctx.recipe, ctx.teacher).name, score_rows=cfg.score_rows)
     if ctx.recipe.student.attention_layers == "auto":
-        summary["scores"], summary["score_seconds"] = layer_scores(ctx, student, aligned_dir(ctx.recipe, ctx.teacher))
+        folder = aligned_dir(ctx.recipe, ctx.teacher)
+        summary["scores"], summary["score_seconds"] = layer_scores(ctx, student, folder)
     summary["seconds"] = time.perf_counter() - started
     return student, summary

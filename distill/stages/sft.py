@@ -25,10 +25,21 @@ class SftObjective(torch.nn.Module):
     def forward(self, batch: dict, teacher_out: dict) -> dict:
         hidden = self.student.model(**model_inputs(batch)).last_hidden_state
         cfg = self.cfg
-        loss = distill_kl(hidden, teacher_out.get("hidden"), loss_positions(batch["labels"]),
-                          student_head=self.student.lm_head.weight, teacher_head=teacher_out.get("head"),
-                          kind=cfg.kl, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta, ce_weight=1.0,
-                          labels=batch["labels"], chunk=cfg.kl_chunk_tokens, reduction="sum", kl_weight=cfg.kl_weight)
+        loss = distill_kl(
+            hidden,
+            teacher_out.get("hidden"),
+            loss_positions(batch["labels"]),
+            student_head=self.student.lm_head.weight,
+            teacher_head=teacher_out.get("head"),
+            kind=cfg.kl,
+            temperature=cfg.temperature,
+            jsd_beta=cfg.jsd_beta,
+            ce_weight=1.0,
+            labels=batch["labels"],
+            chunk=cfg.kl_chunk_tokens,
+            reduction="sum",
+            kl_weight=cfg.kl_weight,
+        )
         return {"loss": loss}
 
 
@@ -53,4 +64,3 @@ def train(ctx, cfg, student, stage_dir):
         student.activation_checkpointing_disable()
     student.requires_grad_(False)
     return student, summary
-

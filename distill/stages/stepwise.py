@@ -30,15 +30,17 @@ def replacement_schedule(layers: list[int], num_steps: int, order: str) -> list[
 
 
 def partial_student(student, teacher, active: list[int]):
-    """The student with Mamba only on `active` layers; the other Mamba layers get back the teacher's attention."""
+    """The student with Mamba only on `active` layers; its other Mamba layers get the teacher's attention."""
     from distill.modeling_hybrid import HybridForCausalLM
 
     config = copy.deepcopy(student.config)
     config.mixer_types = [
-        kind if kind == "attention" or i in active else "attention" for i, kind in enumerate(config.mixer_types)
+        kind if kind == "attention" or i in active else "attention"
+        for i, kind in enumerate(config.mixer_types)
     ]
     model = HybridForCausalLM(config).to(student.device)
-    borrowed = [i for i, kind in enumerate(student.config.mixer_types) if kind != "attention" and i not in active]
+    borrowed = [i for i, kind in enumerate(student.config.mixer_types)
+                if kind != "attention" and i not in active]
     state = {k: v for k, v in student.state_dict().items() if k in model.state_dict()}
     teacher_state = teacher.state_dict()
     for i in borrowed:
@@ -76,5 +78,6 @@ def train(ctx, cfg, student, stage_dir: Path):
         "schedule": schedule,
         "held_out_before": summaries[0].get("held_out_before"),
         "held_out_after": summaries[-1].get("held_out_after"),
-        "substeps": [{key: s.get(key) for key in ("step", "tokens", "final_loss", "active_layers")} for s in summaries],
+        "substeps": [{key: s.get(key) for key in ("step", "tokens", "final_loss", "active_layers")}
+                     for s in summaries],
     }
