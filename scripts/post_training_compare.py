@@ -75,7 +75,7 @@ def base_recipe(out: Path, layerwise_tokens: float, base: str | None):
         "selection=null",
     ]
     if base is None:
-        sets.append("student.attention_layers=null")
+        sets.append("student.attention_layers=uniform")
     recipe = load_recipe(Path(base) / "recipe.yaml" if base else DEMO, sets)
     recipe.stages = recipe.stages[:1]
     return recipe

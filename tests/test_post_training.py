@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clear_greedy, left_padded, make_tiny_tokenizer, tiny_llama_config
+from conftest import REFERENCE_STUDENT, clear_greedy, left_padded, make_tiny_tokenizer, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
@@ -40,7 +40,8 @@ def tiny_student(teacher):
     from distill.init import hybrid_from_teacher
     from distill.recipe import StudentConfig
 
-    return hybrid_from_teacher(teacher, StudentConfig(attention_fraction=0.5, chunk_size=16))
+    config = StudentConfig(**REFERENCE_STUDENT, attention_fraction=0.5, chunk_size=16)
+    return hybrid_from_teacher(teacher, config)
 
 
 # ----------------------------------------------------------------------------- losses
