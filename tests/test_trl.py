@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_llama_config
+from conftest import REFERENCE_STUDENT, make_tiny_tokenizer, tiny_llama_config
 
 pytest.importorskip("trl", reason="TRL is in the dev extra: pip install -e '.[dev]'")
 
@@ -30,7 +30,8 @@ def exported(tmp_path):
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(tiny_llama_config(vocab_size=258))
-    student = hybrid_from_teacher(teacher, StudentConfig(attention_layers=[1], chunk_size=16))
+    config = StudentConfig(**{**REFERENCE_STUDENT, "attention_layers": [1], "chunk_size": 16})
+    student = hybrid_from_teacher(teacher, config)
     student.save_pretrained(tmp_path / "final")
     tokenizer = make_tiny_tokenizer()
     tokenizer.save_pretrained(tmp_path / "final")
