@@ -82,20 +82,24 @@ class _Spec(NamedTuple):
     beta: float
     ce_weight: float
     chunk: int
+    kl_weight: float
 
 
 def _chunk_loss(student_logits, teacher, targets, spec: _Spec) -> torch.Tensor:
-    """Summed loss of one chunk of loss positions; `teacher` is logits (N, V) or a TopK of (N, k)."""
+    """Summed loss of one chunk of loss positions; `teacher` is logits (N, V), a TopK of (N, k), or None
+    (cross-entropy only)."""
     t = spec.temperature
     student_logits = student_logits.float()
-    student_logp = F.log_softmax(student_logits / t, dim=-1)
-    if isinstance(teacher, TopK):
-        teacher_logp = topk_with_tail(teacher)
-        student_logp = _pool_tail(student_logp, teacher.indices)
-    else:
-        teacher_logp = F.log_softmax(teacher.float() / t, dim=-1)
-    # Scaling by T^2 keeps the gradient's magnitude independent of the temperature (Hinton et al., 2015).
-    loss = divergence(teacher_logp, student_logp, spec.kind, spec.beta).sum() * t * t
+    loss = torch.zeros((), device=student_logits.device)
+    if teacher is not None:
+        student_logp = F.log_softmax(student_logits / t, dim=-1)
+        if isinstance(teacher, TopK):
+            teacher_logp = topk_with_tail(teacher)
+            student_logp = _pool_tail(student_logp, teacher.indices)
+        else:
+            teacher_logp = F.log_softmax(teacher.float() / t, dim=-1)
+        # Scaling by T^2 keeps the gradient's magnitude independent of the temperature (Hinton et al., 2015).
+        loss = spec.kl_weight * divergence(teacher_logp, student_logp, spec.kind, spec.beta).sum() * t * t
     if spec.ce_weight:
         loss = loss + spec.ce_weight * F.cross_entropy(student_logits, targets, reduction="sum")
     return loss
@@ -114,7 +118,9 @@ class _ChunkedDistill(torch.autograd.Function):
         for start in range(0, student.shape[0], spec.chunk):
             rows = slice(start, start + spec.chunk)
             with torch.no_grad():
-                if isinstance(teacher, TopK):
+                if teacher is None:
+                    teacher_chunk = None
+                elif isinstance(teacher, TopK):
                     teacher_chunk = TopK(teacher.logprobs[rows], teacher.indices[rows])
                 elif teacher_weight is not None:
                     teacher_chunk = teacher[rows] @ teacher_weight.T
@@ -158,14 +164,16 @@ def distill_kl(
     labels: torch.Tensor | None = None,
     chunk: int = 1024,
     reduction: str = "mean",
+    kl_weight: float = 1.0,
 ) -> torch.Tensor:
     """Divergence between teacher and student next-token distributions at the `mask` positions.
 
     student: (B, L, H) hidden states when `student_head` (the lm_head weight, (V, H)) is given, else (B, L, V)
     logits. teacher: likewise with `teacher_head`, or a `TopK` of (B, L, k) cached log-probs. mask: (B, L)
     bool, usually `loss_positions(labels)`. `ce_weight` adds cross-entropy on the next token (from the
-    unshifted `labels`) at temperature 1. reduction "mean" divides by the number of loss positions, "sum"
-    lets the caller normalise over several micro-batches.
+    unshifted `labels`) at temperature 1 to `kl_weight` times the divergence; with `kl_weight` 0 the teacher
+    may be None (cross-entropy alone). reduction "mean" divides by the number of loss positions, "sum" lets
+    the caller normalise over several micro-batches.
     """
     if kind not in KINDS:
         raise ValueError(f"kl = {kind!r} is not a divergence; use one of {', '.join(KINDS)}")
@@ -173,11 +181,15 @@ def distill_kl(
         raise ValueError("ce_weight > 0 needs labels; pass labels=batch['labels']")
     mask = mask.bool()
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)[mask] if labels is not None else None
-    if isinstance(teacher, TopK):
+    if teacher is None and kl_weight:
+        raise ValueError("kl_weight > 0 needs the teacher; pass kl_weight=0 for cross-entropy alone")
+    if teacher is None or not kl_weight:
+        teacher_rows = None
+    elif isinstance(teacher, TopK):
         teacher_rows = TopK(teacher.logprobs[mask], teacher.indices[mask].long())
     else:
         teacher_rows = teacher[mask]
-    spec = _Spec(kind, float(temperature), float(jsd_beta), float(ce_weight), int(chunk))
+    spec = _Spec(kind, float(temperature), float(jsd_beta), float(ce_weight), int(chunk), float(kl_weight))
     total = _ChunkedDistill.apply(student[mask], student_head, teacher_rows, teacher_head, targets, spec)
     if reduction == "sum":
         return total
@@ -214,3 +226,24 @@ def alignment_loss(
         per_token = per_token / target.pow(2).mean().clamp(min=1e-6)
     total = per_token.sum()
     return total if reduction == "sum" else total / mask.sum().clamp(min=1)
+
+
+def target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk: int = 1024):
+    """log softmax(hidden @ head.T)[targets] per row of `hidden` (N, H), in fp32, `chunk` rows of logits at a
+    time; each chunk is recomputed in backward (activation checkpointing), so no (N, V) logits are kept."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(h, w, t):
+        return F.log_softmax((h @ w.T).float(), dim=-1).gather(-1, t[:, None]).squeeze(-1)
+
+    parts = [checkpoint(one, hidden[s : s + chunk], head, targets[s : s + chunk], use_reentrant=False)
+             for s in range(0, hidden.shape[0], chunk)]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair sigmoid DPO loss (Rafailov et al., 2023) from summed answer log-probs:
+    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))). Computed in fp32."""
+    margin = (policy_chosen.float() - reference_chosen.float()) - (policy_rejected.float() - reference_rejected.float())
+    return -F.logsigmoid(beta * margin)

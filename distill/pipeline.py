@@ -120,6 +120,13 @@ def run(recipe, recipe_path: str | None = None) -> Path:
                     accelerator.device, accelerator.distributed_type.value, accelerator.num_processes)
         teacher, tokenizer = load_teacher(recipe.teacher, dtype=getattr(torch, DTYPES[recipe.precision]))
         train, held_out = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
+        if recipe.data.answers == "teacher":  # pseudo-labels: answered once per process group, then cached
+            from distill.generation import padding_id
+            from distill.pseudo_labels import teacher_answer_rows
+
+            teacher.to(accelerator.device)
+            pad = padding_id(teacher, tokenizer)
+            train = teacher_answer_rows(train, teacher, recipe.data, recipe.seed, pad)
     teacher.to(accelerator.device)
     # norm_init: rms_ratio calibrates each mixer's output scale on a few training rows
     calibration = torch.tensor(train[:4]["input_ids"]) if recipe.student.norm_init == "rms_ratio" else None

@@ -127,6 +127,19 @@ class DataConfig(_Section):
     loss_on: Literal["assistant", "all"] = "assistant"  # plain-text sources always train on every token
     held_out_size: int = Field(default=64, ge=1)  # conversations held out (one per row), never trained on
     max_conversations: int | None = Field(default=None, ge=1)  # training conversations; None: all
+    # teacher: the teacher answers each training prompt once (cached) and the stages train on its answers
+    # (pseudo-labels); held-out rows keep the data's answers
+    answers: Literal["data", "teacher"] = "data"
+    answer_max_new_tokens: int = Field(default=256, ge=1)
+    answer_temperature: float = Field(default=0.0, ge=0.0)  # 0: greedy
+    answer_batch_size: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.answers == "teacher" and self.max_conversations is None:
+            raise ValueError("answers: teacher needs max_conversations (how many training prompts the teacher "
+                             "answers), e.g. max_conversations: 2000")
+        return self
 
 
 class StageConfig(_Section):
@@ -207,6 +220,52 @@ class EndToEndStage(StageConfig, _KLOptions):
     topk: int = Field(default=64, ge=1)
 
 
+class _Trainable(_Section):
+    trainable: Literal["mixers", "all"] = "all"
+    mixer_lr: float | None = Field(default=None, gt=0)  # the Mamba mixers' lr when other weights train too; None: lr
+
+
+class _Sampling(_Section):
+    max_prompt_tokens: int = Field(default=256, ge=1)  # longer prompts are skipped
+    max_new_tokens: int = Field(default=64, ge=1)
+    sample_temperature: float = Field(default=1.0, ge=0.0)  # 0: greedy
+
+
+class OnPolicyStage(StageConfig, _KLOptions, _Trainable, _Sampling):
+    """GKD-style on-policy distillation: the student answers the data's prompts, the teacher scores every
+    sampled token, and the loss is a per-token divergence on the answer tokens (reverse KL by default).
+    `lmbda` is the fraction of steps that sample; the others train on the data's own answers.
+    max_tokens counts answer token slots (max_new_tokens per prompt)."""
+
+    name: Literal["on_policy"]
+    kl: Divergence = "reverse"
+    lmbda: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+class SftStage(StageConfig, _KLOptions, _Trainable):
+    """Cross-entropy on the data's assistant tokens (with `data.answers: teacher`, the teacher's answers),
+    plus `kl_weight` times the divergence to the teacher (MambaInLlama's first stage: CE + 0.1 KL)."""
+
+    name: Literal["sft"]
+    kl_weight: float = Field(default=0.0, ge=0.0)
+
+
+class DpoStage(StageConfig, _Trainable, _Sampling):
+    """Direct preference optimisation (sigmoid loss) on `pairs`: a local .json/.jsonl/.parquet file or a
+    datasets name with TRL's prompt/chosen/rejected columns, or `teacher_vs_student` (the teacher's answer to
+    each training prompt is chosen, the student's sample rejected). The reference is the student entering
+    the stage or the teacher; its log-probs are computed once. max_tokens counts the pairs' tokens."""
+
+    name: Literal["dpo"]
+    pairs: str = "teacher_vs_student"
+    pairs_split: str = "train"
+    max_pairs: int | None = Field(default=None, ge=1)
+    beta: float = Field(default=0.1, gt=0)
+    reference: Literal["student", "teacher"] = "student"
+    lr: float = Field(default=5e-7, gt=0)
+    max_length: int = Field(default=512, ge=16)  # prompt + answer tokens of one side of a pair
+
+
 class AlignConfig(LayerwiseStage):
     """The alignment of every layer's mixer that layer selection scores (a layerwise stage's settings)."""
 
@@ -229,10 +288,9 @@ class SelectionConfig(_Section):
 
 
 # the stages a recipe's `stages` list may hold: adding one is its class here (and its module in distill.stages)
-STAGE_TYPES = (LayerwiseStage, StepwiseStage, EndToEndStage)
+STAGE_TYPES = (LayerwiseStage, StepwiseStage, EndToEndStage, OnPolicyStage, SftStage, DpoStage)
 STAGE_NAMES = tuple(get_args(cls.model_fields["name"].annotation)[0] for cls in STAGE_TYPES)
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="name")]  # noqa: UP007 (a tuple of types)
-PLANNED_STAGES = ("sft", "dpo", "pseudo_label_kd")
 
 
 class EvalConfig(_Section):
@@ -241,6 +299,11 @@ class EvalConfig(_Section):
     enabled: bool = True
     max_sequences: int = Field(default=64, ge=1)  # held-out rows scored
     batch_size: int = Field(default=4, ge=1)  # held-out rows per forward
+    # generations on held-out prompts: teacher-scored NLL of the student's answers vs the teacher's own (0: skip)
+    generation_prompts: int = Field(default=24, ge=0)
+    generation_max_new_tokens: int = Field(default=64, ge=1)
+    generation_temperature: float = Field(default=1.0, gt=0)  # the sampled answers' (greedy ones are judged too)
+    generation_examples: int = Field(default=3, ge=0)  # side-by-side answers in report.md
     lm_eval_tasks: list[str] = []  # shipped (sharegpt_ppl, sharegpt_next_sentence) or standard task names
     lm_eval_limit: int | None = Field(default=None, ge=1)
     speed: bool = False
@@ -355,8 +418,6 @@ def _format_error(err: ValidationError, raw: dict) -> str:
         return f"unknown key '{key}'; {hint}"
     if kind == "union_tag_invalid" or (kind == "union_tag_not_found"):
         name = value.get("name") if isinstance(value, dict) else None
-        if name in PLANNED_STAGES:
-            return f"{key}.name = {name!r}: this stage is planned but not implemented yet; use one of {STAGE_NAMES}"
         close = difflib.get_close_matches(str(name), STAGE_NAMES, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(STAGE_NAMES)}"
         return f"{key}.name = {name!r} is not a stage; {hint}"

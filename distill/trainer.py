@@ -80,10 +80,12 @@ def make_accelerator(recipe) -> Accelerator:
 class DataPlan:
     """Which dataset rows each global step consumes: a seeded permutation per epoch, cycled as needed."""
 
-    def __init__(self, dataset, global_batch: int, seed: int, max_tokens: int):
+    def __init__(self, dataset, global_batch: int, seed: int, max_tokens: int, row_tokens=None):
         self.dataset = dataset.with_format("torch", columns=list(COLUMNS))
         self.global_batch, self.seed = global_batch, seed
-        self.row_tokens = np.asarray(dataset.with_format("numpy")["attention_mask"]).sum(axis=1)
+        if row_tokens is None:  # what the budget counts per row: its real tokens unless the stage says otherwise
+            row_tokens = np.asarray(dataset.with_format("numpy")["attention_mask"]).sum(axis=1)
+        self.row_tokens = np.asarray(row_tokens)
         self._epochs: dict[int, np.ndarray] = {}
         self.step_tokens: list[int] = []
         while sum(self.step_tokens) < max_tokens:
@@ -100,9 +102,11 @@ class DataPlan:
         positions = range(step * self.global_batch, (step + 1) * self.global_batch)
         return np.array([self._perm(p // n)[p % n] for p in positions])
 
-    def batch(self, rows, device) -> dict:
+    def batch(self, rows, device, step: int) -> dict:
+        """The rows as tensors, plus each one's row index and the global step (per row, so batches slice)."""
         batch = {k: v.to(device) for k, v in self.dataset[[int(r) for r in rows]].items()}
         batch["row"] = torch.as_tensor(rows, device=device)
+        batch["step"] = torch.full_like(batch["row"], step)
         return batch
 
 
@@ -249,11 +253,11 @@ class Loop:
         return len(self.plan.step_tokens)
 
 
-def setup(ctx, stage_dir: Path, cfg, objective, max_tokens: int) -> Loop:
+def setup(ctx, stage_dir: Path, cfg, objective, max_tokens: int, row_tokens=None) -> Loop:
     """The data plan, optimizer, LR schedule and accelerate wrapping for training `objective` on `ctx.train`."""
     accelerator = ctx.accelerator
     world = accelerator.num_processes
-    plan = DataPlan(ctx.train, cfg.batch_size * cfg.grad_accum * world, ctx.seed, max_tokens)
+    plan = DataPlan(ctx.train, cfg.batch_size * cfg.grad_accum * world, ctx.seed, max_tokens, row_tokens)
     total_steps = len(plan.step_tokens)
     groups = param_groups(objective, cfg.weight_decay, cfg.lr, getattr(cfg, "mixer_lr", None))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
@@ -293,7 +297,7 @@ def step(loop: Loop, step_index: int, teacher_step) -> tuple[dict, Any]:
     world, rank = accelerator.num_processes, accelerator.process_index
     unwrapped = accelerator.unwrap_model(model)
     rows = loop.plan.rows(step_index).reshape(cfg.grad_accum, world, cfg.batch_size)[:, rank]
-    micro = [loop.plan.batch(r, accelerator.device) for r in rows]
+    micro = [loop.plan.batch(r, accelerator.device, step_index) for r in rows]
     counts = torch.stack([unwrapped.loss_tokens(b) for b in micro]).sum().to(accelerator.device)
     n_global = accelerator.reduce(counts.float(), "sum").clamp(min=1)
     sums: dict[str, torch.Tensor] = {}
@@ -329,18 +333,21 @@ def train(
     *,
     teacher_step: Callable[[dict], dict] | None = None,
     max_tokens: int | None = None,
+    row_tokens=None,
 ) -> dict:
     """Train `objective`'s trainable parameters on `ctx.train` for `cfg` and return a summary dict.
 
     The objective must define `loss_tokens(batch) -> int tensor` (how many tokens its summed loss covers)
     and `forward(batch, teacher_out) -> {"loss": summed loss, other summed metrics}`. `ctx.seed` orders the
-    rows and `ctx.label` names the run in the progress bar.
+    rows and `ctx.label` names the run in the progress bar. `row_tokens` (one number per row) is what the
+    budget counts, by default each row's real tokens. Every micro-batch carries its global `step` (one per
+    row), e.g. to seed what a stage samples.
     """
     accelerator = ctx.accelerator
     accelerator.free_memory()
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    loop = setup(ctx, stage_dir, cfg, objective, max_tokens or cfg.max_tokens)
+    loop = setup(ctx, stage_dir, cfg, objective, max_tokens or cfg.max_tokens, row_tokens)
     state = resume(loop)
     root = Path(ctx.output_dir)
     prefix = stage_dir.relative_to(root).as_posix() if stage_dir.is_relative_to(root) else stage_dir.name

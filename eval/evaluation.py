@@ -61,6 +61,20 @@ def evaluate(cfg, *, student, teacher, tokenizer, held_out, out_dir: Path, run_i
         "recipe": recipe,
         "recipe_path": run_info.get("recipe") if isinstance(run_info.get("recipe"), str) else None,
     }
+    if cfg.generation_prompts:
+        from distill.eval.generations import judge_generations
+
+        report["generations"] = judge_generations(
+            student, teacher, tokenizer, held_out, prompts=cfg.generation_prompts,
+            max_new_tokens=cfg.generation_max_new_tokens, temperature=cfg.generation_temperature,
+            examples=cfg.generation_examples,
+        )
+        if report["generations"]:
+            greedy = report["generations"]["greedy"]
+            logger.info("generations: teacher NLL of the student's greedy answers %.3f vs its own %.3f "
+                        "(perplexity ratio %.3f); shared greedy prefix %.1f tokens",
+                        greedy["teacher_nll_of_student"], greedy["teacher_nll_of_teacher"],
+                        greedy["perplexity_ratio"], greedy["shared_prefix"])
     models = {"teacher": teacher, "student": student}
     if cfg.lm_eval_tasks:
         from distill.eval.lm_eval_runner import run_lm_eval, summarize

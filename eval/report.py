@@ -40,6 +40,15 @@ def _metric_rows(report: dict) -> list[tuple[str, object, object]]:
             rows.append(
                 (f"lm-eval {task} {metric}", teacher.get("lm_eval", {}).get(task, {}).get(metric), value)
             )
+    generations = report.get("generations") or {}
+    for mode in ("greedy", "sampled"):
+        if mode in generations:
+            g = generations[mode]
+            rows.append((f"teacher's NLL per token of the {mode} answers, nats", g["teacher_nll_of_teacher"],
+                         g["teacher_nll_of_student"]))
+            rows.append((f"generation perplexity ratio ({mode}, teacher-scored)", 1.0, g["perplexity_ratio"]))
+    if "shared_prefix" in generations.get("greedy", {}):
+        rows.append(("greedy answer's prefix shared with the teacher, tokens", None, generations["greedy"]["shared_prefix"]))
     if "needle_accuracy" in student:
         rows.append(
             (
@@ -94,6 +103,8 @@ def to_markdown(report: dict) -> str:
         ),
         markdown_table(report),
     ]
+    if (report.get("generations") or {}).get("examples"):
+        parts += ["## Answers side by side", _examples_text(report["generations"])]
     if report.get("stages"):
         total = report.get("wall_time_s")
         parts += ["## Stages", _stages_table(report["stages"])]
@@ -109,6 +120,16 @@ def to_markdown(report: dict) -> str:
         body = json.dumps(recipe, indent=2) if isinstance(recipe, dict) else str(recipe)
         parts += ["## Recipe", f"```{'json' if isinstance(recipe, dict) else ''}\n{body}\n```"]
     return "\n\n".join(parts) + "\n"
+
+
+def _examples_text(generations: dict) -> str:
+    """The first held-out prompts with the teacher's and the student's greedy answers."""
+    lines = [(f"Greedy answers to held-out prompts ({generations['prompts']} judged, at most "
+             f"{generations['max_new_tokens']} new tokens; the first {len(generations['examples'])} shown).")]
+    for example in generations["examples"]:
+        lines += ["", "**Prompt**", "```", example["prompt"].strip(), "```", "**Teacher**", "```",
+                  example["teacher"].strip(), "```", "**Student**", "```", example["student"].strip(), "```"]
+    return "\n".join(lines)
 
 
 def _selection_text(record: dict) -> str:

@@ -42,6 +42,9 @@ STAGES = {
     "layerwise": "distill.stages.layerwise",
     "stepwise": "distill.stages.stepwise",
     "end_to_end": "distill.stages.end_to_end",
+    "on_policy": "distill.stages.on_policy",
+    "sft": "distill.stages.sft",
+    "dpo": "distill.stages.dpo",
 }
 
 

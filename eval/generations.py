@@ -1,0 +1,102 @@
+"""Judge what the student generates, not only what it predicts under teacher forcing.
+
+On held-out prompts (the first exchange of held-out conversations, never trained on), teacher and student
+answer greedily and by sampling. The teacher scores every answer: its NLL per token of the student's answers
+against that of its own answers gives a perplexity ratio exp(NLL_student - NLL_teacher) (1 when the student
+writes what the teacher finds as likely as its own text). The greedy answers are also compared token by
+token: the mean length of the prefix the student shares with the teacher. A student trained only on teacher-
+forced text can score well on held-out perplexity and still drift once it conditions on its own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distill.generation import exchanges, forward_inputs, sample
+
+
+@torch.no_grad()
+def answer_nll(teacher, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor) -> tuple[float, int]:
+    """The teacher's summed NLL (nats) of the answer tokens of left-padded prompt + answer rows, and their
+    count."""
+    device = next(teacher.parameters()).device
+    ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
+    hidden = teacher.model(**forward_inputs(ids, mask)).last_hidden_state
+    positions = answer[:, 1:].bool()  # position t predicts token t + 1
+    logits = hidden[:, :-1][positions].float() @ teacher.lm_head.weight.float().T
+    targets = ids[:, 1:][positions]
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return float(nll), int(positions.sum())
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def judge_generations(
+    student,
+    teacher,
+    tokenizer,
+    held_out,
+    *,
+    prompts: int = 24,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    examples: int = 3,
+    max_prompt_tokens: int = 256,
+) -> dict | None:
+    """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts)."""
+    found = exchanges(held_out, max_prompt_tokens)[:prompts]
+    if not found:
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers: dict[str, list[list[int]]] = {}
+    scores: dict[str, list[float]] = {}
+    for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
+        for name, model in (("teacher", teacher), ("student", student)):
+            key, total, count = f"{name}_{mode}", 0.0, 0
+            answers[key] = []
+            for number, start in enumerate(range(0, len(found), batch_size)):
+                device = next(model.parameters()).device
+                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
+                batch = [ex.prompt for ex in found[start : start + batch_size]]
+                ids, mask, answer = sample(
+                    model,
+                    batch,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temp,
+                    generator=generator,
+                    pad_id=pad_id,
+                )
+                answers[key] += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
+                nll, tokens = answer_nll(teacher, ids, mask, answer)
+                total, count = total + nll, count + tokens
+            scores[key] = [total / max(count, 1), count / len(found)]
+    result = {"prompts": len(found), "max_new_tokens": max_new_tokens, "temperature": temperature}
+    for mode in ("greedy", "sampled"):
+        teacher_nll, student_nll = scores[f"teacher_{mode}"][0], scores[f"student_{mode}"][0]
+        result[mode] = {
+            "teacher_nll_of_teacher": teacher_nll,
+            "teacher_nll_of_student": student_nll,
+            "perplexity_ratio": math.exp(student_nll - teacher_nll),
+            "teacher_answer_length": scores[f"teacher_{mode}"][1],
+            "student_answer_length": scores[f"student_{mode}"][1],
+        }
+    prefixes = [shared_prefix(s, t) for s, t in zip(answers["student_greedy"], answers["teacher_greedy"])]
+    result["greedy"]["shared_prefix"] = sum(prefixes) / len(prefixes)
+    result["examples"] = [
+        {
+            "prompt": tokenizer.decode(ex.prompt, skip_special_tokens=False),
+            "teacher": tokenizer.decode(t, skip_special_tokens=True),
+            "student": tokenizer.decode(s, skip_special_tokens=True),
+        }
+        for ex, t, s in zip(found[:examples], answers["teacher_greedy"], answers["student_greedy"])
+    ]
+    return result

@@ -1,0 +1,104 @@
+"""An exported student trains in TRL's SFTTrainer and DPOTrainer, for users who align with TRL (dev extra)."""
+
+import pytest
+import torch
+from conftest import REFERENCE_STUDENT, make_tiny_tokenizer, tiny_llama_config
+
+pytest.importorskip("trl", reason="TRL is in the dev extra: pip install -e '.[dev]'")
+
+MESSAGES = [
+    [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}] for i in range(8)
+]
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": f"what is {i}+1?"}],
+        "chosen": [{"role": "assistant", "content": str(i + 1)}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
+    for i in range(8)
+]
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """A tiny hybrid student exported in the native format (remote code included), loaded back as users do."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from distill.export import export
+    from distill.init import hybrid_from_teacher
+    from distill.recipe import StudentConfig
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(tiny_llama_config(vocab_size=258))
+    config = StudentConfig(**{**REFERENCE_STUDENT, "attention_layers": [1], "chunk_size": 16})
+    student = hybrid_from_teacher(teacher, config)
+    student.save_pretrained(tmp_path / "final")
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "final")
+    export(tmp_path / "final", "native", tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    return model, tokenizer
+
+
+def changed(model, before: dict) -> bool:
+    return any(
+        not torch.equal(before[name], p.detach()) for name, p in model.named_parameters() if ".mamba." in name
+    )
+
+
+@pytest.mark.slow
+def test_exported_student_trains_in_trls_sft_trainer(exported, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = exported
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_length=64,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": m} for m in MESSAGES]),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert changed(model, before)
+
+
+@pytest.mark.slow
+def test_exported_student_trains_in_trls_dpo_trainer(exported, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = exported
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        beta=0.1,
+    )
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer
+    )
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step: log 2
+    assert changed(model, before)
