@@ -22,7 +22,7 @@ from distill.errors import UserError
 
 def check_checkpoint(path: str | Path) -> Path:
     """A model folder with a readable config and undamaged weights (cheap: no weights are loaded)."""
-    from distill.export import check_safetensors
+    from distill.checkpoints import check_safetensors
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -51,7 +51,7 @@ def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer: in its folder, its run folder, or the teacher its recipe names."""
     from transformers import AutoTokenizer
 
-    from distill.export import tokenizer_source
+    from distill.checkpoints import tokenizer_source
 
     source = tokenizer_source(Path(path))
     if source is None:

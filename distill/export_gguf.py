@@ -435,7 +435,7 @@ def write_gguf(model, path: str | Path, outtype: str, tokenizer_fields: list[tup
 def _tokenizer_fields(model, folder: Path) -> list[tuple]:
     """The teacher's tokenizer: the built-in teacher's own GGUF fields, else its HF tokenizer files."""
     from distill.assets import asset_path
-    from distill.export import find_upwards, tokenizer_source
+    from distill.checkpoints import find_upwards, tokenizer_source
     from distill.teacher import BUILTIN_TEACHER
 
     recipe = find_upwards(folder, "recipe.yaml")
@@ -455,7 +455,7 @@ def _tokenizer_fields(model, folder: Path) -> list[tuple]:
 
 def export_gguf(checkpoint_dir: str | Path, out_dir: str | Path, outtype: str = "q8_0") -> Path:
     """Write `checkpoint_dir` as `out_dir/model-<outtype>.gguf` (folder replaced atomically); returns it."""
-    from distill.export import load_hybrid
+    from distill.checkpoints import load_hybrid
     from distill.files import atomic_dir
 
     if outtype not in OUTTYPES:

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
+from distill.checkpoints import TOKENIZER_FILES, check_out_dir, copy_tokenizer_and_generation_config
 from distill.errors import UserError
-from distill.export import TOKENIZER_FILES, check_out_dir, copy_tokenizer_and_generation_config
 from distill.files import atomic_dir
 
 MIL_GATED_NORM_EPS = 1e-5  # hard-coded in MambaInLlama's Mamba2 (RMSNormGated(..., eps=1e-5))

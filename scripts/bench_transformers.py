@@ -39,7 +39,8 @@ STUDENT = {"mixer": "mamba2", "attention_layers": "uniform", "attention_fraction
 
 def bamba_export(checkpoint, folder):
     """Write the Bamba export of `checkpoint` (or of a fresh demo-recipe student of SmolLM2) into `folder`."""
-    from distill.export import load_hybrid, write_bamba
+    from distill.checkpoints import load_hybrid
+    from distill.export import write_bamba
 
     if checkpoint is not None:
         model = load_hybrid(checkpoint)

@@ -47,7 +47,7 @@ MALFORMED = {
     "bad override": ({}, ["stages.2.lr=1e-3"], "--set stages.2.lr: index 2 does not exist"),
     "override without value": ({}, ["stages.0.lr"], "expected KEY=VALUE"),
     "unknown stage": ({"stages": [{"name": "distill_all", "max_tokens": 5}]}, [], "'distill_all' is not a stage"),
-    "planned stage": ({"stages": [{"name": "dpo", "max_tokens": 5}]}, [], "planned but not implemented yet"),
+    "dpo beta": ({"stages": [{"name": "dpo", "max_tokens": 5, "beta": 0}]}, [], "beta = 0: Input should be greater than 0"),
     "fraction out of range": ({"student": {"attention_fraction": 1.5}}, [],
                               "student.attention_fraction = 1.5: Input should be less than or equal to 1"),
 }
