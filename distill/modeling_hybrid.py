@@ -308,6 +308,15 @@ class HybridMamba2Mixer(nn.Module):
         shape = (*xbc.shape[:-1], self.num_heads, self.head_dim)
         return x.view(shape), B.view(shape), C.reshape(shape)
 
+    def _scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None):
+        """x, B, C per head, the fp32 time step and A for the scan; padded positions get x = B = C = dt = 0."""
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if mask is not None:
+            xbc = xbc * mask[..., None].to(xbc.dtype)
+            dt = dt * mask[..., None]
+        x, B, C = self._split_xbc(xbc)
+        return x, B, C, dt, -torch.exp(self.A_log.float())
+
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -345,12 +354,7 @@ class HybridMamba2Mixer(nn.Module):
             conv_input, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=conv_seq_idx, activation="silu"
         )[..., -seq_len:].transpose(1, 2)
 
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if mask is not None:
-            xbc = xbc * mask[..., None].to(xbc.dtype)
-            dt = dt * mask[..., None]
-        x, B, C = self._split_xbc(xbc)
-        A = -torch.exp(self.A_log.float())
+        x, B, C, dt, A = self._scan_inputs(xbc, dt, mask)
         result = mamba_chunk_scan_combined(
             x, dt, A, B, C, self.chunk_size, D=self.D, initial_states=ssm_state, seq_idx=seq_idx,
             return_final_states=cache is not None,
@@ -380,12 +384,7 @@ class HybridMamba2Mixer(nn.Module):
         if mask is not None:
             xbc = xbc * mask[..., None].to(xbc.dtype)
         xbc = recorded_conv(cache, self.layer_idx, self.conv1d, xbc.transpose(1, 2)).transpose(1, 2)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if mask is not None:
-            xbc = xbc * mask[..., None].to(xbc.dtype)
-            dt = dt * mask[..., None]
-        x, B, C = self._split_xbc(xbc)
-        A = -torch.exp(self.A_log.float())
+        x, B, C, dt, A = self._scan_inputs(xbc, dt, mask)
 
         head = seq_len - keep
         outputs, recorded = [], []
