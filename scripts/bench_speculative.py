@@ -142,9 +142,42 @@ def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
     }
 
 
+class PartTimer:
+    """The thread's CPU time spent in each part of a model's forward (mixers by kind, MLPs, lm_head), so the
+    cost of verifying can be split where it grows."""
+
+    def __init__(self, model):
+        self.spent: dict[str, float] = {}
+        self.handles = []
+        parts = [("lm_head", model.lm_head)]
+        for layer in model.model.layers:
+            attention = getattr(layer, "self_attn", None)
+            parts += [("attention", attention) if attention is not None else ("mamba", layer.mamba)]
+            parts.append(("mlp", layer.mlp))
+        for name, module in parts:
+            self.handles.append(module.register_forward_pre_hook(self._start))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, name=name: self._stop(m, name)))
+        self.started: dict[int, float] = {}
+
+    def _start(self, module, args) -> None:
+        self.started[id(module)] = time.thread_time()
+
+    def _stop(self, module, name: str) -> None:
+        self.spent[name] = self.spent.get(name, 0.0) + time.thread_time() - self.started[id(module)]
+
+    def take(self) -> dict[str, float]:
+        spent, self.spent = self.spent, {}
+        return spent
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def verify_costs(model, context: int, repeats: int) -> dict:
-    """Median CPU seconds: one decode step; verifying 4 drafts (5-token recorded forward + crop); 5 steps."""
+    """Median CPU seconds: one decode step; verifying 4 drafts (5-token recorded forward + crop); 5 steps; and
+    the step's and the verification's time in each part of the model (`parts`)."""
     from transformers import DynamicCache
 
     ids = torch.randint(model.config.vocab_size, (1, context))
@@ -152,18 +185,22 @@ def verify_costs(model, context: int, repeats: int) -> dict:
     recording.activate_past_recording(recurrent_states_to_keep=4)
     model(ids, cache=plain)
     model(ids, cache=recording)
-    times = {"step": [], "verify4": [], "steps5": []}
-    for r in range(
-        repeats + 1
-    ):  # both caches grow by a few tokens per repeat: no measurable cost at `context`
+    timer = PartTimer(model)
+    times: dict[str, list[float]] = {"step": [], "verify4": [], "steps5": []}
+    parts: dict[str, dict[str, list[float]]] = {"step": {}, "verify4": {}}
+    # both caches grow by a few tokens per repeat: no measurable cost at `context`
+    for r in range(repeats + 1):
         draft = torch.randint(model.config.vocab_size, (1, 5))
+        timer.take()
         start = time.thread_time()
         model(draft[:, :1], cache=plain)
         step = time.thread_time() - start
+        step_parts = timer.take()
         start = time.thread_time()
         model(draft, cache=recording)
         recording.crop(-(r % 5))  # reject 0..4 of the drafts, as verification does
         verify = time.thread_time() - start
+        verify_parts = timer.take()
         start = time.thread_time()
         for t in range(5):
             model(draft[:, t : t + 1], cache=plain)
@@ -172,7 +209,16 @@ def verify_costs(model, context: int, repeats: int) -> dict:
             times["step"].append(step)
             times["verify4"].append(verify)
             times["steps5"].append(steps)
-    return {name: statistics.median(values) for name, values in times.items()}
+            for kind, spent in (("step", step_parts), ("verify4", verify_parts)):
+                for name, seconds in spent.items():
+                    parts[kind].setdefault(name, []).append(seconds)
+    timer.remove()
+    costs: dict = {name: statistics.median(values) for name, values in times.items()}
+    costs["parts"] = {
+        kind: {name: statistics.median(values) for name, values in spent.items()}
+        for kind, spent in parts.items()
+    }
+    return costs
 
 
 def build_models(args, teacher):
@@ -198,7 +244,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
-    parser.add_argument("--prompt-lookup", type=int, default=8)
+    parser.add_argument("--prompt-lookup", type=int, default=8, help="tokens prompt lookup drafts per round")
+    parser.add_argument(
+        "--lookup-ngram", type=int, default=2, help="longest n-gram prompt lookup matches (transformers: 2)"
+    )
     parser.add_argument("--verify-repeats", type=int, default=7)
     parser.add_argument(
         "--student", help="a distilled hybrid checkpoint (default: fresh 50%%-attention init)"
@@ -215,12 +264,13 @@ def main(argv=None) -> None:
     teacher, tokenizer = load_teacher(TeacherConfig(), dtype=torch.float32)
     teacher.eval()
     hybrid, cheap = build_models(args, teacher)
+    lookup = {"prompt_lookup_num_tokens": args.prompt_lookup, "max_matching_ngram_size": args.lookup_ngram}
     modes = {
         "teacher": (teacher, {}),
         "teacher + hybrid draft": (teacher, {"assistant_model": hybrid}),
-        "teacher + prompt lookup": (teacher, {"prompt_lookup_num_tokens": args.prompt_lookup}),
+        "teacher + prompt lookup": (teacher, lookup),
         "hybrid": (hybrid, {}),
-        "hybrid + prompt lookup": (hybrid, {"prompt_lookup_num_tokens": args.prompt_lookup}),
+        "hybrid + prompt lookup": (hybrid, lookup),
         "hybrid + cheap draft": (hybrid, {"assistant_model": cheap}),
     }
     modes = {name: modes[name] for name in (args.modes or modes)}
@@ -233,9 +283,13 @@ def main(argv=None) -> None:
             costs = verify_costs(model, context, args.verify_repeats)
             costs["ratio"] = costs["verify4"] / costs["step"]
             verify[f"{context} {name}"] = costs
+            split = ", ".join(
+                f"{part} {costs['parts']['step'][part] * 1e3:.1f} -> {seconds * 1e3:.1f} ms"
+                for part, seconds in costs["parts"]["verify4"].items()
+            )
             print(
                 f"context {context} {name}: step {costs['step'] * 1e3:.1f} ms, verify 4 drafts = "
-                f"{costs['ratio']:.2f} x one step",
+                f"{costs['ratio']:.2f} x one step ({split})",
                 flush=True,
             )
         chats = long_conversations(conversations[200:], tokenizer, context, args.prompts)
@@ -331,6 +385,17 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
             f"| {key} | {v['step'] * 1e3:.1f} | {v['verify4'] * 1e3:.1f} | {v['ratio']:.2f}x | "
             f"{v['steps5'] * 1e3:.1f} |"
         )
+    table += [
+        "",
+        "| context, model | part | in a decode step ms | in verifying 4 drafts ms | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for key, v in verify.items():
+        for part, seconds in v["parts"]["verify4"].items():
+            step = v["parts"]["step"][part]
+            table.append(
+                f"| {key} | {part} | {step * 1e3:.1f} | {seconds * 1e3:.1f} | {seconds / step:.2f}x |"
+            )
     (out / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
