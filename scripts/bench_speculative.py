@@ -221,6 +221,51 @@ def verify_costs(model, context: int, repeats: int) -> dict:
     return costs
 
 
+def replay_outputs(state, x, B, C, dt, A):
+    """The outputs of m drafted tokens and the state after the last, without the m intermediate states: the
+    quadratic (attention-like) form of the SSD scan. It is the verification half of the replay rollback (keep
+    the state at the last accepted token, replay the accepted ones next call), timed against the recorded
+    path, never used to decode."""
+    cum = (dt * A).cumsum(dim=1)  # (b, m, h)
+    m = x.shape[1]
+    causal = torch.ones(m, m, dtype=torch.bool).tril()
+    gap = (cum[:, :, None] - cum[:, None, :]).masked_fill(~causal[None, :, :, None], -float("inf")).exp()
+    scores = torch.einsum("bjhn,bihn->bjih", C, B) * gap * dt[:, None]  # (b, j, i, h)
+    y = torch.einsum("bjih,bihp->bjhp", scores, x) + cum.exp()[..., None] * torch.einsum(
+        "bhpn,bjhn->bjhp", state, C
+    )
+    decay = (cum[:, -1:] - cum).exp() * dt  # (b, m, h)
+    final = cum[:, -1].exp()[..., None, None] * state + torch.einsum("bih,bihp,bihn->bhpn", decay, x, B)
+    return y, final
+
+
+@torch.no_grad()
+def rollback_costs(model, repeats: int = 200) -> dict:
+    """CPU seconds per verification of 4 drafts spent on the Mamba-2 states, summed over the model's Mamba-2
+    layers: the recorded path (5 states from `ssd_states`, their outputs, the history the cache keeps) against
+    the replay rollback's verification (outputs and the last state only)."""
+    from distill.modeling_hybrid import ssd_states
+
+    layers = sum(kind == "mamba2" for kind in model.config.mixer_types)
+    h, p = model.config.num_attention_heads, model.config.head_dim
+    state, x, B, C = torch.randn(1, h, p, p), *torch.randn(3, 1, 5, h, p)
+    dt, A = torch.rand(1, 5, h) * 0.1, -torch.rand(h)
+
+    def recorded():
+        states = ssd_states(state, x, B, dt, A)
+        torch.einsum("bjhpn,bjhn->bjhp", states, C)
+        return [state.clone(), *states.unbind(dim=1)]
+
+    times = {"recorded": [], "replay": []}
+    for _ in range(7):
+        for name, fn in (("recorded", recorded), ("replay", lambda: replay_outputs(state, x, B, C, dt, A))):
+            start = time.thread_time()
+            for _ in range(repeats):
+                fn()
+            times[name].append((time.thread_time() - start) / repeats * layers)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def build_models(args, teacher):
     from distill.chat import check_checkpoint, load_model
     from distill.init import hybrid_from_teacher
@@ -277,6 +322,12 @@ def main(argv=None) -> None:
     conversations = unseen_conversations()
     replies = [m["content"] for conv in conversations[:200] for m in conv if m["role"] == "assistant"]
 
+    rollback = rollback_costs(hybrid)
+    print(
+        f"Mamba-2 states per verification of 4 drafts (all layers): recorded "
+        f"{rollback['recorded'] * 1e3:.2f} ms, replay rollback {rollback['replay'] * 1e3:.2f} ms",
+        flush=True,
+    )
     rows, verify = [], {}
     for context in args.contexts:
         for name, model in (("hybrid", hybrid), ("teacher", teacher), ("cheap draft", cheap)):
@@ -325,7 +376,9 @@ def main(argv=None) -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "verify": verify}, indent=1) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"rows": rows, "verify": verify, "rollback": rollback}, indent=1) + "\n"
+    )
     write_report(rows, verify, args.out)
 
 
