@@ -209,7 +209,8 @@ def verify_costs(model, context: int, repeats: int) -> dict:
             times["step"].append(step)
             times["verify4"].append(verify)
             times["steps5"].append(steps)
-            for kind, spent in (("step", step_parts), ("verify4", verify_parts)):
+            for kind, total, spent in (("step", step, step_parts), ("verify4", verify, verify_parts)):
+                spent["other (norms, embedding, masks, crop)"] = total - sum(spent.values())
                 for name, seconds in spent.items():
                     parts[kind].setdefault(name, []).append(seconds)
     timer.remove()
