@@ -35,7 +35,9 @@ import torch
 
 from distill.chat import Counter, acceptance
 
-EDIT_INSTRUCTION = "Fix the typo in the text below. Reply with the whole corrected text and nothing else.\n\n"
+# After the text: with it before 2k tokens of text, neither 135M model follows it (both continue the text's
+# last reply instead of copying it back), so the task would not measure copying at all.
+EDIT_INSTRUCTION = "\n\nFix the typo in the text above. Reply with the whole corrected text and nothing else."
 
 
 class Clock:
@@ -96,7 +98,8 @@ def chat_prompt(conversation: list[dict], tokenizer, context: int) -> list[dict]
 
 
 def edit_prompt(replies: list[str], tokenizer, context: int, seed: int) -> list[dict]:
-    """Held-out replies joined to `context` tokens with one typo (two letters of a word swapped)."""
+    """Held-out replies joined to `context` tokens with one typo (two letters of a word swapped), then the
+    instruction."""
     text = ""
     for reply in replies:
         if len(tokenizer(text).input_ids) >= context - 40:
@@ -109,7 +112,7 @@ def edit_prompt(replies: list[str], tokenizer, context: int, seed: int) -> list[
     i = rng.choice(candidates[len(candidates) // 4 :])
     w = words[i]
     words[i] = w[0] + w[2] + w[1] + w[3:]
-    return [{"role": "user", "content": EDIT_INSTRUCTION + " ".join(words)}]
+    return [{"role": "user", "content": " ".join(words) + EDIT_INSTRUCTION}]
 
 
 @torch.no_grad()
