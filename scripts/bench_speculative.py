@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from distill.chat import Counter, acceptance
+from distill.files import write_text
 
 # After the text: with it before 2k tokens of text, neither 135M model follows it (both continue the text's
 # last reply instead of copying it back), so the task would not measure copying at all.
@@ -379,10 +380,9 @@ def main(argv=None) -> None:
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(
-        json.dumps({"rows": rows, "verify": verify, "rollback": rollback}, indent=1) + "\n"
-    )
+                # after every prompt, so a run stopped by a time limit keeps what it measured
+                results = {"rows": rows, "verify": verify, "rollback": rollback}
+                write_text(args.out / "results.json", json.dumps(results, indent=1) + "\n")
     write_report(rows, verify, args.out)
 
 
