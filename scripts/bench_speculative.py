@@ -421,6 +421,7 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out.mkdir(parents=True, exist_ok=True)
     lines = summarise(rows)
     table = [
         "| context | task | mode | decode tok/s | vs alone | acceptance | same tokens |",
