@@ -16,7 +16,9 @@ copies the prompt).
 decode tokens/s counts what `generate` produces after its first round (the prefill and the first draft), so
 it measures decoding, not the prompt. Acceptance is drafted tokens accepted / drafted, from the target's
 forward lengths. `verify` times, at each context for the hybrid, the teacher and the cheap draft: one decode
-step; one forward that verifies 4 drafted tokens (5 inputs, states recorded) and its `crop`; 5 decode steps.
+step; one forward that verifies 4 drafted tokens (5 inputs, states recorded) and its `crop`; 5 decode steps;
+and the step's and the verification's time in each part (attention, Mamba, MLPs, lm_head, the rest).
+`rollback_costs` times the Mamba-2 state work of one verification: recorded path against replay rollback.
 
 Without `--student` the hybrid is freshly initialised from the teacher's attention weights (untrained: its
 outputs and so every acceptance rate are lower than a distilled student's); speeds do not depend on training.
