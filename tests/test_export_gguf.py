@@ -86,7 +86,7 @@ def _prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 def rebuild(path, num_key_value_heads: int):
     """Our HybridForCausalLM from a granitehybrid GGUF alone: hyperparameters from its metadata, weights
-    dequantized and mapped back (q/k rows un-permuted, x/B back to kv width, padded heads dropped)."""
+    dequantized and mapped back (q/k rows un-permuted, x/B back to kv width, head copies dropped)."""
     import gguf
 
     from distill.modeling_hybrid import HybridConfig, HybridForCausalLM
@@ -117,21 +117,27 @@ def rebuild(path, num_key_value_heads: int):
         mixer_types=kinds,
         d_conv=meta[f"{arch}.ssm.conv_kernel"],
     )
-    heads, d_inner = meta[f"{arch}.ssm.time_step_rank"], nh * hd
+    heads, groups, d_inner = meta[f"{arch}.ssm.time_step_rank"], meta[f"{arch}.ssm.group_count"], nh * hd
+    assert groups == nh and heads % nh == 0
+    copies = heads // nh
 
     def unpair(weight, n):  # llama.cpp's adjacent RoPE pairs back to transformers' halves
         rows, cols = weight.shape
         return weight.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
-    def kv_width(block):  # full-width x or B (padded heads included) back to one head per kv group
-        return block.reshape(heads, hd, *block.shape[1:])[:nh:repeats].reshape(nkv * hd, *block.shape[1:])
+    def first_copy(block, width=hd):  # `copies` equal blocks per head -> one, checking they are equal
+        blocks = block.reshape(nh, copies, width, *block.shape[1:])
+        assert (blocks == blocks[:, :1]).all(), "the copies of a head differ"
+        return blocks[:, 0].reshape(nh * width, *block.shape[1:])
+
+    def kv_width(block):  # one block per head -> one per kv group, checking the GQA repeat
+        blocks = block.reshape(nkv, repeats, hd, *block.shape[1:])
+        assert (blocks == blocks[:, :1]).all(), "x or B differs within a kv group"
+        return blocks[:, 0].reshape(nkv * hd, *block.shape[1:])
 
     def xbc(rows):
-        x, b, c = rows.split(heads * hd)
-        assert not x[d_inner:].any() and not b[d_inner:].any() and not c[d_inner:].any(), (
-            "padding is not zero"
-        )
-        return torch.cat([kv_width(x), kv_width(b), c[:d_inner]])
+        x, b, c = rows.split([heads * hd, d_inner, d_inner])
+        return torch.cat([kv_width(first_copy(x)), kv_width(b), c])
 
     state = {
         "model.embed_tokens.weight": tensors["token_embd.weight"],
@@ -150,21 +156,18 @@ def rebuild(path, num_key_value_heads: int):
             state[ours + "self_attn.v_proj.weight"] = tensors[blk + "attn_v.weight"]
             state[ours + "self_attn.o_proj.weight"] = tensors[blk + "attn_output.weight"]
             continue
-        z, xbc_rows, dt = tensors[blk + "ssm_in.weight"].split([heads * hd, 3 * heads * hd, heads])
-        assert (
-            not z[d_inner:].any()
-            and not dt[nh:].any()
-            and not tensors[blk + "ssm_out.weight"][:, d_inner:].any()
-        )
+        z, xbc_rows, dt = tensors[blk + "ssm_in.weight"].split([heads * hd, heads * hd + 2 * d_inner, heads])
+        out = tensors[blk + "ssm_out.weight"].reshape(-1, nh, copies, hd)
+        assert not out[:, :, 1:].any(), "out_proj reads a head's copies"
         mixer = ours + "mamba."
-        state[mixer + "in_proj.weight"] = torch.cat([z[:d_inner], xbc(xbc_rows), dt[:nh]])
+        state[mixer + "in_proj.weight"] = torch.cat([first_copy(z), xbc(xbc_rows), first_copy(dt, 1)])
         state[mixer + "conv1d.weight"] = xbc(tensors[blk + "ssm_conv1d.weight"]).unsqueeze(1)
         state[mixer + "conv1d.bias"] = xbc(tensors[blk + "ssm_conv1d.bias"])
-        state[mixer + "dt_bias"] = tensors[blk + "ssm_dt.bias"][:nh]
-        state[mixer + "A_log"] = torch.log(-tensors[blk + "ssm_a"].reshape(-1)[:nh])
-        state[mixer + "D"] = tensors[blk + "ssm_d"].reshape(-1)[:nh]
-        state[mixer + "norm.weight"] = tensors[blk + "ssm_norm.weight"].reshape(-1)[:d_inner]
-        state[mixer + "out_proj.weight"] = tensors[blk + "ssm_out.weight"][:, :d_inner]
+        state[mixer + "dt_bias"] = first_copy(tensors[blk + "ssm_dt.bias"], 1)
+        state[mixer + "A_log"] = torch.log(-first_copy(tensors[blk + "ssm_a"].reshape(-1), 1))
+        state[mixer + "D"] = first_copy(tensors[blk + "ssm_d"].reshape(-1), 1)
+        state[mixer + "norm.weight"] = first_copy(tensors[blk + "ssm_norm.weight"].reshape(-1))
+        state[mixer + "out_proj.weight"] = out[:, :, 0].reshape(-1, d_inner)
     model = HybridForCausalLM(cfg).eval()
     model.load_state_dict(state, strict=True)
     return model
@@ -172,7 +175,7 @@ def rebuild(path, num_key_value_heads: int):
 
 def test_f32_gguf_read_back_rebuilds_the_model(tiny, tmp_path):
     """f32 stores every weight exactly except A, stored as -exp(A_log) (log(exp(a)) moves A_log by an ulp),
-    and the padding is exactly zero; so the rebuilt model's logits stay within the reordering bound."""
+    and the head copies are exact; so the rebuilt model's logits stay within the reordering bound."""
     model, _, fields = tiny
     path = write_gguf(model, tmp_path / "m.gguf", "f32", fields)
     rebuilt = rebuild(path, model.config.num_key_value_heads)
