@@ -32,9 +32,11 @@ from distill.teacher import load_teacher
 ROOT = Path(__file__).resolve().parents[1]
 CLEAR_NATS = 0.1  # a top-1 margin well above q8_0's logit noise on this model (~0.01-0.05 nats)
 
-# (label, outtype, name suffixes kept f16 in a q8_0 file)
+# (label, outtype, name suffixes kept f16 in a q8_0 file); "q8_0 weights in f32" rounds the matrices as q8_0
+# does but stores and computes them in f32: what q8_0 costs without llama.cpp's 8-bit activations
 VARIANTS = [
     ("f32", "f32", ()),
+    ("q8_0 weights in f32", "f32", ()),
     ("f16", "f16", ()),
     ("q8_0", "q8_0", ()),
     ("q8_0 + f16 token_embd", "q8_0", ("token_embd.weight", "output.weight")),
@@ -68,6 +70,22 @@ def reference(model, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch
         top2 = logprobs.topk(2, dim=-1)
         out.append((top2.indices[:, 0], (top2.values[:, 0] - top2.values[:, 1]) > CLEAR_NATS))
     return out
+
+
+def q8_0_rounded(model):
+    """A copy of `model` whose matrices (those a q8_0 file quantizes) hold their q8_0-rounded values."""
+    import copy
+
+    import gguf
+
+    kind = gguf.GGMLQuantizationType.Q8_0
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in rounded.named_parameters():
+            if param.ndim == 2 and param.shape[-1] % 32 == 0 and ".conv1d." not in name:
+                array = param.detach().float().numpy()
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(array, kind), kind)))
+    return rounded
 
 
 def agreement(path: Path, prompts, expected, shared: int) -> dict:
@@ -121,8 +139,9 @@ def main() -> None:
     for name, model in models.items():
         expected = reference(model, prompts)
         for label, outtype, keep in variants:
+            written = q8_0_rounded(model) if label == "q8_0 weights in f32" else model
             with tempfile.TemporaryDirectory() as folder:
-                path = write_gguf(model, Path(folder) / "m.gguf", outtype, fields, f16_tensors=keep)
+                path = write_gguf(written, Path(folder) / "m.gguf", outtype, fields, f16_tensors=keep)
                 result = agreement(path, prompts, expected, shared)
             results.setdefault(name, {})[label] = result
             print(
