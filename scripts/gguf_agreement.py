@@ -6,9 +6,11 @@ RUN_DIR is a finished run (`RUN_DIR/final` and `RUN_DIR/recipe.yaml`). Its teach
 exporter as an all-attention model) and its student are exported in f32, f16, q8_0 and q8_0 with some matrices
 kept in f16, and each file runs teacher-forced in llama.cpp over the first `--rows` held-out rows of the
 recipe's data (`--tokens` each; the system prompt they share is scored in the first row only). The reference
-is our fp32 model in transformers; a position agrees when llama.cpp's top-1 token is ours. Also counted: the
-positions where our top-1 wins by more than 0.1 nats (disagreeing there is not a near tie). Prints one line
-per (model, variant); writes `--out` as JSON.
+is our fp32 model in transformers; a position agrees when llama.cpp's top-1 token is ours (f32 files run with
+an f32 attention cache, the others with llama.cpp's default f16). The f32 file also decodes greedily from
+each row's first 48 tokens, compared with ours up to our first pick that wins by less than 1e-3. Also
+counted: the positions where our top-1 wins by more than 0.1 nats (disagreeing there is not a near tie).
+Prints one line per (model, variant); writes `--out` as JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from distill.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEAR_NATS = 0.1  # a top-1 margin well above q8_0's logit noise on this model (~0.01-0.05 nats)
+GREEDY_MARGIN = (
+    1e-3  # f32 greedy picks are compared while they win by more than this (f32 logits differ ~1e-5)
+)
+GREEDY_PROMPT, GREEDY_STEPS = 48, 32  # f32 greedy: the first 48 tokens of each row, 32 tokens on
 
 # (label, outtype, name suffixes kept f16 in a q8_0 file); "q8_0 weights in f32" rounds the matrices as q8_0
 # does but stores and computes them in f32: what q8_0 costs without llama.cpp's 8-bit activations
@@ -88,9 +94,38 @@ def q8_0_rounded(model):
     return rounded
 
 
-def agreement(path: Path, prompts, expected, shared: int) -> dict:
+@torch.no_grad()
+def greedy_reference(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Our greedy continuation of each prompt up to its first pick that wins by less than GREEDY_MARGIN."""
+    out = []
+    for prompt in prompts:
+        generated = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        top2 = torch.stack(generated.logits)[:, 0].float().topk(2, dim=-1).values
+        clear = int(((top2[:, 0] - top2[:, 1]) > GREEDY_MARGIN).int().cumprod(0).sum())
+        out.append(generated.sequences[0, len(prompt) : len(prompt) + clear].tolist())
+    return out
+
+
+def greedy_equal(path: Path, prompts, expected: list[list[int]], steps: int) -> dict:
+    jobs = [{"kind": "greedy", "tokens": p, "steps": steps} for p in prompts]
+    answers = llama_cpp.run(path, jobs, context=max(map(len, prompts)) + steps + 8, kv_type="F32")["answers"]
+    equal = sum(a["tokens"][: len(e)] == e for a, e in zip(answers, expected))
+    return {
+        "greedy_equal": equal,
+        "greedy_prompts": len(prompts),
+        "greedy_clear_tokens": sum(map(len, expected)),
+    }
+
+
+def agreement(path: Path, prompts, expected, shared: int, kv_type: str) -> dict:
     jobs = [{"kind": "evaluate", "tokens": p, "top": 1} for p in prompts]
-    answers = llama_cpp.run(path, jobs, context=max(map(len, prompts)) + 8)["answers"]
+    answers = llama_cpp.run(path, jobs, context=max(map(len, prompts)) + 8, kv_type=kv_type)["answers"]
     agree = clear_agree = positions = clear_positions = 0
     for i, (answer, (top1, clear)) in enumerate(zip(answers, expected)):
         start = 0 if i == 0 else shared
@@ -142,12 +177,21 @@ def main() -> None:
             written = q8_0_rounded(model) if label == "q8_0 weights in f32" else model
             with tempfile.TemporaryDirectory() as folder:
                 path = write_gguf(written, Path(folder) / "m.gguf", outtype, fields, f16_tensors=keep)
-                result = agreement(path, prompts, expected, shared)
+                result = agreement(path, prompts, expected, shared, "F32" if outtype == "f32" else "F16")
+                if label == "f32":
+                    starts = [p[:GREEDY_PROMPT] for p in prompts]
+                    greedy = greedy_reference(model, starts, GREEDY_STEPS)
+                    result |= greedy_equal(path, starts, greedy, GREEDY_STEPS)
             results.setdefault(name, {})[label] = result
             print(
                 f"{name:<8} {label:<24} top-1 {result['top1_agreement']:.4f} of {result['positions']}  "
                 f"clear {result['clear_top1_agreement']:.4f} of {result['clear_positions']}  "
-                f"{result['gguf_mib']:.0f} MiB",
+                f"{result['gguf_mib']:.0f} MiB"
+                + (
+                    f"  greedy equal {result['greedy_equal']}/{result['greedy_prompts']}"
+                    if "greedy_equal" in result
+                    else ""
+                ),
                 flush=True,
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
