@@ -163,7 +163,11 @@ def main() -> None:
     models = {}
     if "teacher" in args.models:
         everywhere = StudentConfig(
-            mixer="mamba2", attention_fraction=1.0, norm_init="ones", conv_init="random"
+            mixer="mamba2",
+            attention_layers="uniform",
+            attention_fraction=1.0,
+            norm_init="ones",
+            conv_init="random",
         )  # attention in every layer: the teacher's own weights
         models["teacher"] = hybrid_from_teacher(teacher, everywhere, seed=0).eval()
     if "student" in args.models:
