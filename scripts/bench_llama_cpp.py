@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -154,6 +155,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "llama_cpp_speed")
     parser.add_argument(
+        "--profile-context",
+        type=int,
+        default=8192,
+        help="after the benchmark, profile the teacher's and the 50%% hybrid's decoding at this context with "
+        "perf (scripts/profile_llama_cpp.py) when it is one of --contexts and perf is installed; 0: never",
+    )
+    parser.add_argument(
         "--merge", action="store_true", help="add these contexts to --out's earlier ones (long runs in parts)"
     )
     args = parser.parse_args()
@@ -164,6 +172,11 @@ def main() -> None:
         paths = write_models(Path(folder), args.outtype, names=args.models)
         sizes = {name: path.stat().st_size / 2**20 for name, path in paths.items()}
         results = measure(paths, args.contexts, args.rounds, args.decode, args.threads, args.flash_attention)
+        profiled = {name: paths[name] for name in ("teacher", "hybrid 50%") if name in paths}
+        if args.profile_context in args.contexts and shutil.which("perf") and not args.flash_attention:
+            from profile_llama_cpp import report
+
+            report(profiled, args.profile_context, 48, args.threads, Path(folder), top=12)
     keys = ("contexts", "rounds", "decode", "threads", "outtype", "flash_attention", "models")
     record = {
         "settings": [{key: getattr(args, key) for key in keys}],

@@ -66,8 +66,23 @@ def profile(path: Path, context: int, decode: int, threads: int, folder: Path) -
     for line in report.splitlines():
         match = re.match(r"\s*([\d.]+)%\s+\[[.k]\]\s+(.+)", line)
         if match:
-            shares[match.group(2).strip()] = float(match.group(1)) / 100
+            symbol = re.split(r"\s{2,}", match.group(2).strip())[0]  # perf pads with blank columns
+            shares[symbol] = shares.get(symbol, 0.0) + float(match.group(1)) / 100
     return ms_per_token, shares
+
+
+def report(paths: dict[str, Path], context: int, decode: int, threads: int, folder: Path, top: int) -> None:
+    """Print each model's decode ms/token at `context`, by group and by its `top` functions."""
+    for name, path in paths.items():
+        ms, shares = profile(path, context, decode, threads, folder)
+        groups: dict[str, float] = {}
+        for symbol, share in shares.items():
+            groups[group(symbol)] = groups.get(group(symbol), 0.0) + share
+        print(f"\n{name}: {ms:.1f} ms per decoded token at {context:,} tokens of context (perf)", flush=True)
+        for label, share in sorted(groups.items(), key=lambda item: -item[1]):
+            print(f"  {label:<34} {share * ms:6.1f} ms  ({share:.0%})")
+        for symbol, share in sorted(shares.items(), key=lambda item: -item[1])[:top]:
+            print(f"    {share * ms:6.2f} ms  {share:5.1%}  {symbol}", flush=True)
 
 
 def main() -> None:
@@ -82,18 +97,8 @@ def main() -> None:
     if reason is not None:
         raise SystemExit(f"error: {reason}")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        paths = write_models(folder, "q8_0", names=args.models)
-        for name, path in paths.items():
-            ms, shares = profile(path, args.context, args.decode, args.threads, folder)
-            groups: dict[str, float] = {}
-            for symbol, share in shares.items():
-                groups[group(symbol)] = groups.get(group(symbol), 0.0) + share
-            print(f"\n{name}: {ms:.1f} ms per decoded token at {args.context:,} tokens of context")
-            for label, share in sorted(groups.items(), key=lambda item: -item[1]):
-                print(f"  {label:<34} {share * ms:6.1f} ms  ({share:.0%})")
-            for symbol, share in sorted(shares.items(), key=lambda item: -item[1])[: args.top]:
-                print(f"    {share * ms:6.2f} ms  {share:5.1%}  {symbol}")
+        paths = write_models(Path(tmp), "q8_0", names=args.models)
+        report(paths, args.context, args.decode, args.threads, Path(tmp), args.top)
 
 
 if __name__ == "__main__":
