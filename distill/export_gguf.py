@@ -8,14 +8,16 @@ layer's kind by its `attention.head_count_kv`, 0 for an SSM layer, and its Mamba
     ssm_conv1d    (d_inner + 2*ng*ds, d_conv) over [x | B | C], with bias
     ssm_a = -exp(A_log), ssm_d, ssm_dt.bias per head; ssm_norm (ng, d_inner/ng): a gated RMSNorm per group
 
-so our layout maps as the Bamba export does (x and B repeated per head like GQA's K/V, ng = heads,
-ds = head dim = hd). Two things llama.cpp wants on top:
+so our layout maps as the Bamba export does (x and B repeated per head like GQA's K/V, one group per head,
+ds = head dim = hd). What llama.cpp wants on top:
 
-- Its loader only accepts `d_inner = 2 * hidden_size` (`GGML_ASSERT`, "only an expansion factor of 2"), while
-  ours is nh*hd (= hidden for a Llama teacher). The exporter appends zero heads up to 2*hidden: every weight
-  that reads or writes a padded head is 0 (z, x, B, C rows, conv channels, out_proj columns), so a padded head
-  holds a zero state, its gated-norm group (one per head) outputs 0, and out_proj ignores it: the logits are
-  unchanged. It costs the padded heads' compute and in_proj/out_proj rows.
+- Its loader only accepts `d_inner = 2 * hidden_size` (`GGML_ASSERT(2 * n_embd == d_inner)` in
+  granite-hybrid.cpp, "only an expansion factor of 2"), while ours is nh*hd (= hidden for a Llama teacher).
+  The exporter writes each of our heads r = 2*hidden/(nh*hd) times in a row: the copies share the head's group
+  (llama.cpp's head h reads group h // r, so B and C stay one per head), compute the same output, and the
+  gated RMSNorm over the group (r copies) sees the head's own mean square; out_proj reads the first copy and
+  gives the others zero columns. The logits are unchanged; the copies cost z/x rows of in_proj, out_proj
+  columns and scan work (r-1 of each r).
 - llama.cpp cannot allocate an attention cache with no attention layer (`GGML_ASSERT(buffer)` when the
   context is created), so a student without attention gets one extra last layer that adds exactly 0: a
   one-head attention and an MLP whose output projections (attn_output, ffn_down) are 0. Its cost is one
@@ -103,15 +105,11 @@ def refuse_what_llama_cpp_lacks(cfg) -> None:
     rope_type = (cfg.rope_parameters or {}).get("rope_type", "default")
     if rope_type not in ("default", "llama3"):
         lacking.append(f"RoPE scaling {rope_type!r} (supported: none, llama3)")
-    if "mamba2" in kinds and cfg.num_attention_heads * cfg.head_dim > 2 * cfg.hidden_size:
+    width = cfg.num_attention_heads * cfg.head_dim
+    if "mamba2" in kinds and (2 * cfg.hidden_size) % width:
         lacking.append(
-            f"a mixer wider than 2*hidden_size (nh*hd = {cfg.num_attention_heads * cfg.head_dim}), "
-            f"the only width llama.cpp's granitehybrid loads"
-        )
-    if "mamba2" in kinds and (2 * cfg.hidden_size) % cfg.head_dim:
-        lacking.append(
-            f"a head_dim ({cfg.head_dim}) that does not divide 2*hidden_size ({2 * cfg.hidden_size}), "
-            f"so the mixer cannot be padded to llama.cpp's width"
+            f"a mixer width nh*hd = {width} that does not divide 2*hidden_size ({2 * cfg.hidden_size}), "
+            f"the only width llama.cpp's granitehybrid loads (each head is written 2*hidden/width times)"
         )
     if lacking:
         raise UserError(
@@ -148,8 +146,12 @@ def _null_layer(cfg, index: int) -> dict[str, torch.Tensor]:
 
 
 def ssm_heads(cfg) -> int:
-    """Heads of the exported mixer: ours padded with zero heads to llama.cpp's width 2*hidden_size."""
+    """Heads of the exported mixer: each of ours written `ssm_copies` times, to llama.cpp's width 2*hidden."""
     return 2 * cfg.hidden_size // cfg.head_dim
+
+
+def ssm_copies(cfg) -> int:
+    return ssm_heads(cfg) // cfg.num_attention_heads
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -169,37 +171,33 @@ def _repeat_groups(rows: torch.Tensor, groups: int, repeats: int) -> torch.Tenso
     )
 
 
-def _pad_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
-    return torch.cat([rows, rows.new_zeros(total - rows.shape[0], *rows.shape[1:])])
-
-
 def _mamba2_tensors(cfg, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One Mamba-2 layer in llama.cpp's layout (GGUF suffix -> tensor): x, B full width, zero heads padded."""
+    """One Mamba-2 layer in llama.cpp's layout (GGUF suffix -> tensor): x and B one per head, heads copied."""
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    d_inner, d_xb, heads = nh * hd, nkv * hd, ssm_heads(cfg)
-    width = heads * hd
+    d_inner, d_xb, copies = nh * hd, nkv * hd, ssm_copies(cfg)
 
-    def expand(block: torch.Tensor, repeat: bool) -> torch.Tensor:
-        return _pad_rows(_repeat_groups(block, nkv, nh // nkv) if repeat else block, width)
+    def per_head(block: torch.Tensor) -> torch.Tensor:  # kv-wide x or B -> one block per head (GQA's repeat)
+        return _repeat_groups(block, nkv, nh // nkv)
+
+    def copied(block: torch.Tensor) -> torch.Tensor:  # one block per head -> `copies` blocks per head
+        return _repeat_groups(block, nh, copies)
 
     def xbc(tensor: torch.Tensor) -> torch.Tensor:
         x, b, c = tensor.split([d_xb, d_xb, d_inner])
-        return torch.cat([expand(x, True), expand(b, True), expand(c, False)])
+        return torch.cat([copied(per_head(x)), per_head(b), c])
 
     z, xbc_rows, dt = state[prefix + "in_proj.weight"].split([d_inner, 2 * d_xb + d_inner, nh])
-    conv_weight = state[prefix + "conv1d.weight"].squeeze(1)
-    pad = heads - nh
+    out = state[prefix + "out_proj.weight"].reshape(cfg.hidden_size, nh, 1, hd)
+    first_copy_only = torch.cat([out, out.new_zeros(cfg.hidden_size, nh, copies - 1, hd)], dim=2)
     return {
-        "ssm_in.weight": torch.cat([expand(z, False), xbc(xbc_rows), _pad_rows(dt, heads)]),
-        "ssm_conv1d.weight": xbc(conv_weight),
+        "ssm_in.weight": torch.cat([copied(z), xbc(xbc_rows), copied(dt)]),
+        "ssm_conv1d.weight": xbc(state[prefix + "conv1d.weight"].squeeze(1)),
         "ssm_conv1d.bias": xbc(state[prefix + "conv1d.bias"]),
-        "ssm_dt.bias": torch.cat([state[prefix + "dt_bias"], torch.zeros(pad)]),
-        "ssm_a": torch.cat([-torch.exp(state[prefix + "A_log"].float()), -torch.ones(pad)]).unsqueeze(1),
-        "ssm_d": torch.cat([state[prefix + "D"], torch.zeros(pad)]).unsqueeze(1),
-        "ssm_norm.weight": _pad_rows(state[prefix + "norm.weight"], width).reshape(heads, hd),
-        "ssm_out.weight": torch.cat(
-            [state[prefix + "out_proj.weight"], torch.zeros(cfg.hidden_size, width - d_inner)], dim=1
-        ),
+        "ssm_dt.bias": copied(state[prefix + "dt_bias"]),
+        "ssm_a": copied(-torch.exp(state[prefix + "A_log"].float())).unsqueeze(1),
+        "ssm_d": copied(state[prefix + "D"]).unsqueeze(1),
+        "ssm_norm.weight": copied(state[prefix + "norm.weight"]).reshape(nh, copies * hd),
+        "ssm_out.weight": first_copy_only.reshape(cfg.hidden_size, copies * d_inner),
     }
 
 
@@ -250,15 +248,16 @@ def llama3_rope_factors(cfg) -> torch.Tensor:
     return torch.tensor(factors)
 
 
-def _quantize(name: str, tensor: torch.Tensor, outtype: str):
-    """(data, raw_dtype) for the writer: 2-D matrices in `outtype`, everything else f32."""
+def _quantize(name: str, tensor: torch.Tensor, outtype: str, f16_tensors: tuple[str, ...] = ()):
+    """(data, raw_dtype) for the writer: 2-D matrices in `outtype` (those whose name ends with one of
+    `f16_tensors` in f16 when `outtype` is q8_0), everything else f32."""
     import gguf
 
     array = tensor.numpy().astype(np.float32)
     matrix = array.ndim == 2 and not name.endswith(("ssm_conv1d.weight", "ssm_norm.weight", "ssm_a", "ssm_d"))
     if not matrix or outtype == "f32":
         return array, None
-    if outtype == "f16":
+    if outtype == "f16" or (outtype == "q8_0" and name.endswith(f16_tensors)):
         return array.astype(np.float16), None
     kind = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
     block, _ = gguf.GGML_QUANT_SIZES[kind]
@@ -296,7 +295,7 @@ def _add_hyperparameters(writer, cfg, outtype: str) -> None:
         writer.add_ssm_inner_size(heads * cfg.head_dim)
         writer.add_ssm_state_size(cfg.head_dim)
         writer.add_ssm_time_step_rank(heads)
-        writer.add_ssm_group_count(heads)
+        writer.add_ssm_group_count(cfg.num_attention_heads)
     else:
         writer.add_head_count(cfg.num_attention_heads)
         writer.add_head_count_kv(cfg.num_key_value_heads)
@@ -407,8 +406,18 @@ _SPECIAL_VOCAB_KEYS = {
 # ----------------------------------------------------------------------------- writing
 
 
-def write_gguf(model, path: str | Path, outtype: str, tokenizer_fields: list[tuple], name: str = "") -> Path:
-    """Write `model` (our HybridForCausalLM) to the GGUF file `path` in `outtype`. Returns the path."""
+def write_gguf(
+    model,
+    path: str | Path,
+    outtype: str,
+    tokenizer_fields: list[tuple],
+    name: str = "",
+    f16_tensors: tuple[str, ...] = (),
+) -> Path:
+    """Write `model` (our HybridForCausalLM) to the GGUF file `path` in `outtype`. Returns the path.
+
+    `f16_tensors`: name suffixes of matrices a q8_0 file keeps in f16 (scripts/gguf_agreement.py measures
+    which matter)."""
     import gguf
 
     if outtype not in OUTTYPES:
@@ -423,7 +432,7 @@ def write_gguf(model, path: str | Path, outtype: str, tokenizer_fields: list[tup
     for key, value, vtype, sub_type in tokenizer_fields:
         writer.add_key_value(key, value, vtype, sub_type)
     for tensor_name, tensor in gguf_tensors(cfg, model.state_dict()).items():
-        data, raw_dtype = _quantize(tensor_name, tensor, outtype)
+        data, raw_dtype = _quantize(tensor_name, tensor, outtype, f16_tensors)
         writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

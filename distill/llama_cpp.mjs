@@ -2,14 +2,18 @@
 //
 //   node llama_cpp.mjs < request.json > answer.json
 //
-// request: {model, threads, context, kv_type ("F16" or "F32"), jobs: [...]}, one job each:
+// request: {model, threads, context, kv_type ("F16" or "F32"), flash_attention, jobs: [...]}, one job each:
 //   {kind: "tokenize", text}                       -> {tokens}
 //   {kind: "evaluate", tokens, top}                -> {positions: [[[token, prob], ...top], ...]}: the next-token
 //                                                     distribution after every prefix of `tokens` (greedy order)
 //   {kind: "greedy", tokens, steps}                -> {tokens}: the greedy continuation
-//   {kind: "speed", prompt_tokens, decode_tokens}  -> {prefill_s, decode_s}: a random prompt, then greedy decoding
+//   {kind: "speed", prompt_tokens, decode_tokens}  -> {prefill_s, decode_s, token_s}: a random prompt, then greedy
+//                                                     decoding (token_s: the seconds of each decoded token)
 // The answer also carries {rss_bytes (peak), state_bytes, model_bytes}. Errors go to stderr with exit status 1.
-import {readFileSync} from "node:fs";
+// With PERF_CTL_FIFO set (a `perf record --control fifo:...` control FIFO), the profiler records decoding only.
+import {readFileSync, writeFileSync} from "node:fs";
+
+const profile = (command) => process.env.PERF_CTL_FIFO && writeFileSync(process.env.PERF_CTL_FIFO, command + "\n");
 
 // node-llama-cpp lives in the asset cache, not next to this file: distill/llama_cpp.py passes its entry point.
 const {getLlama, LlamaLogLevel} = await import(process.env.NODE_LLAMA_CPP_ENTRY);
@@ -19,7 +23,7 @@ const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLeve
 const model = await llama.loadModel({modelPath: request.model, gpuLayers: 0});
 const context = await model.createContext({
     contextSize: request.context, batchSize: Math.min(request.context, 512), threads: request.threads,
-    sequences: 1, flashAttention: false,
+    sequences: 1, flashAttention: Boolean(request.flash_attention),
     experimentalKvCacheKeyType: request.kv_type, experimentalKvCacheValueType: request.kv_type,
 });
 const sequence = context.getSequence();
@@ -47,13 +51,20 @@ for (const job of request.jobs) {
         await sequence.controlledEvaluate(prompt.slice(0, -1));
         let last = prompt[prompt.length - 1];
         const prefill_s = Number(process.hrtime.bigint() - start) / 1e9;
+        profile("enable");
         start = process.hrtime.bigint();
-        let decoded = 0;
+        const token_s = [];
+        let previous = start;
         for await (const token of sequence.evaluate([last], {temperature: 0, yieldEogToken: true})) {
+            const now = process.hrtime.bigint();
+            token_s.push(Number(now - previous) / 1e9);
+            previous = now;
             last = token;
-            if (++decoded >= job.decode_tokens) break;
+            if (token_s.length >= job.decode_tokens) break;
         }
-        answers.push({prefill_s, decode_s: Number(process.hrtime.bigint() - start) / 1e9});
+        const decode_s = Number(process.hrtime.bigint() - start) / 1e9;
+        profile("disable");
+        answers.push({prefill_s, decode_s, token_s});
     }
 }
 const usage = {rss_bytes: process.resourceUsage().maxRSS * 1024, state_bytes: context.stateSize, model_bytes: model.size};

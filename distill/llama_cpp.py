@@ -45,11 +45,15 @@ def run(
     threads: int = 1,
     context: int = 512,
     kv_type: str = "F16",
+    flash_attention: bool = False,
     timeout: float = 1800,
+    prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Run `jobs` (see distill/llama_cpp.mjs) on the GGUF `model` in one llama.cpp process; return its answer.
 
     `kv_type` is the attention cache's type: llama.cpp's default F16, or F32 to compare an f32 export exactly.
+    `prefix` runs node under another command (a profiler); `env` adds to its environment.
     """
     reason = unavailable()
     if reason is not None:
@@ -59,11 +63,12 @@ def run(
         "threads": threads,
         "context": context,
         "kv_type": kv_type,
+        "flash_attention": flash_attention,
         "jobs": jobs,
     }
-    env = dict(os.environ, NODE_LLAMA_CPP_ENTRY=_entry().as_uri())
+    env = dict(os.environ, **(env or {}), NODE_LLAMA_CPP_ENTRY=_entry().as_uri())
     done = subprocess.run(
-        ["node", str(RUNNER)],
+        [*prefix, "node", str(RUNNER)],
         input=json.dumps(request),
         capture_output=True,
         text=True,

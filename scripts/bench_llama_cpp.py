@@ -7,8 +7,9 @@ Writes the built-in teacher (SmolLM2-135M-Instruct) and its 50%, 25% and 0% atte
 (q8_0 by default; the teacher as llama.cpp's `llama`, the hybrids as `granitehybrid`), then, batch 1, for
 every context and round, runs each model once in a fresh llama.cpp process (interleaved: round r runs every
 model before round r+1 starts, so a load change on a shared machine hits all of them alike): a prompt of
-`context` tokens (prefill), then `--decode` greedy tokens. Prints the medians over rounds and each hybrid's
-ratio to the teacher, and writes eval/results/llama_cpp_speed.json and eval/results/llama_cpp_speed.png.
+`context` tokens (prefill), then `--decode` greedy tokens (decode speed: the median token's time). Prints the
+medians over rounds and each hybrid's ratio to the teacher, and writes eval/results/llama_cpp_speed.json and
+eval/results/llama_cpp_speed.png.
 
 Memory: llama.cpp's context state (attention KV cache, f16, sized for the whole context, plus the Mamba conv
 and SSM states) and the process's peak RSS (weights mmapped and touched, compute buffers, node itself).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -35,12 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"teacher": 1.0, "hybrid 50%": 0.5, "hybrid 25%": 0.25, "hybrid 0%": 0.0}
 
 
-def write_models(folder: Path, outtype: str) -> dict[str, Path]:
-    """Every model of MODELS as a GGUF in `folder` (the teacher as a hybrid with attention in every layer)."""
+def write_models(folder: Path, outtype: str, names: list[str] | None = None) -> dict[str, Path]:
+    """The models of MODELS named in `names` (default: all) as GGUFs in `folder` (the teacher as a hybrid with
+    attention in every layer)."""
     teacher, _ = load_teacher(TeacherConfig(), dtype=torch.float32)
     fields = tokenizer_from_gguf(asset_path("smollm2"))
     paths = {}
     for name, fraction in MODELS.items():
+        if names is not None and name not in names:
+            continue
         student = StudentConfig(
             mixer="mamba2",
             attention_layers="uniform",
@@ -55,7 +60,9 @@ def write_models(folder: Path, outtype: str) -> dict[str, Path]:
     return paths
 
 
-def measure(paths: dict[str, Path], contexts: list[int], rounds: int, decode: int, threads: int) -> dict:
+def measure(
+    paths: dict[str, Path], contexts: list[int], rounds: int, decode: int, threads: int, flash_attention: bool
+) -> dict:
     runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in contexts} for name in paths}
     for context in contexts:
         for round_ in range(rounds):
@@ -65,11 +72,12 @@ def measure(paths: dict[str, Path], contexts: list[int], rounds: int, decode: in
                     [{"kind": "speed", "prompt_tokens": context, "decode_tokens": decode}],
                     threads=threads,
                     context=context + decode + 8,
+                    flash_attention=flash_attention,
                 )
                 timing = answer["answers"][0]
                 run = {
                     "prefill_tok_s": (context - 1) / timing["prefill_s"],
-                    "decode_tok_s": decode / timing["decode_s"],
+                    "decode_tok_s": 1 / statistics.median(timing["token_s"]),
                     "state_mib": answer["state_bytes"] / 2**20,
                     "peak_rss_mib": answer["rss_bytes"] / 2**20,
                 }
@@ -99,6 +107,8 @@ def table(results: dict, contexts: list[int]) -> str:
     ]
     for name, by_context in results.items():
         for c in map(str, contexts):
+            if c not in by_context or c not in teacher:  # a context measured for some models only
+                continue
             r, t = by_context[c], teacher[c]
             lines.append(
                 f"| {name} | {int(c):,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
@@ -118,7 +128,8 @@ def plot(results: dict, contexts: list[int], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, by_context in results.items():
         for ax, key in zip(axes, ("decode_tok_s", "prefill_tok_s", "state_mib")):
-            ax.plot(contexts, [by_context[str(c)][key] for c in contexts], marker="o", label=name)
+            measured = [c for c in contexts if str(c) in by_context]
+            ax.plot(measured, [by_context[str(c)][key] for c in measured], marker="o", label=name)
     for ax, title in zip(
         axes, ("decode tokens/s (batch 1)", "prefill tokens/s", "context state MiB (KV + SSM)")
     ):
@@ -140,27 +151,52 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32, help="greedy tokens decoded after each prompt")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--outtype", default="q8_0")
+    parser.add_argument("--flash-attention", action="store_true", help="llama.cpp's flash attention")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "llama_cpp_speed")
+    parser.add_argument(
+        "--profile-context",
+        type=int,
+        default=8192,
+        help="after the benchmark, profile the teacher's and the 50%% hybrid's decoding at this context with "
+        "perf (scripts/profile_llama_cpp.py) when it is one of --contexts and perf is installed; 0: never",
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="add these contexts to --out's earlier ones (long runs in parts)"
+    )
     args = parser.parse_args()
     reason = llama_cpp.unavailable()
     if reason is not None:
         raise SystemExit(f"error: {reason}")
     with tempfile.TemporaryDirectory() as folder:
-        paths = write_models(Path(folder), args.outtype)
+        paths = write_models(Path(folder), args.outtype, names=args.models)
         sizes = {name: path.stat().st_size / 2**20 for name, path in paths.items()}
-        results = measure(paths, args.contexts, args.rounds, args.decode, args.threads)
-    print("\n" + table(results, args.contexts))
-    print("\nGGUF sizes (MiB): " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {key: getattr(args, key) for key in ("contexts", "rounds", "decode", "threads", "outtype")}
+        results = measure(paths, args.contexts, args.rounds, args.decode, args.threads, args.flash_attention)
+        profiled = {name: paths[name] for name in ("teacher", "hybrid 50%") if name in paths}
+        if args.profile_context in args.contexts and shutil.which("perf") and not args.flash_attention:
+            from profile_llama_cpp import report
+
+            report(profiled, args.profile_context, 48, args.threads, Path(folder), top=12)
+    keys = ("contexts", "rounds", "decode", "threads", "outtype", "flash_attention", "models")
     record = {
-        "settings": settings,
+        "settings": [{key: getattr(args, key) for key in keys}],
         "node_llama_cpp": llama_cpp.NODE_LLAMA_CPP_VERSION,
         "gguf_mib": sizes,
         "results": results,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(results, args.contexts, args.out.with_suffix(".png"))
+    json_path = args.out.with_suffix(".json")
+    if args.merge and json_path.is_file():
+        earlier = json.loads(json_path.read_text())
+        record["settings"] = earlier["settings"] + record["settings"]
+        for name, by_context in earlier["results"].items():
+            record["results"][name] = by_context | record["results"].get(name, {})
+    results = record["results"]
+    contexts = sorted({int(c) for by_context in results.values() for c in by_context})
+    print("\n" + table(results, contexts))
+    print("\nGGUF sizes (MiB): " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    plot(results, contexts, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 
 
