@@ -228,15 +228,6 @@ def chunk_operands(B, C, doc, c, Q):
     return (Cc @ Bc.mT).masked_fill_(~keep, 0), Bc * to_end, Cc * from_start, (doc_end == doc_in)[..., None]
 
 
-def in_place(t, rows, m, Q, g, f):
-    """Rows `rows` of t (b, l, h, p) as (b, m, g, Q, r, p) where that is a view in dtype f (one group, whole
-    chunks), to be written directly; else None (the block then goes through the workspace and from_groups)."""
-    b, _, h, p = t.shape
-    if g > 1 or t.dtype != f or t[:, rows].shape[1] < m * Q:
-        return None
-    return t[:, rows].view(b, m, Q, 1, h, p).transpose(2, 3)
-
-
 def to_groups(t, rows, m, Q, g, out):
     """Rows `rows` of t (b, l, h, p), zero-padded to m chunks of Q, as (b, m, g, Q, r, p) in out's dtype: the
     layout of the group GEMMs, in which a group's heads are one (Q, r * p) matrix. A view of t where it already
@@ -317,15 +308,13 @@ def factored_blocks(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T0, D,
         # 4. Every position reads its chunk's incoming state; then the output-side decay, D x and the gate.
         for i in range(b):
             Zb[i].view(m * g, Q, r * p).baddbmm_(C_in[i, chunks].reshape(m * g, Q, n), V[i].view(m * g, n, r * p))
-        direct = None if gate is not None else in_place(y, rows, m, Q, g, f)
         yb = torch.mul(Zb.view(b, m, g, Q, r, p), per_group(out_scale[:, chunks], g),
-                       out=scratch(work, "y", block, x_scale) if direct is None else direct)
+                       out=scratch(work, "y", block, x_scale))
         if Dw is not None:
             yb.addcmul_(xb, Dw)
         if gate is not None:
             yb.mul_(to_groups(gate, rows, m, Q, g, scratch(work, "gate", block, x_scale)))
-        if direct is None:
-            from_groups(yb, y, rows)
+        from_groups(yb, y, rows)
     return slots[:, m].view(b, g, n, r, p)
 
 
@@ -405,8 +394,7 @@ class FactoredScan(torch.autograd.Function):
             dcarry[:, chunks].view(b, m, g, r).copy_(
                 torch.mul(Gb[:, 1:], states, out=state_tmp).sum((3, 5)))
             V = torch.mul(states, w[:, chunks].view(b, m, g, 1, r, 1), out=state_tmp)
-            direct = in_place(dx, rows, m, Q, g, f)
-            dX = scratch(work, "dX", block, x_scale) if direct is None else direct
+            dX = scratch(work, "dX", block, x_scale)
             for i in range(b):
                 dZ_i, X_i, dS_i = (t[i].reshape(m * g, -1, r * p) for t in (dZ, X, dS))
                 torch.bmm(scores[i, chunks].reshape(m * g, Q, Q).mT, dZ_i, out=dX[i].view(m * g, Q, r * p))
@@ -418,8 +406,7 @@ class FactoredScan(torch.autograd.Function):
             dX.mul_(per_group(x_scale[:, chunks], g))
             if Dw is not None:
                 dX.addcmul_(dyb, Dw)
-            if direct is None:
-                from_groups(dX, dx, rows)
+            from_groups(dX, dx, rows)
         dT0 = G[:, 0].view(b, g, n, r, p).clone() if ctx.has_T0 else None
         if dD is not None:
             dD = dD.view(h, p).sum(1) if D.dim() == 1 else dD.view(h, p)
