@@ -20,11 +20,13 @@ Two ways to apply the decays, chosen per head, with identical results:
   per-head (Q, Q) decays exp(cs_i - cs_j) are built explicitly, in blocks of BLOCK_CHUNKS chunks so they stay
   cache-sized; decays below log(tiny) + 20 are flushed to zero.
 
-Without autograd the factored path goes in blocks of BLOCK_CHUNKS chunks whose intermediates live in a
-per-thread workspace, reused from block to block and from call to call (like a BLAS workspace) and updated in
-place: a fresh full-size intermediate is page-faulted in, which costs about as much as the GEMMs on it. Each block
-reads its input once (D x starts the output off) and writes its output once. With autograd it is one block (the
-backward keeps every intermediate anyway). Both run the same ops in the same order, so they give the same bits.
+The factored path goes in blocks of BLOCK_CHUNKS chunks whose intermediates live in a per-thread workspace,
+reused from block to block and from call to call (like a BLAS workspace) and updated in place: a fresh full-size
+intermediate is page-faulted in, which costs about as much as the GEMMs on it. With autograd the blocks are one
+node (`FactoredScan`) that keeps only what its hand-written backward reads (the pre-decay output Z and the carried
+states, besides the inputs); the backward goes back through the same blocks with the same workspace. Autograd
+itself sees only the (b, l, h)-sized decay factors and the (Q, Q) scores. With and without autograd the forward
+runs the same ops in the same order, so they give the same bits.
 
 All of it runs in fp32 (float64 for float64 inputs) and uses O(L * Q) memory. Documents packed into a row
 (`seq_idx`) become a document counter; every decay between two different documents is masked to zero, which
@@ -158,49 +160,33 @@ def ssd_factored(x, dt, B, C, cs, ref, state, doc, D, z, inplace):
     state is the initial state, or None for zeros.
 
     What the heads share (the chunks' C.B scores, the document masks, the carry factors) is computed once for the
-    whole sequence. With autograd every intermediate is kept for the backward, so the sequence is one block
-    (`factored_block`). Without (inplace), it goes in blocks of BLOCK_CHUNKS chunks (`factored_block_`) that reuse
-    the thread's workspace and write their part of y directly. Both do the same ops in the same order, carrying the
-    same T from chunk to chunk and from block to block, so their results are bit-identical.
+    whole sequence, by autograd ops on (b, l, h)-sized tensors. The (b, l, h, p)-sized work goes in blocks of
+    BLOCK_CHUNKS chunks (`factored_blocks`); with autograd it is one node, `FactoredScan`, whose backward is
+    written by hand and also goes in blocks. Both run the same forward ops in the same order, so they give the
+    same bits.
     """
-    b, l, h, p = x.shape
+    b, _, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
-    c, Q = cs.shape[1:3]
+    f = cs.dtype
     x_scale, out_scale, w, u_last = chunk_factors(dt, cs, ref)
-    scores, B_end, C_in, same_doc = chunk_operands(B, C, doc, c, Q)
+    scores, B_end, C_in, same_doc = chunk_operands(B, C, doc, c=cs.shape[1], Q=cs.shape[2])
     carry = w if same_doc is None else w * same_doc
-    # (b, g, n, r, p): the layout of the GEMMs
-    T = None if state is None else state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
-    u_last = u_last.view(b, g, 1, r, 1)
-    if not inplace:
-        T = x_scale.new_zeros(b, g, n, r, p) if T is None else T
-        y, T = factored_block(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T, D)
-        y = skip_and_gate(y[:, :l], x, None, z).to(x.dtype)
-        return y, (T * u_last).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
-
-    work = _workspace.__dict__
-    # The carried states of each batch row are one buffer, slot k + 1 right after slot k (pass_states_): slot 0
-    # holds the T coming into a block, copied there from the previous block's last slot.
-    slots = scratch(work, "states", (b, min(c, BLOCK_CHUNKS) + 1, g, n, r * p), x_scale)
-    if T is None:
-        slots[:, 0].zero_()
+    T0 = None if state is None else state.view(b, g, r, p, n).permute(0, 1, 4, 2, 3)  # (b, g, n, r, p)
+    if inplace:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        # silu of the whole z, as under autograd: silu's vectorized and scalar tails differ in the last bit
+        gate = None if z is None else F.silu(z.to(f))
+        T = factored_blocks(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T0, D, gate, y)
     else:
-        slots[:, 0].view(b, g, n, r, p).copy_(T)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    # silu of the whole z as in skip_and_gate: silu's vectorized and scalar tails differ in the last bit
-    gate = None if z is None else F.silu(z.to(x_scale.dtype))
-    for k in range(0, c, BLOCK_CHUNKS):
-        m = min(BLOCK_CHUNKS, c - k)
-        if k:
-            slots[:, 0].copy_(slots[:, BLOCK_CHUNKS])
-        rows, chunks = slice(k * Q, (k + m) * Q), slice(k, k + m)
-        factored_block_(x[:, rows], x_scale[:, chunks], out_scale[:, chunks], w[:, chunks], carry[:, chunks],
-                        scores[:, chunks], B_end[:, chunks], C_in[:, chunks], D,
-                        None if gate is None else gate[:, rows], work, slots[:, :m + 1], y[:, rows])
-    final = torch.empty(b, h, p, n, dtype=x_scale.dtype, device=x.device)
-    T = slots[:, m].view(b, g, n, r, p)
-    torch.mul(T, u_last, out=final.view(b, g, r, p, n).permute(0, 1, 4, 2, 3))  # the transpose written once
+        y, T = FactoredScan.apply(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T0, D,
+                                  x.dtype if z is None else f)
+        if z is not None:
+            y = (y * F.silu(z.to(f))).to(x.dtype)
+    if not inplace:
+        return y, (T * u_last.view(b, g, 1, r, 1)).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+    final = torch.empty(b, h, p, n, dtype=f, device=x.device)
+    torch.mul(T, u_last.view(b, g, 1, r, 1), out=final.view(b, g, r, p, n).permute(0, 1, 4, 2, 3))  # one write
     return y, final
 
 
@@ -234,7 +220,7 @@ def chunk_operands(B, C, doc, c, Q):
     Bc, Cc = (pad_to(t, c * Q).view(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=B.device).tril()
     if doc is None:
-        return (Cc @ Bc.mT).masked_fill_(~causal, 0), Bc, Cc, None
+        return (Cc @ Bc.mT).masked_fill_(~causal, 0), Bc.contiguous(), Cc.contiguous(), None
     doc, doc_end, doc_in = chunk_documents(doc, c, Q)
     keep = causal & (doc[..., :, None] == doc[..., None, :])[:, :, None]
     to_end = (doc == doc_end[..., None])[:, :, None, :, None]
@@ -242,79 +228,189 @@ def chunk_operands(B, C, doc, c, Q):
     return (Cc @ Bc.mT).masked_fill_(~keep, 0), Bc * to_end, Cc * from_start, (doc_end == doc_in)[..., None]
 
 
-def skip_start(x, out_scale, D, out=None):
-    """D x divided by the output-side decay, (b, c, g, Q, r, p) like x: Y starts from it, so that the final
-    multiplication by out_scale adds D x (and the input is read while it is in cache, for the GEMMs' X)."""
-    b, c, g, Q, r, p = x.shape
-    skip = out_scale.reciprocal().view(b, c, Q, g, r, 1).transpose(2, 3)
-    if D.dim() == 1:
-        return torch.mul(x, skip * D.to(skip.dtype).view(g, 1, r, 1), out=out)
-    y = torch.mul(x, skip, out=out)
-    D = D.to(skip.dtype).view(g, 1, r, p)
-    return y.mul_(D) if out is not None else y * D
+def to_groups(t, rows, m, Q, g, out):
+    """Rows `rows` of t (b, l, h, p), zero-padded to m chunks of Q, as (b, m, g, Q, r, p) in out's dtype: the
+    layout of the group GEMMs, in which a group's heads are one (Q, r * p) matrix. A view of t where it already
+    is that (fp32, one group, whole chunks), else one copy into `out` (the cast of bf16 inputs, in cache)."""
+    b, _, h, p = t.shape
+    t = t[:, rows]
+    if t.shape[1] < m * Q:
+        t = pad_to(t, m * Q)
+    t = t.reshape(b, m, Q, g, h // g, p).transpose(2, 3)
+    return t if g == 1 and t.dtype == out.dtype else out.copy_(t)
 
 
-def factored_block(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T, D):
-    """ssd_factored under autograd, the whole sequence at once: y (b, c * Q, h, p) in fp32 with D x but without the
-    gate, and the carried T after the last chunk. Batch-major, (b, c, group, ...); the carry is one autograd node."""
-    b, _, h, p = x.shape
-    _, c, g, Q, n = B_end.shape
-    r = h // g
-    # dt and the input-side decay folded into x once, grouped so that a group's heads are one (Q, r * p) matrix
-    x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
-    X = (x * x_scale.view(b, c, Q, g, r, 1).transpose(2, 3)).reshape(b * c * g, Q, r * p)
-    # 1. Within each chunk: the group's causal C.B mask applied to all its heads.
-    scores = scores.reshape(b * c * g, Q, Q)
-    Y = scores @ X if D is None else torch.baddbmm(skip_start(x, out_scale, D).reshape(b * c * g, Q, r * p), scores, X)
-    # 2. Each chunk's contribution to the carried state, in a (n, r, p) layout that the GEMMs read directly.
-    S = B_end.mT @ X.view(b, c, g, Q, r * p)  # (b, c, g, n, r * p)
-    # 3. Carry T across chunks (chunk_factors).
-    T, T_last = StatePassing.apply(S.view(b, c, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1),
-                                   T)
-    V = T.movedim(0, 1) * w.view(b, c, g, 1, r, 1)
-    # 4. Every position reads its chunk's incoming state; then the output-side decay.
-    Y = torch.baddbmm(Y, C_in.reshape(b * c * g, Q, n), V.reshape(b * c * g, n, r * p))
-    y = Y.view(b, c, g, Q, r, p).transpose(2, 3) * out_scale.view(b, c, Q, g, r, 1)
-    return y.reshape(b, c * Q, h, p), T_last
+def from_groups(src, dst, rows):
+    """src (b, m, g, Q, r, p) written into rows `rows` of dst (b, l, h, p) (the last block's padding left out)."""
+    b, m, g, Q, r, p = src.shape
+    dst = dst[:, rows]
+    if dst.shape[1] == m * Q:
+        dst.view(b, m, Q, g, r, p).copy_(src.transpose(2, 3))
+    else:
+        dst.copy_(src.transpose(2, 3).reshape(b, m * Q, g * r, p)[:, :dst.shape[1]])
 
 
-def factored_block_(x, x_scale, out_scale, w, carry, scores, B_end, C_in, D, gate, work, slots, out):
-    """One block of ssd_factored without autograd: factored_block's ops into `work` buffers, updated in place.
-    slots (b, c + 1, g, n, r * p) holds the incoming T in slot 0, and in slot c afterwards the T carried out of the
-    block's last chunk; y, epilogue (D, then the gate silu(z)) included, is written into `out`."""
+def per_group(t, g):
+    """A per-position, per-head factor (b, m, Q, h) as (b, m, g, Q, r, 1), to scale (b, m, g, Q, r, p)."""
+    b, m, Q, h = t.shape
+    return t.view(b, m, Q, g, h // g, 1).transpose(2, 3)
+
+
+def skip_weight(D, g, f):
+    """D (h,) or (h, p) as (g, 1, r, 1 or p), to scale (b, m, g, Q, r, p)."""
+    return D.to(f).view(g, 1, -1, 1 if D.dim() == 1 else D.shape[1])
+
+
+def factored_blocks(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T0, D, gate, y, Z=None, T=None):
+    """ssd_factored's (b, l, h, p)-sized work, in blocks of BLOCK_CHUNKS chunks: y = D x + out_scale Z written
+    into y (times `gate`, silu(z) in fp32, when given), with Z = scores X + C_in (w T) and X = x_scale x per chunk.
+    Returns the carried T after the last chunk, (b, g, n, r, p).
+
+    Without Z and T, every intermediate lives in the thread's workspace (a fresh full-size one is page-faulted in,
+    which costs about as much as the GEMMs on it) and is overwritten by the next block. FactoredScan passes
+    full-size Z (b, c, g, Q, r * p) and T (b, c + 1, g, n, r * p), which its backward reads: T holds T_0 .. T_c.
+    """
     b, _, h, p = x.shape
     _, c, g, Q, n = B_end.shape
     r = h // g
     f = x_scale.dtype
-    Y = scratch(work, "Y", (b * c * g, Q, r * p), x_scale)
-    x = pad_to(x, c * Q).view(b, c, Q, g, r, p).transpose(2, 3)  # (b, c, g, Q, r, p)
-    if x.dtype != f:  # one vectorized cast (mixed-dtype elementwise ops are about 2x slower), into Y, where D x
-        x = Y.view(b, c, g, Q, r, p).copy_(x)  # then replaces it in place
-    X = torch.mul(x, x_scale.view(b, c, Q, g, r, 1).transpose(2, 3), out=scratch(work, "X", x.shape, x_scale))
-    X = X.view(b * c * g, Q, r * p)
-    # 1. Within each chunk.
-    scores = scores.reshape(b * c * g, Q, Q)
-    if D is None:
-        torch.bmm(scores, X, out=Y)
+    work = _workspace.__dict__
+    if T is None:  # slot 0 holds the T coming into a block, copied there from the previous block's last slot
+        T = scratch(work, "states", (b, min(c, BLOCK_CHUNKS) + 1, g, n, r * p), x_scale)
+    if T0 is None:
+        T[:, 0].zero_()
     else:
-        skip_start(x, out_scale, D, out=Y.view(b, c, g, Q, r, p)).view_as(Y).baddbmm_(scores, X)
-    # 2. Per batch row, the chunk contributions go to slots 1..c.
-    for i in range(b):
-        torch.matmul(B_end[i].mT, X.view(b, c, g, Q, r * p)[i], out=slots[i, 1:])
-    # 3. Carry T: slot k becomes T_k, then chunk k reads w_k T_k.
-    pass_states_(slots.view(b, c + 1, g, n, r, p).movedim(1, 0), carry.movedim(1, 0).view(c, b, g, 1, r, 1))
-    slots[:, :c].view(b, c, g, n, r, p).mul_(w.view(b, c, g, 1, r, 1))
-    # 4. Every position reads its chunk's incoming state; then the output-side decay and the gate.
-    Y = Y.view(b, c * g, Q, r * p)
-    for i in range(b):
-        Y[i].baddbmm_(C_in[i].reshape(c * g, Q, n), slots[i, :c].view(c * g, n, r * p))
-    Y = Y.view(b, c, g, Q, r, p).transpose(2, 3)  # (b, c, Q, g, r, p), y's layout
-    if out.dtype == f and out.shape[1] == c * Q and gate is None:
-        torch.mul(Y, out_scale.view(b, c, Q, g, r, 1), out=out.view(b, c, Q, g, r, p))
-        return
-    # In place in Y while it is in cache, then one cast into y
-    y = Y.mul_(out_scale.view(b, c, Q, g, r, 1)).reshape(b, c * Q, h, p)[:, :out.shape[1]]
-    out.copy_(y if gate is None else y.mul_(gate))
+        T[:, 0].view(b, g, n, r, p).copy_(T0)
+    Dw = None if D is None else skip_weight(D, g, f)
+    for k in range(0, c, BLOCK_CHUNKS):
+        m = min(BLOCK_CHUNKS, c - k)
+        rows, chunks = slice(k * Q, (k + m) * Q), slice(k, k + m)
+        if Z is None:
+            if k:
+                T[:, 0].copy_(T[:, BLOCK_CHUNKS])
+            slots, Zb = T[:, :m + 1], scratch(work, "Z", (b, m, g, Q, r * p), x_scale)
+        else:
+            slots, Zb = T[:, k:k + m + 1], Z[:, chunks]
+        block = (b, m, g, Q, r, p)
+        xb = to_groups(x, rows, m, Q, g, scratch(work, "x", block, x_scale))
+        X = torch.mul(xb, per_group(x_scale[:, chunks], g), out=scratch(work, "X", block, x_scale))
+        for i in range(b):
+            # 1. Within each chunk: the group's causal C.B mask applied to all its heads.
+            torch.bmm(scores[i, chunks].reshape(m * g, Q, Q), X[i].view(m * g, Q, r * p),
+                      out=Zb[i].view(m * g, Q, r * p))
+            # 2. Each chunk's contribution to the carried state goes to slots 1..m.
+            torch.matmul(B_end[i, chunks].mT, X[i].view(m, g, Q, r * p), out=slots[i, 1:])
+        # 3. Carry T: slot j becomes T_{k + j}; chunk j reads w_j T_j.
+        pass_states_(slots.view(b, m + 1, g, n, r, p).movedim(1, 0),
+                     carry[:, chunks].movedim(1, 0).view(m, b, g, 1, r, 1))
+        V = torch.mul(slots[:, :m].view(b, m, g, n, r, p), w[:, chunks].view(b, m, g, 1, r, 1),
+                      out=scratch(work, "V", (b, m, g, n, r, p), x_scale))
+        # 4. Every position reads its chunk's incoming state; then the output-side decay, D x and the gate.
+        for i in range(b):
+            Zb[i].view(m * g, Q, r * p).baddbmm_(C_in[i, chunks].reshape(m * g, Q, n), V[i].view(m * g, n, r * p))
+        yb = torch.mul(Zb.view(b, m, g, Q, r, p), per_group(out_scale[:, chunks], g),
+                       out=scratch(work, "y", block, x_scale))
+        if Dw is not None:
+            yb.addcmul_(xb, Dw)
+        if gate is not None:
+            yb.mul_(to_groups(gate, rows, m, Q, g, scratch(work, "gate", block, x_scale)))
+        from_groups(yb, y, rows)
+    return slots[:, m].view(b, g, n, r, p)
+
+
+class FactoredScan(torch.autograd.Function):
+    """factored_blocks as one autograd node: (x, x_scale, out_scale, w, carry, scores, B_end, C_in, T0, D) ->
+    (y, T after the last chunk), y (b, l, h, p) in `dtype`, D x included.
+
+    The backward reuses the forward's Z and T and goes in reverse blocks of BLOCK_CHUNKS chunks, its
+    intermediates in the thread's workspace, instead of autograd's graph of full-size elementwise ops and their
+    saved copies. With Z = scores X + C_in V, V_k = w_k T_k, T_{k+1} = S_k + carry_k T_k, S_k = B_end^T X_k and
+    y = D x + out_scale Z, for the output gradient dy:
+      dZ = out_scale dy,   d out_scale = sum_p dy Z,   dD = sum dy x,
+      dscores = dZ X^T,    dC_in = dZ V^T,             dV = C_in^T dZ,   dw_k = sum_(n, p) dV_k T_k,
+      G_k = dL/dT_k = carry_k G_(k+1) + w_k dV_k (G_c: the final T's gradient),   dS_k = G_(k+1),
+      dcarry_k = sum_(n, p) G_(k+1) T_k,   dB_end = X dS^T,   dX = scores^T dZ + B_end dS,
+      dx = x_scale dX + D dy,              d x_scale = sum_p dX x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_scale, out_scale, w, carry, scores, B_end, C_in, T0, D, dtype):
+        b, _, h, p = x.shape
+        _, c, g, Q, n = B_end.shape
+        f = x_scale.dtype
+        Z = torch.empty(b, c, g, Q, h // g * p, dtype=f, device=x.device)
+        T = torch.empty(b, c + 1, g, n, h // g * p, dtype=f, device=x.device)
+        y = torch.empty(x.shape, dtype=dtype, device=x.device)
+        T_last = factored_blocks(x, x_scale, out_scale, w, carry, scores, B_end, C_in, T0, D, None, y, Z, T)
+        ctx.save_for_backward(x, x_scale, out_scale, w, carry, scores, B_end, C_in, D, Z, T)
+        ctx.has_T0 = T0 is not None
+        return y, T_last.clone()
+
+    @staticmethod
+    def backward(ctx, dy, dT_last):
+        x, x_scale, out_scale, w, carry, scores, B_end, C_in, D, Z, T = ctx.saved_tensors
+        b, _, h, p = x.shape
+        _, c, g, Q, n = B_end.shape
+        r, f = h // g, x_scale.dtype
+        work = _workspace.__dict__
+        dx, d_x_scale, d_out_scale, dw, dcarry, dscores, dB_end, dC_in = (
+            torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (x, x_scale, out_scale, w, carry, scores, B_end, C_in))
+        dD = None if D is None else torch.zeros(g, r, p, dtype=f, device=x.device)
+        Dw = None if D is None else skip_weight(D, g, f)
+        # G_k in slots 0..m of the block (slot m: the G coming in from the block after, or the final T's)
+        G = scratch(work, "grad_states", (b, min(c, BLOCK_CHUNKS) + 1, g, n, r * p), x_scale)
+        starts = list(range(0, c, BLOCK_CHUNKS))
+        for k in reversed(starts):
+            m = min(BLOCK_CHUNKS, c - k)
+            rows, chunks = slice(k * Q, (k + m) * Q), slice(k, k + m)
+            block = (b, m, g, Q, r, p)
+            if k == starts[-1]:
+                G[:, m].view(b, g, n, r, p).copy_(dT_last)
+            else:
+                G[:, m].copy_(G[:, 0])
+            xb = to_groups(x, rows, m, Q, g, scratch(work, "x", block, x_scale))
+            dyb = to_groups(dy, rows, m, Q, g, scratch(work, "dy", block, x_scale))
+            tmp = scratch(work, "tmp", block, x_scale)
+            torch.mul(dyb, Z[:, chunks].view(b, m, g, Q, r, p), out=tmp)
+            per_group(d_out_scale[:, chunks], g)[..., 0].copy_(tmp.sum(-1))
+            if dD is not None:
+                dD += torch.mul(dyb, xb, out=tmp).sum((0, 1, 3))
+            dZ = torch.mul(dyb, per_group(out_scale[:, chunks], g), out=scratch(work, "dZ", block, x_scale))
+            X = torch.mul(xb, per_group(x_scale[:, chunks], g), out=scratch(work, "X", block, x_scale))
+            states = T[:, k:k + m].view(b, m, g, n, r, p)
+            dV = scratch(work, "dV", (b, m, g, n, r, p), x_scale)
+            for i in range(b):
+                torch.bmm(C_in[i, chunks].reshape(m * g, Q, n).mT, dZ[i].view(m * g, Q, r * p),
+                          out=dV[i].view(m * g, n, r * p))
+            state_tmp = scratch(work, "state_tmp", (b, m, g, n, r, p), x_scale)
+            dw[:, chunks].view(b, m, g, r).copy_(torch.mul(dV, states, out=state_tmp).sum((3, 5)))
+            dV.mul_(w[:, chunks].view(b, m, g, 1, r, 1))
+            Gb = G[:, :m + 1].view(b, m + 1, g, n, r, p)
+            carry_b = carry[:, chunks].view(b, m, g, 1, r, 1)
+            for j in reversed(range(m)):
+                torch.addcmul(dV[:, j], Gb[:, j + 1], carry_b[:, j], out=Gb[:, j])
+            dS = G[:, 1:m + 1]
+            dcarry[:, chunks].view(b, m, g, r).copy_(
+                torch.mul(Gb[:, 1:], states, out=state_tmp).sum((3, 5)))
+            V = torch.mul(states, w[:, chunks].view(b, m, g, 1, r, 1), out=state_tmp)
+            dX = scratch(work, "dX", block, x_scale)
+            for i in range(b):
+                dZ_i, X_i, dS_i = (t[i].reshape(m * g, -1, r * p) for t in (dZ, X, dS))
+                torch.bmm(scores[i, chunks].reshape(m * g, Q, Q).mT, dZ_i, out=dX[i].view(m * g, Q, r * p))
+                dX[i].view(m * g, Q, r * p).baddbmm_(B_end[i, chunks].reshape(m * g, Q, n), dS_i)
+                torch.bmm(dZ_i, X_i.mT, out=dscores[i, chunks].view(m * g, Q, Q))
+                torch.bmm(dZ_i, V[i].view(m * g, n, r * p).mT, out=dC_in[i, chunks].view(m * g, Q, n))
+                torch.bmm(X_i, dS_i.mT, out=dB_end[i, chunks].view(m * g, Q, n))
+            per_group(d_x_scale[:, chunks], g)[..., 0].copy_(torch.mul(dX, xb, out=tmp).sum(-1))
+            dX.mul_(per_group(x_scale[:, chunks], g))
+            if Dw is not None:
+                dX.addcmul_(dyb, Dw)
+            from_groups(dX, dx, rows)
+        dT0 = G[:, 0].view(b, g, n, r, p).clone() if ctx.has_T0 else None
+        if dD is not None:
+            dD = dD.view(h, p).sum(1) if D.dim() == 1 else dD.view(h, p)
+        return dx, d_x_scale, d_out_scale, dw, dcarry, dscores, dB_end, dC_in, dT0, dD, None
 
 
 def ssd_pairwise(x, dt, A, B, C, state, doc, chunk_size):

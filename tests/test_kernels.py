@@ -401,6 +401,52 @@ def test_ssd_gradients_fp32_realistic():
         within(rel_err(grads["fast"][name], grads["ref"][name]), bounds[name], name)
 
 
+def ssd_grads(fn, leaves, options, chunk, dtypes=None):
+    """Gradients of every floating leaf of fn's output and final state (a random output weighting plus the state's
+    square), with each leaf in dtypes[k] (float64 when not named)."""
+    args = {k: v.detach().to((dtypes or {}).get(k, v.dtype)).requires_grad_(True) for k, v in leaves.items()}
+    y, s = fn(**args, seq_idx=options.get("seq_idx"), dt_softplus=options["dt_softplus"], chunk_size=chunk,
+              return_final_states=True)
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ((y.double() * weights).sum() + s.double().square().sum()).backward()
+    return {k: v.grad for k, v in args.items()}
+
+
+@pytest.mark.parametrize("docs", [1, 4])
+def test_ssd_gradients_across_blocks(docs):
+    """The factored path's hand-written backward (FactoredScan) goes back through blocks of BLOCK_CHUNKS chunks:
+    18 chunks of 4 are three blocks, the last one partial and ending in a partial chunk; two groups of two heads,
+    D per channel, a gate, an initial state and (docs=4) documents, one of them starting at a block boundary. Every
+    gradient matches float64 autograd through the naive loop."""
+    inputs, options = ssd_inputs(21, 2, 70, 2, 2, 3, 4, "hp", True, True, docs, True)
+    if docs > 1:
+        options["seq_idx"][0] = (torch.arange(70) >= 32).int() + (torch.arange(70) >= 45).int()
+    inputs["dt"] = inputs["dt"] - 2  # softplus: dt ~0.1, so every head stays factored
+    leaves = {k: v for k, v in {**inputs, **options}.items() if torch.is_tensor(v) and v.is_floating_point()}
+    ref, fast = (ssd_grads(fn, leaves, options, 4) for fn in (ssd_naive, ssd_chunked))
+    bounds = ssd_grad_bounds(leaves, inputs["x"], 4, 4, ssd_span(inputs, options, 4), torch.float64)  # tolerance note
+    for k in leaves:
+        within(rel_err(fast[k], ref[k]), bounds[k], k)
+
+
+def test_ssd_gradients_bf16_inputs():
+    """bf16 activations (x, dt, B, C, z) with fp32 parameters, as a bf16 model calls the scan: the gradients come
+    back in each leaf's dtype and match float64 autograd on the same (rounded) values."""
+    inputs, options = ssd_inputs(22, 2, 150, 1, 4, 8, 8, "h", True, True, 3, True)
+    inputs["dt"] = inputs["dt"] - 2  # every head factored
+    activations = ("x", "dt", "B", "C", "z")
+    leaves = {k: v.to(torch.bfloat16).double() if k in activations else v
+              for k, v in {**inputs, **options}.items() if torch.is_tensor(v) and v.is_floating_point()}
+    dtypes = {k: torch.bfloat16 if k in activations else torch.float32 for k in leaves}
+    ref, fast = ssd_grads(ssd_naive, leaves, options, 8), ssd_grads(ssd_chunked, leaves, options, 8, dtypes)
+    bounds = ssd_grad_bounds(leaves, inputs["x"], 8, 8, ssd_span(inputs, options, 8))  # fp32 inside
+    for k in leaves:
+        assert fast[k].dtype == dtypes[k]
+        # plus the rounding of the bf16 final state (whose square the loss takes) and of bf16 gradients: 2 u of bf16,
+        # within output_rounding's 3 u (tolerance note)
+        within(rel_err(fast[k], ref[k]), bounds[k] + output_rounding(torch.bfloat16), k)
+
+
 def test_ssd_mixed_precision_keeps_dtype_and_accuracy():
     inputs, options = ssd_inputs(3, 1, 64, 1, 2, 8, 8, "h", True, False, 1, False)
     half = cast({**inputs, **options}, torch.float16)
