@@ -6,8 +6,8 @@ RoPE scaling, tied or untied embeddings) and --layers layers (default: the publi
 shape but the depth, which memory scales with linearly, so a 7-8B teacher fits a small machine). The recipe
 then runs as written, through selection, each stage, eval and export, at its own sequence length, with only
 budgets changed by `--set`: a few steps per phase at batch 1, the built-in ShareGPT data (the recipes' hub
-datasets are out of reach), the built-in SmolLM2 tokenizer (its ids fit every vocabulary here but Mistral's
-32768), no lm-eval tasks, no speed benchmark, no trackers.
+datasets are out of reach), the built-in SmolLM2 tokenizer (cut to its first 32768 ids for Mistral's
+vocabulary), no lm-eval tasks, no speed benchmark, no trackers.
 
 Each recipe runs in its own process. Peak memory is the process's resident peak (VmHWM, reset through
 /proc/self/clear_refs at the start of each phase): on CPU the weights, optimizer states and activations all
@@ -58,13 +58,26 @@ def build_teacher(name: str, layers: int | None, folder: Path) -> float:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     _, builtin_tokenizer = load_teacher(TeacherConfig(source=BUILTIN_TEACHER), torch.float32)
-    if len(builtin_tokenizer) > config.vocab_size:
-        raise SystemExit(f"{name}: vocabulary {config.vocab_size} < the built-in tokenizer's "
-                         f"{len(builtin_tokenizer)}")
     model.save_pretrained(folder)
     builtin_tokenizer.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(folder)  # loads back
+    if len(builtin_tokenizer) > config.vocab_size:
+        cut_vocabulary(folder / "tokenizer.json", config.vocab_size)
+    assert len(AutoTokenizer.from_pretrained(folder)) <= config.vocab_size  # loads back, and its ids fit
     return sum(p.numel() for p in model.parameters()) / 1e9
+
+
+def cut_vocabulary(path: Path, size: int) -> None:
+    """Keep a BPE tokenizer's first `size` ids (Mistral's 32768 of SmolLM2's 49152): drop the later tokens and
+    every merge that needs or makes one, so the ids fit the teacher's embedding (a coarser tokenization of the
+    same text, which is all a shape check needs)."""
+    tokenizer = json.loads(path.read_text())
+    vocab = {token: i for token, i in tokenizer["model"]["vocab"].items() if i < size}
+    tokenizer["model"]["vocab"] = vocab
+    tokenizer["model"]["merges"] = [pair for pair in tokenizer["model"]["merges"]
+                                    if pair[0] in vocab and pair[1] in vocab and pair[0] + pair[1] in vocab]
+    if any(added["id"] >= size for added in tokenizer["added_tokens"]):
+        raise SystemExit(f"{path}: special tokens beyond id {size}")
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False))
 
 
 def budget_overrides(recipe_path: Path, teacher_dir: Path, out: Path) -> list[str]:
