@@ -13,6 +13,7 @@ how close each measured error comes to its bound.
 `conftest.reordering_bound` is the same reasoning for a whole model's forward pass.
 """
 
+import math
 import os
 
 import torch
@@ -39,10 +40,17 @@ def within(err: float, bound: float, what: str = "") -> None:
     assert err <= bound, f"{what} error {err:.3g} > bound {bound:.3g}"
 
 
-def kl_error(logit_error: float, spread: float) -> float:
-    """How far KL(p || q) = sum_v p_v (log p_v - log q_v), or a mean of such terms, may move when every logit
-    of either model moves by at most `logit_error`: each log-probability moves by at most d = 2 * logit_error
-    and each p_v by at most p_v * d (to first order), so the sum moves by at most d * (2 + spread), with
-    spread = max_v |log p_v - log q_v| (the divergence's conditioning)."""
-    d = 2 * logit_error
-    return d * (2 + spread)
+def logprob_error(logits: torch.Tensor, logit_error: float = 0.0) -> float:
+    """How far an fp32 log_softmax(logits) over the last dimension may be from the exact one: twice the error
+    already in the logits (x_i - logsumexp(x) moves by at most |dx_i| + max |dx|), plus the rounding of the
+    V-term logsumexp, relative to the largest |logit| plus log V (its result's size)."""
+    vocab = logits.shape[-1]
+    return 2 * logit_error + summed(vocab) * (logits.abs().max().item() + math.log(vocab))
+
+
+def kl_error(logprob_error: float, spread: float) -> float:
+    """How far KL(p || q) = sum_v p_v (log p_v - log q_v), or a mean of such terms, may move when every
+    log-probability of either distribution moves by at most d = `logprob_error`: each p_v moves by at most
+    p_v * d (to first order), so the sum moves by at most d * (2 + spread), with spread = max_v |log p_v -
+    log q_v| (the divergence's conditioning)."""
+    return logprob_error * (2 + spread)
