@@ -17,6 +17,7 @@ import math
 import os
 
 import torch
+from conftest import reordering_bound
 
 
 def eps(dtype: torch.dtype = torch.float32) -> float:
@@ -54,3 +55,13 @@ def kl_error(logprob_error: float, spread: float) -> float:
     p_v * d (to first order), so the sum moves by at most d * (2 + spread), with spread = max_v |log p_v -
     log q_v| (the divergence's conditioning)."""
     return logprob_error * (2 + spread)
+
+
+def kl_reordering_error(student, teacher, s_logits, t_logits) -> float:
+    """How far two fp32 runs of the mean KL between these models' logits may differ when they sum in
+    another order (batching, packing, chunking): each run's logits within reordering_bound, its
+    log-probabilities within logprob_error of that, the KL within kl_error of those; two runs, twice that."""
+    spread = (torch.log_softmax(t_logits.double(), -1) - torch.log_softmax(s_logits.double(), -1)).abs().max()
+    lp = max(logprob_error(logits, reordering_bound(model.config, torch.float32, logits.abs().max().item()))
+             for model, logits in ((student, s_logits), (teacher, t_logits)))
+    return 2 * kl_error(lp, spread.item())
