@@ -387,9 +387,7 @@ def test_sft_fits_the_training_answers(tmp_path, cache):
 def test_dpo_teacher_vs_student_raises_the_reward_margin(tmp_path, cache):
     _, summary = run_stage_on_tiny(tmp_path, DPO)
     log = [json.loads(line) for line in (tmp_path / "stage0-dpo" / "metrics.jsonl").read_text().splitlines()]
-    # policy == reference at the first step: the same forward on the same rows, so every margin is exactly 0
-    # and the loss softplus(0) = log 2, rounded to fp32 and averaged over the step's pairs (a few roundings)
-    assert log[0]["loss"] == pytest.approx(math.log(2), rel=summed(8), abs=0)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the first step
     assert log[-1]["accuracy"] > 0.8 and log[-1]["reward_margin"] > 0.5, log[-1]
     assert summary["pairs"] > 0 and summary["reference"] == "student"
 

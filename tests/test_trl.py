@@ -1,11 +1,8 @@
 """An exported student trains in TRL's SFTTrainer and DPOTrainer, for users who align with TRL (dev extra)."""
 
-import math
-
 import pytest
 import torch
 from conftest import REFERENCE_STUDENT, make_tiny_tokenizer, tiny_llama_config
-from tolerances import summed
 
 pytest.importorskip("trl", reason="TRL is in the dev extra: pip install -e '.[dev]'")
 
@@ -103,7 +100,5 @@ def test_exported_student_trains_in_trls_dpo_trainer(exported, tmp_path):
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
-    # policy == reference at the first step: the same forward on the same pairs, so every margin is exactly 0
-    # and the loss softplus(0) = log 2, rounded to fp32 and averaged over the step's pairs (a few roundings)
-    assert losses[0] == pytest.approx(math.log(2), rel=summed(8), abs=0)
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step: log 2
     assert changed(model, before)
