@@ -6,8 +6,8 @@ RoPE scaling, tied or untied embeddings) and --layers layers (default: the publi
 shape but the depth, which memory scales with linearly, so a 7-8B teacher fits a small machine). The recipe
 then runs as written, through selection, each stage, eval and export, at its own sequence length, with only
 budgets changed by `--set`: a few steps per phase at batch 1, the built-in ShareGPT data (the recipes' hub
-datasets are out of reach), the built-in SmolLM2 tokenizer (its ids fit every vocabulary here but Mistral's
-32768), no lm-eval tasks, no speed benchmark, no trackers.
+datasets are out of reach), the built-in SmolLM2 tokenizer (cut to its first 32768 ids for Mistral's
+vocabulary), no lm-eval tasks, no speed benchmark, no trackers.
 
 Each recipe runs in its own process. Peak memory is the process's resident peak (VmHWM, reset through
 /proc/self/clear_refs at the start of each phase): on CPU the weights, optimizer states and activations all
@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHERS = json.loads((ROOT / "recipes" / "teachers.json").read_text())
-STEPS = 2  # optimizer steps per phase
 ACTIVE: list = []  # the measured call in progress, if any
 
 
@@ -58,22 +57,35 @@ def build_teacher(name: str, layers: int | None, folder: Path) -> float:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     _, builtin_tokenizer = load_teacher(TeacherConfig(source=BUILTIN_TEACHER), torch.float32)
-    if len(builtin_tokenizer) > config.vocab_size:
-        raise SystemExit(f"{name}: vocabulary {config.vocab_size} < the built-in tokenizer's "
-                         f"{len(builtin_tokenizer)}")
     model.save_pretrained(folder)
     builtin_tokenizer.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(folder)  # loads back
+    if len(builtin_tokenizer) > config.vocab_size:
+        cut_vocabulary(folder / "tokenizer.json", config.vocab_size)
+    assert len(AutoTokenizer.from_pretrained(folder)) <= config.vocab_size  # loads back, and its ids fit
     return sum(p.numel() for p in model.parameters()) / 1e9
 
 
-def budget_overrides(recipe_path: Path, teacher_dir: Path, out: Path) -> list[str]:
-    """--set overrides: the local teacher, built-in data, STEPS steps at batch 1 per phase, a small eval."""
+def cut_vocabulary(path: Path, size: int) -> None:
+    """Keep a BPE tokenizer's first `size` ids (Mistral's 32768 of SmolLM2's 49152): drop the later tokens and
+    every merge that needs or makes one, so the ids fit the teacher's embedding (a coarser tokenization of the
+    same text, which is all a shape check needs)."""
+    tokenizer = json.loads(path.read_text())
+    vocab = {token: i for token, i in tokenizer["model"]["vocab"].items() if i < size}
+    tokenizer["model"]["vocab"] = vocab
+    tokenizer["model"]["merges"] = [pair for pair in tokenizer["model"]["merges"]
+                                    if pair[0] in vocab and pair[1] in vocab and pair[0] + pair[1] in vocab]
+    if any(added["id"] >= size for added in tokenizer["added_tokens"]):
+        raise SystemExit(f"{path}: special tokens beyond id {size}")
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False))
+
+
+def budget_overrides(recipe_path: Path, teacher_dir: Path, out: Path, steps: int) -> list[str]:
+    """--set overrides: the local teacher, built-in data, `steps` steps at batch 1 per phase, a small eval."""
     import yaml
 
     raw = yaml.safe_load(recipe_path.read_text())
     max_length = (raw.get("data") or {}).get("max_length", 512)
-    steps = f"{STEPS * max_length}"
+    tokens = f"{steps * max_length}"
     sets = [f"teacher.source={teacher_dir}", "data.source=sharegpt", "data.split=train",
             "data.held_out_size=2", "data.max_conversations=400", f"output_dir={out}", "logging.wandb=false",
             "eval.max_sequences=2", "eval.batch_size=1", "eval.lm_eval_tasks=[]", "eval.speed=false",
@@ -83,8 +95,8 @@ def budget_overrides(recipe_path: Path, teacher_dir: Path, out: Path) -> list[st
         phases.append("selection.align")
         sets += ["selection.score_rows=1", f"selection.cache_dir={out / 'aligned'}"]
     for phase in phases:
-        sets += [f"{phase}.max_tokens={steps}", f"{phase}.batch_size=1", f"{phase}.grad_accum=1",
-                 f"{phase}.checkpoint_every_tokens={steps}", f"{phase}.held_out_rows=1"]
+        sets += [f"{phase}.max_tokens={tokens}", f"{phase}.batch_size=1", f"{phase}.grad_accum=1",
+                 f"{phase}.checkpoint_every_tokens={tokens}", f"{phase}.held_out_rows=1"]
     return sets
 
 
@@ -121,7 +133,7 @@ def measured(phases: list, label, fn):
     return wrapper
 
 
-def run_one(recipe_path: Path, layers: int | None, workdir: Path) -> dict:
+def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path) -> dict:
     """In this process: build the teacher, run the recipe with budgets, return the per-phase peaks."""
     import distill.eval.evaluation
     import distill.export
@@ -139,10 +151,11 @@ def run_one(recipe_path: Path, layers: int | None, workdir: Path) -> dict:
     distill.export.export = measured(phases, lambda checkpoint, fmt, *a, **k: f"export {fmt}",
                                      distill.export.export)
     started = time.time()
-    sets = budget_overrides(recipe_path, workdir / "teacher", workdir / "out")
+    sets = budget_overrides(recipe_path, workdir / "teacher", workdir / "out", steps)
     distill.run.main([str(recipe_path), *(arg for item in sets for arg in ("--set", item))])
     return {"recipe": str(recipe_path.relative_to(ROOT)),
-            "layers": teacher_config(name, layers).num_hidden_layers, "teacher_billions": round(billions, 3),
+            "layers": teacher_config(name, layers).num_hidden_layers, "steps": steps,
+            "teacher_billions": round(billions, 3),
             "phases": phases, "seconds": round(time.time() - started)}
 
 
@@ -163,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("recipes", nargs="*", type=Path)
     parser.add_argument("--all", action="store_true", help="every recipe of the teachers in teachers.json")
     parser.add_argument("--layers", type=int, default=None, help="teacher layers (default: published)")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="optimizer steps per phase (1: the first step allocates the optimizer states)")
     parser.add_argument("--json", type=Path, default=None, help="add each recipe's result to this JSON list")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-recipe child process
     args = parser.parse_args(argv)
@@ -171,12 +186,13 @@ def main(argv=None) -> int:
         recipes = sorted(p for name in TEACHERS for p in (ROOT / "recipes" / name).glob("*.yaml"))
     if args.one:
         with tempfile.TemporaryDirectory(prefix="gpu-recipe-") as tmp:
-            print("RESULT " + json.dumps(run_one(recipes[0], args.layers, Path(tmp))), flush=True)
+            print("RESULT " + json.dumps(run_one(recipes[0], args.layers, args.steps, Path(tmp))), flush=True)
         return 0
     results, failed = [], []
     for recipe in recipes:
         command = [sys.executable, __file__, "--one", str(recipe)]
         command += ["--layers", str(args.layers)] if args.layers else []
+        command += ["--steps", str(args.steps)]
         lines = []
         # the child's stderr (the run's log) passes through; its stdout carries the phases and the result
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:

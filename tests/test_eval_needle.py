@@ -34,7 +34,9 @@ def test_prompt_length_and_depth():
         needle = "The pass key is 12345. Remember it. 12345 is the pass key."
         before = text[text.index(INTRO) + len(INTRO) : text.index(needle)]
         after = text[text.index(needle) + len(needle) : text.index(QUESTION)]
-        assert abs(len(before) / (len(before) + len(after)) - depth) < 0.02
+        # the cut is depth * n_fill rounded to a token (half a byte at most), and each side carries two of the
+        # prompt's newline joins
+        assert abs(len(before) / (len(before) + len(after)) - depth) <= 2.5 / (len(before) + len(after))
         assert text.rstrip().endswith("The pass key is")
 
 

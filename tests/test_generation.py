@@ -126,8 +126,11 @@ def test_smollm2_zero_mamba_student_is_the_teacher(smollm2):
     student = hybrid_from_teacher(teacher, StudentConfig(**REFERENCE_STUDENT, attention_fraction=1.0)).eval()
     ids = tokenizer(["The capital of France is", "def fibonacci(n):"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        diff = (student(**ids).logits - teacher(**ids).logits).abs().max().item()
-    assert diff <= 1e-5
+        want = teacher(**ids).logits
+        diff = (student(**ids).logits - want).abs().max().item()
+    # the teacher's own attention, MLP and norm weights in the hybrid's layers: the same sums, maybe in another
+    # order (reordering_bound)
+    assert diff <= reordering_bound(teacher.config, torch.float32, want.abs().max().item())
 
 
 @pytest.mark.slow

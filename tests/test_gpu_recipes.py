@@ -9,7 +9,10 @@ config that exists.
 """
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,26 @@ def test_gpu_recipe_fits_its_teacher(tmp_path, path):
 
     launch = re.search(r"--config_file (\S+)", path.read_text())
     assert launch and (ROOT / launch.group(1)).is_file()
+
+
+# Each GPU recipe run on CPU at its teacher's real width and sequence length (scripts/check_gpu_recipes.py):
+# minutes and up to ~14 GB each, so only when asked for, e.g. DISTILL_GPU_RECIPES=2 (the layers to keep).
+REAL_SHAPES = os.environ.get("DISTILL_GPU_RECIPES")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_SHAPES, reason="opt-in: DISTILL_GPU_RECIPES=<layers> runs each recipe at real width")
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_gpu_recipe_runs_at_real_shapes(tmp_path, path):
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(ROOT / "scripts" / "check_gpu_recipes.py"), str(path),
+               "--layers", REAL_SHAPES, "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    [run] = json.loads(out.read_text())
+    recipe = load_recipe(path)
+    phases = [phase["phase"] for phase in run["phases"]]
+    expected = [f"stage {i}: {stage.name}" for i, stage in enumerate(recipe.stages)]
+    expected += ["eval"] + [f"export {fmt}" for fmt in recipe.export.formats]
+    assert [p for p in phases if p != "selection"] == expected
+    assert ("selection" in phases) == (recipe.student.attention_layers == "auto")

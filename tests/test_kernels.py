@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from tolerances import within
 
 from distill.kernels import dispatch as kernels
 from distill.kernels.common import process_dt
@@ -75,16 +76,6 @@ def log_decay_span(dt, A, chunk, dt_bias=None, dt_softplus=False):
     pad = (-log_decay.shape[1]) % chunk
     log_decay = F.pad(log_decay, (0, 0, 0, pad)).unflatten(1, (-1, chunk))
     return log_decay.cumsum(2).abs().max().item() if log_decay.numel() else 0.0
-
-
-def within(err, bound, what=""):
-    """assert err <= bound, recording err / bound for a stress run (DISTILL_TOLERANCE_LOG)."""
-    log = os.environ.get("DISTILL_TOLERANCE_LOG")
-    if log:
-        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0].split("[")[0]
-        with open(log, "a") as f:
-            f.write(f"{test}{':' + what if what else ''}\t{err / bound:.4g}\n")
-    assert err <= bound, f"{what} error {err:.3g} > bound {bound:.3g}"
 
 
 def rel_err(actual, expected):

@@ -33,8 +33,8 @@ from test_kernels import (
     ssd_inputs,
     ssd_magnitude,
     ssd_span,
-    within,
 )
+from tolerances import within
 
 # Tolerances: derived as in test_kernels.py (its tolerance note), from the dtype, the size and the decays' span.
 

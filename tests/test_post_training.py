@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REFERENCE_STUDENT, clear_greedy, left_padded, make_tiny_tokenizer, tiny_llama_config
+from tolerances import kl_error, logprob_error, summed, within
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
@@ -60,8 +61,12 @@ def test_dpo_loss_matches_float64_formula():
         )
     ]
     got = dpo_loss(pc, pr, rc, rr, beta)
-    # log-sigmoid of an fp32 argument of size ~10: a few eps32 relative to the result (or absolute near 0)
-    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # the margin (a - c) - (b - d): three fp32 subtractions, within summed(3) of the inputs' magnitudes; the
+    # loss softplus(-beta * margin) has slope at most beta, and its own few operations round it by summed(3)
+    magnitude = (pc.abs() + pr.abs() + rc.abs() + rr.abs()).double()
+    want = torch.tensor(want, dtype=torch.float64)
+    bound = beta * summed(3) * magnitude + summed(3) * want.abs()
+    within(((got.double() - want).abs() / bound).max().item(), 1.0)
 
 
 def test_target_logprobs_and_their_gradient_match_float64():
@@ -73,10 +78,19 @@ def test_target_logprobs_and_their_gradient_match_float64():
     got = target_logprobs(hidden, head, targets, chunk=3)
     h64 = hidden.detach().double().requires_grad_()
     want = torch.log_softmax(h64 @ head.double().T, -1)[torch.arange(10), targets]
-    # fp32 log-softmax over 13 logits of size ~3: rounding of a few eps32 each
-    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    # fp32 logits are 8-term dot products, within summed(8) of |hidden| @ |head|; the log-softmax over 13 of
+    # them adds its own rounding (tolerances.logprob_error)
+    logits = h64.detach() @ head.double().T
+    logit_error = summed(8) * (h64.detach().abs() @ head.double().abs().T).max().item()
+    lp_error = logprob_error(logits, logit_error)
+    within((got.double() - want.detach()).abs().max().item(), lp_error, "logprobs")
     got.sum().backward(), want.sum().backward()
-    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    # d logp_t / dh = head_t - sum_v p_v head_v: each p_v within p_v * lp_error, and the 13-term sum rounds by
+    # summed(13) of sum_v p_v |head_v|
+    p = logits.softmax(-1)
+    spread = p @ head.double().abs() + head.double().abs()[targets]
+    bound = (lp_error + summed(13)) * spread
+    within(((hidden.grad.double() - h64.grad).abs() / bound).max().item(), 1.0, "gradient")
 
 
 @pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
@@ -118,8 +132,11 @@ def test_divergence_counts_answer_tokens_only(kind):
         else:
             m = 0.3 * p + 0.7 * q
             want += float(0.3 * (p * (p / m).log()).sum() + 0.7 * (q * (q / m).log()).sum())
-    # six fp32 log-softmaxes over 11 logits of size ~2, summed: a few eps32 relative
-    assert float(got) == pytest.approx(want, rel=1e-5)
+    # six fp32 divergences, each within kl_error of its log-softmaxes' rounding, and their sum's own rounding
+    log_ratio = torch.log_softmax(t_logits.double(), -1) - torch.log_softmax(s_logits.double(), -1)
+    spread = log_ratio.abs().max().item()
+    lp_error = max(logprob_error(s_logits), logprob_error(t_logits))
+    within(abs(float(got) - want), 6 * kl_error(lp_error, spread) + summed(6) * abs(want))
 
 
 def test_cross_entropy_alone_needs_no_teacher():
@@ -133,7 +150,9 @@ def test_cross_entropy_alone_needs_no_teacher():
     want = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, 7).double(), labels[:, 1:].reshape(-1)
     )
-    assert float(got) == pytest.approx(float(want), rel=1e-5)  # fp32 vs float64 log-softmax of 7 logits
+    # the mean of fp32 log-probabilities (tolerances.logprob_error) over the loss tokens, and its own rounding
+    tokens = int((labels[:, 1:] != -100).sum())
+    within(abs(float(got) - float(want)), logprob_error(logits) + summed(tokens) * abs(float(want)))
 
 
 # ----------------------------------------------------------------------------- prompts and sampling

@@ -30,7 +30,8 @@ def test_save_final_replaces_the_folder_atomically(tmp_path, tiny_llama, tiny_to
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, student(ids).logits)
+        # the saved bits, loaded into the same model class in the same process: the same logits, bit for bit
+        assert torch.equal(reloaded(ids).logits, student(ids).logits)
     assert (out / "tokenizer.json").is_file()
 
 

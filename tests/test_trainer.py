@@ -156,7 +156,7 @@ def test_loss_goes_down_and_rerun_skips_the_finished_stage(tmp_path):
     assert summary["held_out_after"]["loss"] < 0.7 * summary["held_out_before"]["loss"]
     again, _ = run_e2e(tmp_path, max_tokens=3000, held_out_rows=8)  # finds summary.json and loads final/
     for (name, a), b in zip(student.state_dict().items(), again.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)  # reloaded from final/: the saved bits (fp32 defaults as slack)
+        assert torch.equal(a, b), name  # reloaded from final/: the saved bits
     assert not (tmp_path / "stage0-end_to_end" / "checkpoints").exists()
 
 

@@ -1,0 +1,67 @@
+"""Numeric bounds for the tests, derived from the dtype's unit roundoff, the size of the computation and
+its conditioning (Higham, Accuracy and Stability of Numerical Algorithms, ch. 3), and a check that records
+how close each measured error comes to its bound.
+
+- A sum or dot product of n terms computed in floating point is off by at most n * eps times the sum of the
+  terms' magnitudes (gamma_n, to first order); summed in another order, two results differ by at most twice
+  that. `summed` gives the relative factor.
+- log_softmax(x)_i = x_i - logsumexp(x): moving every logit by at most d moves each log-probability by at
+  most 2d.
+- A computation that runs the same operations on the same inputs in the same order gives the same bits; those
+  tests compare exactly (torch.equal), which is also the only sound check for resume and determinism.
+
+`conftest.reordering_bound` is the same reasoning for a whole model's forward pass.
+"""
+
+import math
+import os
+
+import torch
+from conftest import reordering_bound
+
+
+def eps(dtype: torch.dtype = torch.float32) -> float:
+    """The dtype's unit roundoff (machine epsilon): the relative spacing of its numbers near 1."""
+    return torch.finfo(dtype).eps
+
+
+def summed(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """The relative error bound of an n-term sum against exact arithmetic: n * eps (gamma_n to first order),
+    relative to the sum of the terms' magnitudes, which equals the sum's own when the terms share a sign."""
+    return n * eps(dtype)
+
+
+def within(err: float, bound: float, what: str = "") -> None:
+    """assert err <= bound, recording err / bound for a stress run (DISTILL_TOLERANCE_LOG names the file)."""
+    log = os.environ.get("DISTILL_TOLERANCE_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0].split("[")[0]
+        with open(log, "a") as f:
+            f.write(f"{test}{':' + what if what else ''}\t{err / bound:.4g}\n")
+    assert err <= bound, f"{what} error {err:.3g} > bound {bound:.3g}"
+
+
+def logprob_error(logits: torch.Tensor, logit_error: float = 0.0) -> float:
+    """How far an fp32 log_softmax(logits) over the last dimension may be from the exact one: twice the error
+    already in the logits (x_i - logsumexp(x) moves by at most |dx_i| + max |dx|), plus the rounding of the
+    V-term logsumexp, relative to the largest |logit| plus log V (its result's size)."""
+    vocab = logits.shape[-1]
+    return 2 * logit_error + summed(vocab) * (logits.abs().max().item() + math.log(vocab))
+
+
+def kl_error(logprob_error: float, spread: float) -> float:
+    """How far KL(p || q) = sum_v p_v (log p_v - log q_v), or a mean of such terms, may move when every
+    log-probability of either distribution moves by at most d = `logprob_error`: each p_v moves by at most
+    p_v * d (to first order), so the sum moves by at most d * (2 + spread), with spread = max_v |log p_v -
+    log q_v| (the divergence's conditioning)."""
+    return logprob_error * (2 + spread)
+
+
+def kl_reordering_error(student, teacher, s_logits, t_logits) -> float:
+    """How far two fp32 runs of the mean KL between these models' logits may differ when they sum in
+    another order (batching, packing, chunking): each run's logits within reordering_bound, its
+    log-probabilities within logprob_error of that, the KL within kl_error of those; two runs, twice that."""
+    spread = (torch.log_softmax(t_logits.double(), -1) - torch.log_softmax(s_logits.double(), -1)).abs().max()
+    lp = max(logprob_error(logits, reordering_bound(model.config, torch.float32, logits.abs().max().item()))
+             for model, logits in ((student, s_logits), (teacher, t_logits)))
+    return 2 * kl_error(lp, spread.item())
