@@ -18,17 +18,21 @@ from distill.generation import exchanges, forward_inputs, sample
 
 
 @torch.no_grad()
-def answer_nll(teacher, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor) -> tuple[float, int]:
-    """The teacher's summed NLL (nats) of the answer tokens of left-padded prompt + answer rows, and their
-    count."""
+def answer_nll(
+    teacher, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor
+) -> tuple[list[float], list[int]]:
+    """The teacher's NLL (nats) of each left-padded prompt + answer row's answer tokens, summed per row, and
+    their counts."""
     device = next(teacher.parameters()).device
     ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
     hidden = teacher.model(**forward_inputs(ids, mask)).last_hidden_state
     positions = answer[:, 1:].bool()  # position t predicts token t + 1
     logits = hidden[:, :-1][positions].float() @ teacher.lm_head.weight.float().T
     targets = ids[:, 1:][positions]
-    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return float(nll), int(positions.sum())
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = positions.nonzero()[:, 0]  # the row of each answer token, in the order of `nll`
+    per_row = torch.zeros(len(ids), dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+    return per_row.tolist(), positions.sum(1).tolist()
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -59,9 +63,10 @@ def judge_generations(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: dict[str, list[list[int]]] = {}
     scores: dict[str, list[float]] = {}
+    per_prompt: dict[str, dict[str, list]] = {}
     for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
         for name, model in (("teacher", teacher), ("student", student)):
-            key, total, count = f"{name}_{mode}", 0.0, 0
+            key, nlls, counts = f"{name}_{mode}", [], []
             answers[key] = []
             for number, start in enumerate(range(0, len(found), batch_size)):
                 device = next(model.parameters()).device
@@ -77,8 +82,9 @@ def judge_generations(
                 )
                 answers[key] += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
                 nll, tokens = answer_nll(teacher, ids, mask, answer)
-                total, count = total + nll, count + tokens
-            scores[key] = [total / max(count, 1), count / len(found)]
+                nlls, counts = nlls + nll, counts + tokens
+            scores[key] = [sum(nlls) / max(sum(counts), 1), sum(counts) / len(found)]
+            per_prompt[key] = {"nll": nlls, "tokens": counts}
     result = {"prompts": len(found), "max_new_tokens": max_new_tokens, "temperature": temperature}
     for mode in ("greedy", "sampled"):
         teacher_nll, student_nll = scores[f"teacher_{mode}"][0], scores[f"student_{mode}"][0]
@@ -91,6 +97,8 @@ def judge_generations(
         }
     prefixes = [shared_prefix(s, t) for s, t in zip(answers["student_greedy"], answers["teacher_greedy"])]
     result["greedy"]["shared_prefix"] = sum(prefixes) / len(prefixes)
+    per_prompt["shared_prefix"] = prefixes
+    result["per_prompt"] = per_prompt  # the teacher's summed NLL and token count of each answer, for spreads
     result["examples"] = [
         {
             "prompt": tokenizer.decode(ex.prompt, skip_special_tokens=False),
