@@ -42,6 +42,27 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def answer_and_score(model, teacher, prompts, max_new_tokens, temperature, batch_size, seed, pad_id):
+    """`model`'s answers to `prompts` (batched, each batch's sampling seeded by `seed` and its number), and
+    the teacher's summed NLL and token count of each."""
+    answers, nlls, counts = [], [], []
+    for number, start in enumerate(range(0, len(prompts), batch_size)):
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
+        ids, mask, answer = sample(
+            model,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+            pad_id=pad_id,
+        )
+        answers += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
+        nll, tokens = answer_nll(teacher, ids, mask, answer)
+        nlls, counts = nlls + nll, counts + tokens
+    return answers, nlls, counts
+
+
 def judge_generations(
     student,
     teacher,
@@ -55,8 +76,13 @@ def judge_generations(
     seed: int = 0,
     examples: int = 3,
     max_prompt_tokens: int = 256,
+    teacher_side: dict | None = None,
 ) -> dict | None:
-    """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts)."""
+    """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts).
+
+    `teacher_side`, a dict, holds the teacher's answers and their scores: an empty one is filled, a filled one
+    (from a call with the same teacher, prompts and settings) is used instead of answering again, so judging
+    several students costs the teacher's generations once."""
     found = exchanges(held_out, max_prompt_tokens)[:prompts]
     if not found:
         return None
@@ -66,25 +92,24 @@ def judge_generations(
     per_prompt: dict[str, dict[str, list]] = {}
     for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
         for name, model in (("teacher", teacher), ("student", student)):
-            key, nlls, counts = f"{name}_{mode}", [], []
-            answers[key] = []
-            for number, start in enumerate(range(0, len(found), batch_size)):
-                device = next(model.parameters()).device
-                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-                batch = [ex.prompt for ex in found[start : start + batch_size]]
-                ids, mask, answer = sample(
+            key = f"{name}_{mode}"
+            if teacher_side and key in teacher_side:
+                answers[key], nlls, counts = (teacher_side[key][k] for k in ("answers", "nll", "tokens"))
+            else:
+                answers[key], nlls, counts = answer_and_score(
                     model,
-                    batch,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temp,
-                    generator=generator,
-                    pad_id=pad_id,
+                    teacher,
+                    [ex.prompt for ex in found],
+                    max_new_tokens,
+                    temp,
+                    batch_size,
+                    seed,
+                    pad_id,
                 )
-                answers[key] += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
-                nll, tokens = answer_nll(teacher, ids, mask, answer)
-                nlls, counts = nlls + nll, counts + tokens
             scores[key] = [sum(nlls) / max(sum(counts), 1), sum(counts) / len(found)]
             per_prompt[key] = {"nll": nlls, "tokens": counts}
+            if teacher_side is not None and name == "teacher":
+                teacher_side[key] = {"answers": answers[key], **per_prompt[key]}
     result = {"prompts": len(found), "max_new_tokens": max_new_tokens, "temperature": temperature}
     for mode in ("greedy", "sampled"):
         teacher_nll, student_nll = scores[f"teacher_{mode}"][0], scores[f"student_{mode}"][0]

@@ -431,7 +431,22 @@ def test_generation_judge_scores_the_teacher_against_itself_as_one():
     assert same["sampled"]["perplexity_ratio"] == 1.0  # the same seeds: the same samples
     assert same["greedy"]["shared_prefix"] == same["greedy"]["teacher_answer_length"]
     student = tiny_student(teacher)
-    other = judge_generations(student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2)
+    side = {}
+    other = judge_generations(
+        student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, teacher_side=side
+    )
+    assert set(side) == {"teacher_greedy", "teacher_sampled"}
+    side["teacher_greedy"]["nll"] = [2 * x for x in side["teacher_greedy"]["nll"]]  # proves it is read back
+    again = judge_generations(
+        student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, teacher_side=side
+    )
+    assert again["greedy"]["teacher_nll_of_teacher"] == pytest.approx(
+        2 * other["greedy"]["teacher_nll_of_teacher"]
+    )
+    assert (
+        again["sampled"] == other["sampled"]
+        and again["per_prompt"]["student_greedy"] == other["per_prompt"]["student_greedy"]
+    )
     assert (
         other["greedy"]["perplexity_ratio"] > 1.0
     )  # each greedy teacher token is its likeliest there; a random student's are not
