@@ -66,7 +66,7 @@ ARMS = {
     },
     "dpo (teacher vs student)": {  # after another arm (--after): its pairs cost the stage's CPU too
         "name": "dpo",
-        "lr": 1e-5,
+        "lr": 3e-5,
         "batch_size": 4,
         "beta": 0.1,
         "reference": "student",
