@@ -1,19 +1,25 @@
-"""After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation vs
-SFT on the teacher's answers, judged on held-out teacher-forced metrics and on what the student generates.
+"""After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation (and
+GKD's mix) vs SFT on the teacher's answers, each optionally followed by DPO on teacher-vs-student pairs,
+judged on held-out teacher-forced metrics and on what the student generates (docs/post-training.md).
 
     python scripts/post_training_compare.py        # base checkpoint once, then every arm, then the table
-    python scripts/post_training_compare.py --cpu-seconds 300 --layerwise-tokens 2e5
-    python scripts/post_training_compare.py --arm 0 & python scripts/post_training_compare.py --arm 1 & ...
+    python scripts/post_training_compare.py --base RUN_DIR --arm 1 --tokens 2.4e4   # one arm, a fixed budget
+    python scripts/post_training_compare.py --base RUN_DIR --arm 2 --cpu-seconds 250
+    python scripts/post_training_compare.py --base RUN_DIR --arm 5 --after 1 --tokens 2e4   # dpo after arm 1
+    python scripts/post_training_compare.py --base RUN_DIR --rejudge --prompts 32 --judge-seed 1
+    python scripts/post_training_compare.py --arm 0 --plot docs/post-training.png   # table and plot
 
 With --arm, one process runs that arm only (the others wait for the base checkpoint the first one trains) and
-writes OUT/results-<arm>.json; a run without --arm collects every result file into the table.
+writes OUT/results-<arm>.json; every run prints the table of the result files there.
 
 The base is the demo recipe cut down (uniform odd attention layers instead of data-chosen ones, a shorter
-layerwise stage). Each arm starts from the base's layerwise checkpoint and trains one more stage; its token
-budget is set from a short probe of that stage so its CPU time (this process's user + system seconds, which
-a shared machine's other load does not inflate as it does wall time) matches `--cpu-seconds`. The teacher's
-answers for the SFT arm are generated once and cached; their CPU time is reported beside the arm's. Results
-go to OUT/results.json (finished arms are skipped on a rerun) and a markdown table on stdout.
+layerwise stage), or with --base a finished run's layerwise stage (copy its stage0-layerwise/ into OUT/base/).
+Each arm starts from the base's layerwise checkpoint (dpo from the arm --after names) and trains one more
+stage; its token budget is --tokens, or is set from a short probe of that stage so its CPU time (this
+process's user + system seconds, which a shared machine's other load does not inflate as wall time) matches
+--cpu-seconds. The teacher's answers for the SFT arm are generated first; their CPU time is reported beside
+the arm's. The table gives 5-95% bootstrap intervals over the judged prompts, and paired ones against the
+end_to_end arm.
 """
 
 from __future__ import annotations
