@@ -18,17 +18,21 @@ from distill.generation import exchanges, forward_inputs, sample
 
 
 @torch.no_grad()
-def answer_nll(teacher, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor) -> tuple[float, int]:
-    """The teacher's summed NLL (nats) of the answer tokens of left-padded prompt + answer rows, and their
-    count."""
+def answer_nll(
+    teacher, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor
+) -> tuple[list[float], list[int]]:
+    """The teacher's NLL (nats) of each left-padded prompt + answer row's answer tokens, summed per row, and
+    their counts."""
     device = next(teacher.parameters()).device
     ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
     hidden = teacher.model(**forward_inputs(ids, mask)).last_hidden_state
     positions = answer[:, 1:].bool()  # position t predicts token t + 1
     logits = hidden[:, :-1][positions].float() @ teacher.lm_head.weight.float().T
     targets = ids[:, 1:][positions]
-    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return float(nll), int(positions.sum())
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = positions.nonzero()[:, 0]  # the row of each answer token, in the order of `nll`
+    per_row = torch.zeros(len(ids), dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+    return per_row.tolist(), positions.sum(1).tolist()
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -36,6 +40,27 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def answer_and_score(model, teacher, prompts, max_new_tokens, temperature, batch_size, seed, pad_id):
+    """`model`'s answers to `prompts` (batched, each batch's sampling seeded by `seed` and its number), and
+    the teacher's summed NLL and token count of each."""
+    answers, nlls, counts = [], [], []
+    for number, start in enumerate(range(0, len(prompts), batch_size)):
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
+        ids, mask, answer = sample(
+            model,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+            pad_id=pad_id,
+        )
+        answers += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
+        nll, tokens = answer_nll(teacher, ids, mask, answer)
+        nlls, counts = nlls + nll, counts + tokens
+    return answers, nlls, counts
 
 
 def judge_generations(
@@ -51,34 +76,40 @@ def judge_generations(
     seed: int = 0,
     examples: int = 3,
     max_prompt_tokens: int = 256,
+    teacher_side: dict | None = None,
 ) -> dict | None:
-    """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts)."""
+    """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts).
+
+    `teacher_side`, a dict, holds the teacher's answers and their scores: an empty one is filled, a filled one
+    (from a call with the same teacher, prompts and settings) is used instead of answering again, so judging
+    several students costs the teacher's generations once."""
     found = exchanges(held_out, max_prompt_tokens)[:prompts]
     if not found:
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: dict[str, list[list[int]]] = {}
     scores: dict[str, list[float]] = {}
+    per_prompt: dict[str, dict[str, list]] = {}
     for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
         for name, model in (("teacher", teacher), ("student", student)):
-            key, total, count = f"{name}_{mode}", 0.0, 0
-            answers[key] = []
-            for number, start in enumerate(range(0, len(found), batch_size)):
-                device = next(model.parameters()).device
-                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-                batch = [ex.prompt for ex in found[start : start + batch_size]]
-                ids, mask, answer = sample(
+            key = f"{name}_{mode}"
+            if teacher_side and key in teacher_side:
+                answers[key], nlls, counts = (teacher_side[key][k] for k in ("answers", "nll", "tokens"))
+            else:
+                answers[key], nlls, counts = answer_and_score(
                     model,
-                    batch,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temp,
-                    generator=generator,
-                    pad_id=pad_id,
+                    teacher,
+                    [ex.prompt for ex in found],
+                    max_new_tokens,
+                    temp,
+                    batch_size,
+                    seed,
+                    pad_id,
                 )
-                answers[key] += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
-                nll, tokens = answer_nll(teacher, ids, mask, answer)
-                total, count = total + nll, count + tokens
-            scores[key] = [total / max(count, 1), count / len(found)]
+            scores[key] = [sum(nlls) / max(sum(counts), 1), sum(counts) / len(found)]
+            per_prompt[key] = {"nll": nlls, "tokens": counts}
+            if teacher_side is not None and name == "teacher":
+                teacher_side[key] = {"answers": answers[key], **per_prompt[key]}
     result = {"prompts": len(found), "max_new_tokens": max_new_tokens, "temperature": temperature}
     for mode in ("greedy", "sampled"):
         teacher_nll, student_nll = scores[f"teacher_{mode}"][0], scores[f"student_{mode}"][0]
@@ -91,6 +122,8 @@ def judge_generations(
         }
     prefixes = [shared_prefix(s, t) for s, t in zip(answers["student_greedy"], answers["teacher_greedy"])]
     result["greedy"]["shared_prefix"] = sum(prefixes) / len(prefixes)
+    per_prompt["shared_prefix"] = prefixes
+    result["per_prompt"] = per_prompt  # the teacher's summed NLL and token count of each answer, for spreads
     result["examples"] = [
         {
             "prompt": tokenizer.decode(ex.prompt, skip_special_tokens=False),

@@ -1,19 +1,25 @@
-"""After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation vs
-SFT on the teacher's answers, judged on held-out teacher-forced metrics and on what the student generates.
+"""After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation (and
+GKD's mix) vs SFT on the teacher's answers, each optionally followed by DPO on teacher-vs-student pairs,
+judged on held-out teacher-forced metrics and on what the student generates (docs/post-training.md).
 
     python scripts/post_training_compare.py        # base checkpoint once, then every arm, then the table
-    python scripts/post_training_compare.py --cpu-seconds 300 --layerwise-tokens 2e5
-    python scripts/post_training_compare.py --arm 0 & python scripts/post_training_compare.py --arm 1 & ...
+    python scripts/post_training_compare.py --base RUN_DIR --arm 1 --tokens 2.4e4   # one arm, a fixed budget
+    python scripts/post_training_compare.py --base RUN_DIR --arm 2 --cpu-seconds 250
+    python scripts/post_training_compare.py --base RUN_DIR --arm 5 --after 1 --tokens 2e4   # dpo after arm 1
+    python scripts/post_training_compare.py --base RUN_DIR --rejudge --prompts 32 --judge-seed 1
+    python scripts/post_training_compare.py --arm 0 --plot docs/post-training.png   # table and plot
 
 With --arm, one process runs that arm only (the others wait for the base checkpoint the first one trains) and
-writes OUT/results-<arm>.json; a run without --arm collects every result file into the table.
+writes OUT/results-<arm>.json; every run prints the table of the result files there.
 
 The base is the demo recipe cut down (uniform odd attention layers instead of data-chosen ones, a shorter
-layerwise stage). Each arm starts from the base's layerwise checkpoint and trains one more stage; its token
-budget is set from a short probe of that stage so its CPU time (this process's user + system seconds, which
-a shared machine's other load does not inflate as it does wall time) matches `--cpu-seconds`. The teacher's
-answers for the SFT arm are generated once and cached; their CPU time is reported beside the arm's. Results
-go to OUT/results.json (finished arms are skipped on a rerun) and a markdown table on stdout.
+layerwise stage), or with --base a finished run's layerwise stage (copy its stage0-layerwise/ into OUT/base/).
+Each arm starts from the base's layerwise checkpoint (dpo from the arm --after names) and trains one more
+stage; its token budget is --tokens, or is set from a short probe of that stage so its CPU time (this
+process's user + system seconds, which a shared machine's other load does not inflate as wall time) matches
+--cpu-seconds. The teacher's answers for the SFT arm are generated first; their CPU time is reported beside
+the arm's. The table gives 5-95% bootstrap intervals over the judged prompts, and paired ones against the
+end_to_end arm.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import json
 import shutil
 import time
 from pathlib import Path
+
+from distill.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes/smollm2-135m/hybrid50-mamba2.yaml"
@@ -51,6 +59,28 @@ ARMS = {
         "kl_weight": 0.1,
         "trainable": "mixers",
         "teacher_answers": True,
+    },
+    "gkd (reverse KL, lmbda 0.5)": {
+        "name": "on_policy",
+        "lr": 3e-4,
+        "batch_size": 4,
+        "kl": "reverse",
+        "lmbda": 0.5,
+        "trainable": "mixers",
+        "max_new_tokens": 48,
+        "max_prompt_tokens": 192,
+    },
+    "dpo (teacher vs student)": {  # after another arm (--after): its pairs cost the stage's CPU too
+        "name": "dpo",
+        "lr": 3e-5,
+        "batch_size": 4,
+        "beta": 0.1,
+        "reference": "student",
+        "trainable": "mixers",
+        "max_pairs": 32,
+        "max_new_tokens": 48,
+        "max_prompt_tokens": 192,
+        "after": True,
     },
 }
 
@@ -121,7 +151,7 @@ def train_arm(ctx, base_student, out: Path, stage: dict, budget: float):
     from distill.recipe import recipe_from_dict
     from distill.stages import run_stage
 
-    stage = {k: v for k, v in stage.items() if k != "teacher_answers"}
+    stage = {k: v for k, v in stage.items() if k not in ("teacher_answers", "after")}
     cfg = recipe_from_dict({"stages": [{**stage, "max_tokens": int(budget), "held_out_rows": 0}]}).stages[0]
     ctx.output_dir = out
     student = copy.deepcopy(base_student)
@@ -130,14 +160,18 @@ def train_arm(ctx, base_student, out: Path, stage: dict, budget: float):
     return student, cpu() - started
 
 
-def evaluate(ctx, student, args) -> dict:
-    from distill.eval.generations import judge_generations
-    from distill.eval.quality import compare_on_held_out
+def arm_dir(out: Path, name: str) -> Path:
+    return out / name.split()[0]
 
+
+def judge(ctx, student, args) -> dict:
+    """The generation metrics; the teacher's answers are the same for every arm: generated by the first arm
+    judged, then read back from a file."""
+    from distill.eval.generations import judge_generations
+
+    side_file = Path(args.out) / f"teacher-side-{args.prompts}x{args.new_tokens}-seed{args.judge_seed}.json"
+    side = json.loads(side_file.read_text()) if side_file.is_file() else {}
     student.eval()
-    quality = compare_on_held_out(
-        student, ctx.teacher, ctx.held_out, max_sequences=args.held_out, batch_size=4
-    )
     generations = judge_generations(
         student,
         ctx.teacher,
@@ -146,13 +180,56 @@ def evaluate(ctx, student, args) -> dict:
         prompts=args.prompts,
         max_new_tokens=args.new_tokens,
         examples=2,
+        seed=args.judge_seed,
+        teacher_side=side,
+    )
+    write_text(side_file, json.dumps(side))
+    return generations
+
+
+def evaluate(ctx, student, args) -> dict:
+    from distill.eval.quality import compare_on_held_out
+
+    student.eval()
+    quality = compare_on_held_out(
+        student, ctx.teacher, ctx.held_out, max_sequences=args.held_out, batch_size=4
     )
     return {
         "perplexity_ratio": quality["student"]["perplexity"] / quality["teacher"]["perplexity"],
         "kl": quality["student"]["kl_to_teacher"],
         "top1": quality["student"]["top1_agreement"],
-        "generation": generations,
+        "generation": judge(ctx, student, args),
     }
+
+
+def rejudge(args, out: Path, trained: dict, names: list[str]) -> dict:
+    """Every trained arm's final weights judged again with this run's judge settings (results in a folder of
+    their own; the training records are kept)."""
+    import copy
+
+    from distill.stages import load_final
+
+    folder = out / f"judged-{args.prompts}x{args.new_tokens}-seed{args.judge_seed}"
+    folder.mkdir(exist_ok=True)
+    results = {}
+    for path in sorted(folder.glob("results-*.json")):  # one file an arm: arms may be judged side by side
+        results.update(json.loads(path.read_text()))
+    todo = [name for name in trained if name in names and name not in results]
+    if todo:
+        ctx, base, _ = setup(out, float(args.layerwise_tokens), args.base)
+        for name in todo:
+            record = trained[name]
+            student = base
+            if "folder" in record or ARMS.get(name) is not None:
+                stage = Path(record.get("folder") or arm_dir(out, name) / f"stage1-{ARMS[name]['name']}")
+                student = load_final(copy.deepcopy(base), stage)
+            kept = {k: v for k, v in record.items() if k != "generation"}  # training and teacher-forced
+            results[name] = {**kept, "generation": judge(ctx, student, args)}
+            results["_setup"] = {**trained["_setup"], "prompts": args.prompts, "new_tokens": args.new_tokens}
+            record = {"_setup": results["_setup"], name: results[name]}
+            write_text(folder / f"results-{list(trained).index(name)}.json", json.dumps(record, indent=2))
+            print(name, "judged again", flush=True)
+    return results
 
 
 def main() -> None:
@@ -176,6 +253,16 @@ def main() -> None:
         "--prompts", type=int, default=24, help="held-out prompts the generations are judged on"
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per judged answer")
+    parser.add_argument("--judge-seed", type=int, default=0, help="the judge's sampling seed")
+    parser.add_argument("--tokens", type=float, help="the arm's token budget (instead of --cpu-seconds)")
+    parser.add_argument("--after", type=int, help="the dpo arm starts from this arm's result")
+    parser.add_argument("--plot", help="write the arms' plot (png) here from the result files")
+    parser.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="judge every trained arm again with these --prompts/--new-tokens/--judge-seed (no training); "
+        "results in OUT/judged-PxT-seedS",
+    )
     args = parser.parse_args()
     import datasets
     import torch
@@ -189,6 +276,17 @@ def main() -> None:
     for path in sorted(out.glob("results-*.json")):
         results.update(json.loads(path.read_text()))
     names = list(ARMS) if args.arm is None else [list(ARMS)[args.arm]]
+    names = [n for n in names if not ARMS[n] or not ARMS[n].get("after") or args.after is not None]
+    if args.after is not None:
+        names = [
+            f"{n} after {list(ARMS)[args.after]}" if ARMS[n] and ARMS[n].get("after") else n for n in names
+        ]
+    if args.rejudge:
+        if args.arm is None:
+            names = [name for name in results if not name.startswith("_")]
+        results = rejudge(args, out, results, names)
+    if args.plot:
+        plot(results, Path(args.plot))
     if all(name in results for name in names):
         print(table(results))
         return
@@ -209,9 +307,17 @@ def main() -> None:
     )
     data_rows, pad_id = ctx.train, ctx.tokenizer.pad_token_id
     for name in names:
-        stage = ARMS[name]
+        stage = ARMS[name.split(" after ")[0]]
         if name in results:
             continue
+        start = base
+        if stage and stage.get("after"):
+            import copy
+
+            from distill.stages import load_final
+
+            before = list(ARMS)[args.after]
+            start = load_final(copy.deepcopy(base), arm_dir(out, before) / f"stage1-{ARMS[before]['name']}")
         record: dict = {}
         if stage is None:
             student = base
@@ -229,47 +335,163 @@ def main() -> None:
                 ctx.train = teacher_answer_rows(few, ctx.teacher, data_cfg, ctx.recipe.seed, pad_id)
                 record["teacher_answers_cpu_s"] = cpu() - started
                 record["teacher_answer_rows"] = len(ctx.train)
-            probe_dir = out / "probe" / name.split()[0]
-            shutil.rmtree(probe_dir, ignore_errors=True)
-            probe_tokens = 2000 if stage["name"] != "on_policy" else 4 * 64 * 3
-            _, probe_cpu = train_arm(ctx, base, probe_dir, stage, probe_tokens)
-            budget = probe_tokens * args.cpu_seconds / probe_cpu
-            arm_dir = out / name.split()[0]
+            if args.tokens:
+                budget = args.tokens
+            else:
+                probe_dir = out / "probe" / name.split()[0]
+                shutil.rmtree(probe_dir, ignore_errors=True)
+                probe_tokens = 2000 if stage["name"] != "on_policy" else 4 * 64 * 3
+                _, probe_cpu = train_arm(ctx, start, probe_dir, stage, probe_tokens)
+                budget = probe_tokens * args.cpu_seconds / probe_cpu
+            folder = arm_dir(out, name) if not stage.get("after") else out / f"dpo-after-{args.after}"
             started_wall = time.time()
-            student, stage_cpu = train_arm(ctx, base, arm_dir, stage, budget)
+            student, stage_cpu = train_arm(ctx, start, folder, stage, budget)
             record.update(tokens=int(budget), stage_cpu_s=stage_cpu, stage_wall_s=time.time() - started_wall)
+            record["folder"] = str(folder / f"stage1-{stage['name']}")
         record.update(evaluate(ctx, student, args))
         results[name] = record
         setup_info = {"_setup": results["_setup"]}
-        (out / f"results-{list(ARMS).index(name)}.json").write_text(
-            json.dumps({**setup_info, name: record}, indent=2)
+        tag = f"{list(ARMS).index(name.split(' after ')[0])}" + (
+            f"-after{args.after}" if " after " in name else ""
         )
+        (out / f"results-{tag}.json").write_text(json.dumps({**setup_info, name: record}, indent=2))
         print(name, json.dumps({k: v for k, v in record.items() if k != "generation"}), flush=True)
     print(table(results))
+
+
+REFERENCE_ARM = "end_to_end (forward KL, fixed data)"
+
+
+def draws(generation: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """Bootstrap draws over the judged prompts (resampled with replacement, the teacher's and the student's
+    answers to a prompt kept together) of the greedy and sampled perplexity ratios and the shared prefix. The
+    same seed draws the same prompts for every arm, so two arms' draws also give a paired spread."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    per = generation["per_prompt"]
+    picks = rng.integers(0, generation["prompts"], size=(resamples, generation["prompts"]))
+    out = {}
+    for mode in ("greedy", "sampled"):
+        s, t = per[f"student_{mode}"], per[f"teacher_{mode}"]
+        nll_s, tok_s = np.asarray(s["nll"])[picks].sum(1), np.asarray(s["tokens"])[picks].sum(1)
+        nll_t, tok_t = np.asarray(t["nll"])[picks].sum(1), np.asarray(t["tokens"])[picks].sum(1)
+        out[mode] = np.exp(nll_s / np.maximum(tok_s, 1) - nll_t / np.maximum(tok_t, 1))
+    out["shared_prefix"] = np.asarray(per["shared_prefix"])[picks].mean(1)
+    return out
+
+
+def interval(values) -> tuple[float, float]:
+    import numpy as np
+
+    low, high = np.percentile(values, [5, 95])
+    return float(low), float(high)
+
+
+def spread(generation: dict) -> dict:
+    """5-95% bootstrap intervals: how much of a difference between two arms the number of prompts resolves."""
+    return {key: interval(values) for key, values in draws(generation).items()}
+
+
+def paired(generation: dict, reference: dict) -> dict:
+    """5-95% bootstrap intervals of the greedy ratio's excess over 1 relative to the reference arm's
+    ((r - 1) / (r_ref - 1)) and of the shared prefix's difference, on the same resampled prompts."""
+    arm, ref = draws(generation), draws(reference)
+    return {
+        "excess": interval((arm["greedy"] - 1) / (ref["greedy"] - 1)),
+        "prefix": interval(arm["shared_prefix"] - ref["shared_prefix"]),
+    }
+
+
+def arms_in_order(results: dict) -> list[str]:
+    return [name for name in results if not name.startswith("_")]
+
+
+def cell(value: float, band: dict | None, key: str, digits: int) -> str:
+    if band is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{band[key][0]:.{digits}f}-{band[key][1]:.{digits}f}]"
+
+
+def versus(generation: dict, reference: dict | None) -> str:
+    if reference is None or "per_prompt" not in generation or "per_prompt" not in reference:
+        return "- | -"
+    ref = reference["greedy"]
+    excess = (generation["greedy"]["perplexity_ratio"] - 1) / (ref["perplexity_ratio"] - 1)
+    prefix = generation["greedy"]["shared_prefix"] - ref["shared_prefix"]
+    band = paired(generation, reference)
+    return (
+        f"{excess:.2f} [{band['excess'][0]:.2f}-{band['excess'][1]:.2f}] "
+        f"| {prefix:+.1f} [{band['prefix'][0]:+.1f}-{band['prefix'][1]:+.1f}]"
+    )
 
 
 def table(results: dict) -> str:
     lines = [
         (
-            "| arm | tokens | stage CPU s | held-out ppl ratio | KL | top-1 | gen. ppl ratio (greedy) | "
-            "gen. ppl ratio (sampled) | shared greedy prefix |"
+            "| arm | tokens | stage CPU s | held-out ppl ratio | KL | top-1 "
+            "| gen. ppl ratio greedy [5-95%] | sampled [5-95%] | shared greedy prefix [5-95%] "
+            "| greedy excess / end_to_end's [5-95%] | prefix - end_to_end's [5-95%] |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in results.items():
-        if name.startswith("_"):
-            continue
+    reference = results.get(REFERENCE_ARM, {}).get("generation")
+    for name in arms_in_order(results):
+        r = results[name]
         g = r["generation"]
         extra = (
             f" (+{r['teacher_answers_cpu_s']:.0f} teacher answers)" if "teacher_answers_cpu_s" in r else ""
         )
+        if " after " in name:
+            extra += " (+ the arm before)"
+        band = spread(g) if "per_prompt" in g else None
         lines.append(
             f"| {name} | {r.get('tokens', '-')} | {r['stage_cpu_s']:.0f}{extra} "
-            f"| {r['perplexity_ratio']:.3f} "
-            f"| {r['kl']:.3f} | {r['top1']:.3f} | {g['greedy']['perplexity_ratio']:.3f} | "
-            f"{g['sampled']['perplexity_ratio']:.3f} | {g['greedy']['shared_prefix']:.1f} |"
+            f"| {r['perplexity_ratio']:.3f} | {r['kl']:.3f} | {r['top1']:.3f} "
+            f"| {cell(g['greedy']['perplexity_ratio'], band, 'greedy', 3)} "
+            f"| {cell(g['sampled']['perplexity_ratio'], band, 'sampled', 2)} "
+            f"| {cell(g['greedy']['shared_prefix'], band, 'shared_prefix', 1)} | {versus(g, reference)} |"
         )
     return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Each arm's generation metrics with their bootstrap intervals, and its teacher-forced ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = arms_in_order(results)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.5 * len(names) + 1.8), sharey=True)
+    panels = (
+        ("greedy", "generation ppl ratio, greedy (teacher-scored)"),
+        ("shared_prefix", "greedy prefix shared with the teacher (tokens)"),
+        (None, "held-out teacher-forced ppl ratio"),
+    )
+    for ax, (key, title) in zip(axes, panels):
+        for y, name in enumerate(names):
+            r = results[name]
+            g = r["generation"]
+            if key is None:
+                ax.plot(r["perplexity_ratio"], y, "o", color="C0")
+                continue
+            value = g["greedy"]["perplexity_ratio"] if key == "greedy" else g["greedy"]["shared_prefix"]
+            low, high = spread(g)[key]
+            ax.errorbar(value, y, xerr=[[value - low], [high - value]], fmt="o", color="C0", capsize=3)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names, fontsize=8)
+    axes[0].invert_yaxis()
+    setup = results.get("_setup", {})
+    fig.suptitle(
+        f"after the demo's layerwise stage, one more stage at equal CPU time; "
+        f"{setup.get('prompts')} held-out prompts x {setup.get('new_tokens')} tokens "
+        "(bars: 5-95% bootstrap over prompts)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

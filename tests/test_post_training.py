@@ -407,6 +407,31 @@ def test_dpo_on_a_pairs_file_with_the_teacher_as_reference(tmp_path, cache):
 # ----------------------------------------------------------------------------- judging generations
 
 
+def test_answer_nll_of_each_left_padded_row_matches_that_row_alone_in_float64():
+    from distill.eval.generations import answer_nll
+
+    teacher = tiny_teacher()
+    rows = [(torch.randint(1, 128, (p,)), torch.randint(1, 128, (a,))) for p, a in ((6, 4), (2, 5), (4, 1))]
+    ids, mask = left_padded([torch.cat(r) for r in rows])
+    answer = torch.zeros_like(ids)
+    for row, (_, ans) in enumerate(rows):
+        answer[row, ids.shape[1] - len(ans) :] = 1
+    nll, counts = answer_nll(teacher, ids, mask, answer)
+    reference = copy_in_float64(teacher)
+    for row, (prompt, ans) in enumerate(rows):
+        logits = reference(torch.cat([prompt, ans])[None]).logits[0, len(prompt) - 1 : -1]
+        expected = torch.nn.functional.cross_entropy(logits, ans, reduction="sum")
+        assert counts[row] == len(ans)
+        # fp32 against float64 over a few tokens of a tiny model: logits of size ~1 carry ~1e-6 relative error
+        assert nll[row] == pytest.approx(float(expected), rel=1e-4, abs=1e-4), row
+
+
+def copy_in_float64(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
 def test_generation_judge_scores_the_teacher_against_itself_as_one():
     from test_trainer import random_rows
     from transformers import LlamaForCausalLM
@@ -425,7 +450,22 @@ def test_generation_judge_scores_the_teacher_against_itself_as_one():
     assert same["sampled"]["perplexity_ratio"] == 1.0  # the same seeds: the same samples
     assert same["greedy"]["shared_prefix"] == same["greedy"]["teacher_answer_length"]
     student = tiny_student(teacher)
-    other = judge_generations(student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2)
+    side = {}
+    other = judge_generations(
+        student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, teacher_side=side
+    )
+    assert set(side) == {"teacher_greedy", "teacher_sampled"}
+    side["teacher_greedy"]["nll"] = [2 * x for x in side["teacher_greedy"]["nll"]]  # proves it is read back
+    again = judge_generations(
+        student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, teacher_side=side
+    )
+    assert again["greedy"]["teacher_nll_of_teacher"] == pytest.approx(
+        2 * other["greedy"]["teacher_nll_of_teacher"]
+    )
+    assert (
+        again["sampled"] == other["sampled"]
+        and again["per_prompt"]["student_greedy"] == other["per_prompt"]["student_greedy"]
+    )
     assert (
         other["greedy"]["perplexity_ratio"] > 1.0
     )  # each greedy teacher token is its likeliest there; a random student's are not
