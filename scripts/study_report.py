@@ -145,6 +145,7 @@ def write_report(results: dict, docs: Path, command: str) -> None:
         *([f"Not run yet (rerun the command to run them): {', '.join(sorted(set(ARMS) - set(arms)))}.", ""]
           if set(ARMS) - set(arms) else []),
         *target_lines(arms),
+        *frontier_lines(arms),
         "## Table",
         "",
         head,
@@ -189,10 +190,68 @@ def write_report(results: dict, docs: Path, command: str) -> None:
         fig.savefig(docs / "results_curves.png", dpi=120)
         plt.close(fig)
         plot_frontier(arms, docs / "results_frontier.png")
+        plot_speed_frontier(arms, docs / "results_speed.png")
         lines += ["", "![perplexity ratio and KL per arm](results.png)", "",
                   "![quality vs CPU-hours: every arm, the frontier joined](results_frontier.png)", "",
                   "![training loss curves](results_curves.png)"]
     (docs / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def best_per_fraction(arms: dict) -> dict[float, tuple[str, dict]]:
+    """Per attention fraction, the Mamba-2 arm with the lowest held-out perplexity ratio within the targets'
+    2 CPU-hours: the point a user picks from."""
+    best: dict[float, tuple[str, dict]] = {}
+    for name, arm in arms.items():
+        fraction = arm["attention_fraction"]
+        if arm["mixer"] == "mamba2" and arm["cpu_hours"] <= 2 and (
+                fraction not in best or arm["perplexity_ratio"] < best[fraction][1]["perplexity_ratio"]):
+            best[fraction] = (name, arm)
+    return dict(sorted(best.items(), reverse=True))
+
+
+def frontier_lines(arms: dict) -> list[str]:
+    """The quality-speed table: per attention fraction, the best arm's quality against its decode speedup."""
+    best = best_per_fraction(arms)
+    if not best:
+        return []
+    contexts = sorted({c for _, arm in best.values() for c in arm.get("decode", {})}, key=int)
+    lines = ["## The quality-speed frontier", "",
+             ("Per attention fraction, the best held-out perplexity ratio within 2 CPU-hours (the arm named), "
+             "against its decode speedup over the teacher (batch 1, fp32, one thread, the table's columns). A fraction "
+             "whose best arm is a short-budget one has not had its 2-CPU-hour arm yet: its ratio is an upper "
+             "bound on what the fraction reaches in 2 CPU-hours, not an estimate of it. A † arm's speedups were timed on an "
+              "earlier machine."), "",
+             "| attention | best arm | ppl ratio | KL | CPU-h | "
+             + " | ".join(f"decode × teacher @{c}" for c in contexts) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(contexts)]
+    for fraction, (name, arm) in best.items():
+        speed = [f"{arm['decode'][c]['speedup_vs_teacher']:.2f}×" if c in arm.get("decode", {}) else "-"
+                 for c in contexts]
+        lines.append(f"| {fraction:.1%} | `{name}`{' †' if arm.get('kept') else ''} | {arm['perplexity_ratio']:.3f} | "
+                     f"{arm['kl_to_teacher']:.3f} | {arm['cpu_hours']:.2f} | " + " | ".join(speed) + " |")
+    return lines + ["", "![quality against decode speedup, per attention fraction](results_speed.png)", ""]
+
+
+def plot_speed_frontier(arms: dict, path: Path) -> None:
+    """Held-out perplexity ratio against decode speedup at each context, one point per attention fraction."""
+    import matplotlib.pyplot as plt
+
+    best = best_per_fraction(arms)
+    contexts = sorted({c for _, arm in best.values() for c in arm.get("decode", {})}, key=int)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for index, context in enumerate(contexts):
+        points = [(arm["decode"][context]["speedup_vs_teacher"], arm["perplexity_ratio"], fraction)
+                  for fraction, (_, arm) in best.items() if context in arm.get("decode", {})]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=plt.get_cmap("tab10")(index),
+                label=f"decode at {context} tokens")
+        for speedup, ratio, fraction in points:
+            ax.annotate(f"{fraction:.1%}", (speedup, ratio), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set(xlabel="decode speedup over the teacher (batch 1, fp32)", ylabel="held-out perplexity / teacher's "
+           "(best within 2 CPU-hours)", yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
