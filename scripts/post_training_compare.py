@@ -182,7 +182,9 @@ def judge_rows(ctx, prompts: int):
     if prompts > len(rows):
         after = data.held_out_size + data.max_conversations
         cfg = data.model_copy(update={"held_out_size": after + 2 * prompts, "max_conversations": 1})
-        everything, _ = build_datasets(cfg, ctx.tokenizer, seed=ctx.recipe.seed)
+        _, everything = build_datasets(cfg, ctx.tokenizer, seed=ctx.recipe.seed)
+        if everything[: len(rows)]["input_ids"] != rows["input_ids"]:  # the split's order, checked
+            raise SystemExit("the data's first documents are not the held-out rows: the split has changed")
         rows = datasets.concatenate_datasets([rows, everything.select(range(after, len(everything)))])
     trained = {tuple(ex.prompt) for ex in exchanges(ctx.train, data.max_length)}
     unseen = [
