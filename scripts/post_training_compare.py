@@ -569,6 +569,8 @@ def cell(value: float, band: dict | None, key: str, digits: int) -> str:
 def versus(generation: dict, reference: dict | None) -> str:
     if reference is None or "per_prompt" not in generation or "per_prompt" not in reference:
         return "- | -"
+    if generation.get("judge") != reference.get("judge"):  # other prompts: no pairing
+        return "- | -"
     ref = reference["greedy"]
     excess = (generation["greedy"]["perplexity_ratio"] - 1) / (ref["perplexity_ratio"] - 1)
     prefix = generation["greedy"]["shared_prefix"] - ref["shared_prefix"]
