@@ -262,23 +262,23 @@ def rejudge(args, out: Path, trained: dict, names: list[str]) -> dict:
     results = {}
     for path in sorted(folder.glob("results-*.json")):  # one file an arm: arms may be judged side by side
         results.update(json.loads(path.read_text()))
-    todo = [name for name in trained if name in names and name not in results]
-    if todo:
-        ctx, base, _ = setup(out, float(args.layerwise_tokens), args.base)
-        for name in todo:
-            record = trained[name]
-            generation = record["generation"]
-            if generation.get("judge") != judge_settings(args):  # not judged so when it was trained
-                student = base
-                if "folder" in record or ARMS.get(name) is not None:
-                    stage = Path(record.get("folder") or arm_dir(out, name) / f"stage1-{ARMS[name]['name']}")
-                    student = load_final(copy.deepcopy(base), stage)
-                generation = judge(ctx, student, args)
-            results[name] = {**record, "generation": generation}
-            results["_setup"] = {**trained["_setup"], "prompts": args.prompts, "new_tokens": args.new_tokens}
-            record = {"_setup": results["_setup"], name: results[name]}
-            write_text(folder / f"results-{list(trained).index(name)}.json", json.dumps(record, indent=2))
-            print(name, f"judged again ({cpu():.0f} CPU s since the start)", flush=True)
+    ctx = base = None  # loaded for the first arm that needs judging
+    for name in [name for name in trained if name in names and name not in results]:
+        record = trained[name]
+        generation = record["generation"]
+        if generation.get("judge") != judge_settings(args):  # not judged so when it was trained
+            if ctx is None:
+                ctx, base, _ = setup(out, float(args.layerwise_tokens), args.base)
+            student = base
+            if "folder" in record or ARMS.get(name) is not None:
+                stage = Path(record.get("folder") or arm_dir(out, name) / f"stage1-{ARMS[name]['name']}")
+                student = load_final(copy.deepcopy(base), stage)
+            generation = judge(ctx, student, args)
+        results[name] = {**record, "generation": generation}
+        results["_setup"] = {**trained["_setup"], "prompts": args.prompts, "new_tokens": args.new_tokens}
+        record = {"_setup": results["_setup"], name: results[name]}
+        write_text(folder / f"results-{list(trained).index(name)}.json", json.dumps(record, indent=2))
+        print(name, f"judged ({cpu():.0f} CPU s since the start)", flush=True)
     return results
 
 
