@@ -6,7 +6,8 @@ judged on held-out teacher-forced metrics and on what the student generates (doc
     python scripts/post_training_compare.py --base RUN_DIR --arm 1 --tokens 2.4e4   # one arm, a fixed budget
     python scripts/post_training_compare.py --base RUN_DIR --arm 2 --cpu-seconds 250
     python scripts/post_training_compare.py --base RUN_DIR --arm 5 --after 1 --tokens 2e4   # dpo after arm 1
-    python scripts/post_training_compare.py --base RUN_DIR --rejudge --prompts 32 --judge-seed 1
+    python scripts/post_training_compare.py --base RUN_DIR --after 1 --probe-dpo 3e-5 3e-4   # dpo's lr
+    python scripts/post_training_compare.py --base RUN_DIR --rejudge --prompts 80 --greedy-only   # every arm
     python scripts/post_training_compare.py --arm 0 --plot docs/post-training.png   # table and plot
 
 With --arm, one process runs that arm only (the others wait for the base checkpoint the first one trains) and
@@ -18,8 +19,9 @@ Each arm starts from the base's layerwise checkpoint (dpo from the arm --after n
 stage; its token budget is --tokens, or is set from a short probe of that stage so its CPU time (this
 process's user + system seconds, which a shared machine's other load does not inflate as wall time) matches
 --cpu-seconds. The teacher's answers for the SFT arm are generated first; their CPU time is reported beside
-the arm's. The table gives 5-95% bootstrap intervals over the judged prompts, and paired ones against the
-end_to_end arm.
+the arm's. The judge's prompts are never trained on: the held-out rows', then those of the documents after
+the training split, less any that is also a training prompt. The table gives 5-95% bootstrap intervals over
+the judged prompts, and paired ones against the end_to_end arm.
 """
 
 from __future__ import annotations
