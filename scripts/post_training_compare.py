@@ -259,7 +259,8 @@ def rejudge(args, out: Path, trained: dict, names: list[str]) -> dict:
 
     from distill.stages import load_final
 
-    folder = out / f"judged-{args.prompts}x{args.new_tokens}-seed{args.judge_seed}"
+    greedy = "-greedy" if args.greedy_only else ""
+    folder = out / f"judged-{args.prompts}x{args.new_tokens}-seed{args.judge_seed}{greedy}"
     folder.mkdir(exist_ok=True)
     results = {}
     for path in sorted(folder.glob("results-*.json")):  # one file an arm: arms may be judged side by side
@@ -411,7 +412,7 @@ def main() -> None:
         "--rejudge",
         action="store_true",
         help="judge every trained arm again with these --prompts/--new-tokens/--judge-seed (no training); "
-        "results in OUT/judged-PxT-seedS",
+        "results in OUT/judged-PxT-seedS[-greedy]",
     )
     args = parser.parse_args()
     if args.probe_dpo and args.after is None:
