@@ -77,8 +77,10 @@ def judge_generations(
     examples: int = 3,
     max_prompt_tokens: int = 256,
     teacher_side: dict | None = None,
+    sampled: bool = True,
 ) -> dict | None:
-    """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts).
+    """Generation metrics on the first `prompts` held-out prompts (None when the rows have no prompts);
+    `sampled=False` judges the greedy answers only (half the cost).
 
     `teacher_side`, a dict, holds the teacher's answers and their scores: an empty one is filled, a filled one
     (from a call with the same teacher, prompts and settings) is used instead of answering again, so judging
@@ -90,7 +92,8 @@ def judge_generations(
     answers: dict[str, list[list[int]]] = {}
     scores: dict[str, list[float]] = {}
     per_prompt: dict[str, dict[str, list]] = {}
-    for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
+    modes = {"greedy": 0.0, "sampled": temperature} if sampled else {"greedy": 0.0}
+    for mode, temp in modes.items():
         for name, model in (("teacher", teacher), ("student", student)):
             key = f"{name}_{mode}"
             if teacher_side and key in teacher_side:
@@ -111,7 +114,7 @@ def judge_generations(
             if teacher_side is not None and name == "teacher":
                 teacher_side[key] = {"answers": answers[key], **per_prompt[key]}
     result = {"prompts": len(found), "max_new_tokens": max_new_tokens, "temperature": temperature}
-    for mode in ("greedy", "sampled"):
+    for mode in modes:
         teacher_nll, student_nll = scores[f"teacher_{mode}"][0], scores[f"student_{mode}"][0]
         result[mode] = {
             "teacher_nll_of_teacher": teacher_nll,

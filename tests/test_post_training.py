@@ -404,6 +404,37 @@ def test_dpo_on_a_pairs_file_with_the_teacher_as_reference(tmp_path, cache):
     assert summary["pairs"] == 8 and summary["reference"] == "teacher"
 
 
+def test_pair_rows_are_as_wide_as_the_longest_pair_and_padding_changes_no_log_prob():
+    from distill.pairs import Pair
+    from distill.stages.dpo import answer_logprobs, pair_rows
+
+    pairs = [Pair([1, 2, 3], [4, 5], [6, 7, 8]), Pair([9] * 7, [10, 11, 12], [13])]
+    narrow = pair_rows(pairs, max_length=32, pad_id=0)
+    assert (
+        len(narrow[0]["input_ids"]) == 7 + 3 + 7 + 1
+    )  # the longest pair: prompt + chosen, prompt + rejected
+    pad = {
+        "input_ids": [0] * 20,
+        "attention_mask": [0] * 20,
+        "position_ids": list(range(20)),
+        "labels": [-100] * 20,
+    }
+    student = tiny_student(tiny_teacher()).double().eval()
+    with torch.no_grad():
+        got, wide = (
+            answer_logprobs(student, {k: torch.tensor([row[k] + extra[k] for row in narrow]) for k in pad})
+            for extra in (
+                {k: [] for k in pad},
+                pad,
+            )  # as it is; padded on the right to 2 x max_length's width
+        )
+    # float64 sums of the same terms: only reduction orders may differ, each over at most width x hidden
+    # terms, relative to the sums' size
+    terms = (len(narrow[0]["input_ids"]) + 20) * student.config.hidden_size
+    within((got - wide).abs().max().item(), summed(terms, torch.float64) * got.abs().max().item())
+    assert got.shape == (2, 2) and (got < 0).all()
+
+
 # ----------------------------------------------------------------------------- judging generations
 
 
@@ -455,6 +486,10 @@ def test_generation_judge_scores_the_teacher_against_itself_as_one():
         student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, teacher_side=side
     )
     assert set(side) == {"teacher_greedy", "teacher_sampled"}
+    greedy_only = judge_generations(
+        student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, sampled=False
+    )
+    assert "sampled" not in greedy_only and greedy_only["greedy"] == other["greedy"]
     side["teacher_greedy"]["nll"] = [2 * x for x in side["teacher_greedy"]["nll"]]  # proves it is read back
     again = judge_generations(
         student, teacher, tok, held_out, prompts=5, max_new_tokens=6, batch_size=2, teacher_side=side

@@ -36,17 +36,20 @@ def answer_logprobs(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
 
 
 def pair_rows(pairs: list[Pair], max_length: int, pad_id: int):
-    """One row per pair, 2 * max_length wide; each side's answer is cut so prompt + answer fit max_length."""
+    """One row per pair; each side's answer is cut so prompt + answer fit max_length. The rows are as wide as
+    the longest pair, not 2 * max_length: every padding position costs a forward and a backward."""
     from datasets import Dataset, Features, Sequence, Value
 
-    rows = []
+    packed = []
     for pair in pairs:
         prompt = pair.prompt[-(max_length // 2) :]  # the prompt's end (the question) matters most
         sides = [(prompt + answer)[:max_length] for answer in (pair.chosen, pair.rejected)]
         masks = [
             ([0] * len(prompt) + [1] * len(answer))[:max_length] for answer in (pair.chosen, pair.rejected)
         ]
-        rows.append(_row(list(zip(sides, masks)), 2 * max_length, pad_id))
+        packed.append(list(zip(sides, masks)))
+    width = max(sum(len(side) for side, _ in docs) for docs in packed)
+    rows = [_row(docs, width, pad_id) for docs in packed]
     return Dataset.from_list(rows, features=Features({c: Sequence(Value("int64")) for c in COLUMNS}))
 
 
