@@ -9,7 +9,9 @@ recipe's data (`--tokens` each; the system prompt they share is scored in the fi
 is our fp32 model in transformers; a position agrees when llama.cpp's top-1 token is ours (f32 files run with
 an f32 attention cache, the others with llama.cpp's default f16). The f32 file also decodes greedily from
 each row's first 48 tokens, compared with ours up to our first pick that wins by less than 1e-3. Also
-counted: the positions where our top-1 wins by more than 0.1 nats (disagreeing there is not a near tie).
+counted: the positions where our top-1 wins by more than 0.1 nats (disagreeing there is not a near tie), and
+the disagreements per bin of our top-1 margin. The q8_0 variants with some matrices in f16 show which
+matrices' rounding costs agreement (llama.cpp's q8_0 products also round the activations to 8 bits).
 Prints one line per (model, variant); writes `--out` as JSON.
 """
 
