@@ -7,8 +7,10 @@
 //   {kind: "evaluate", tokens, top}                -> {positions: [[[token, prob], ...top], ...]}: the next-token
 //                                                     distribution after every prefix of `tokens` (greedy order)
 //   {kind: "greedy", tokens, steps}                -> {tokens}: the greedy continuation
-//   {kind: "speed", prompt_tokens, decode_tokens}  -> {prefill_s, decode_s, token_s}: a random prompt, then greedy
-//                                                     decoding (token_s: the seconds of each decoded token)
+//   {kind: "speed", prompt_tokens, decode_tokens}  -> {prefill_s, decode_s, token_s, tokens}: a random prompt, then
+//                                                     greedy decoding (token_s: the seconds of each decoded token);
+//       optional save_state: a file that receives the prefilled state (untimed), load_state: such a file
+//       (same model and context) read instead of prefilling (prefill_s is then null)
 // The answer also carries {rss_bytes (peak), state_bytes, model_bytes}. Errors go to stderr with exit status 1.
 // With PERF_CTL_FIFO set (a `perf record --control fifo:...` control FIFO), the profiler records decoding only.
 import {readFileSync, writeFileSync} from "node:fs";
@@ -48,23 +50,30 @@ for (const job of request.jobs) {
     } else if (job.kind === "speed") {
         const prompt = Array.from({length: job.prompt_tokens}, (_, i) => 100 + ((i * 7919) % 20000));
         let start = process.hrtime.bigint();
-        await sequence.controlledEvaluate(prompt.slice(0, -1));
+        let prefill_s = null;
+        if (job.load_state) {
+            await sequence.loadStateFromFile(job.load_state, {acceptRisk: true});
+        } else {
+            await sequence.controlledEvaluate(prompt.slice(0, -1));
+            prefill_s = Number(process.hrtime.bigint() - start) / 1e9;
+            if (job.save_state) await sequence.saveStateToFile(job.save_state);
+        }
         let last = prompt[prompt.length - 1];
-        const prefill_s = Number(process.hrtime.bigint() - start) / 1e9;
         profile("enable");
         start = process.hrtime.bigint();
         const token_s = [];
         let previous = start;
+        const tokens = [];
         for await (const token of sequence.evaluate([last], {temperature: 0, yieldEogToken: true})) {
             const now = process.hrtime.bigint();
             token_s.push(Number(now - previous) / 1e9);
             previous = now;
-            last = token;
+            tokens.push(token);
             if (token_s.length >= job.decode_tokens) break;
         }
         const decode_s = Number(process.hrtime.bigint() - start) / 1e9;
         profile("disable");
-        answers.push({prefill_s, decode_s, token_s});
+        answers.push({prefill_s, decode_s, token_s, tokens});
     }
 }
 const usage = {rss_bytes: process.resourceUsage().maxRSS * 1024, state_bytes: context.stateSize, model_bytes: model.size};

@@ -7,8 +7,11 @@ Writes the built-in teacher (SmolLM2-135M-Instruct) and its 50%, 25% and 0% atte
 (q8_0 by default; the teacher as llama.cpp's `llama`, the hybrids as `granitehybrid`), then, batch 1, for
 every context and round, runs each model once in a fresh llama.cpp process (interleaved: round r runs every
 model before round r+1 starts, so a load change on a shared machine hits all of them alike): a prompt of
-`context` tokens (prefill), then `--decode` greedy tokens (decode speed: the median token's time). Prints the
-medians over rounds and each hybrid's ratio to the teacher, and writes eval/results/llama_cpp_speed.json and
+`context` tokens (prefill), then `--decode` greedy tokens (decode speed: the median token's time). A model is
+prefilled once per context: its state is saved (`--state-dir`, default a temporary folder), and every later
+round loads it and decodes, so rounds cost decoding only (the teacher's 16k prefill takes 9 minutes on one
+thread) and a long prefill can run in one call and the rounds in another. Prints the medians over rounds, the
+spread, and each hybrid's ratio to the teacher, and writes eval/results/llama_cpp_speed.json and
 eval/results/llama_cpp_speed.png.
 
 Memory: llama.cpp's context state (attention KV cache, f16, sized for the whole context, plus the Mamba conv
@@ -19,16 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
+from gguf_agreement import VARIANTS
 
 from distill import llama_cpp
 from distill.assets import asset_path
 from distill.export_gguf import tokenizer_from_gguf, write_gguf
+from distill.files import atomic_file, write_text
 from distill.init import hybrid_from_teacher
 from distill.recipe import StudentConfig, TeacherConfig
 from distill.teacher import load_teacher
@@ -37,15 +43,27 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"teacher": 1.0, "hybrid 50%": 0.5, "hybrid 25%": 0.25, "hybrid 0%": 0.0}
 
 
-def write_models(folder: Path, outtype: str, names: list[str] | None = None) -> dict[str, Path]:
+def write_models(
+    folder: Path, outtype: str, names: list[str] | None = None, mixed: str | None = None
+) -> dict[str, Path]:
     """The models of MODELS named in `names` (default: all) as GGUFs in `folder` (the teacher as a hybrid with
-    attention in every layer)."""
+    attention in every layer); a file already there is kept (same seed, same file). `mixed`: a label of
+    scripts/gguf_agreement.py's VARIANTS, whose matrices a q8_0 file keeps in f16 (named "model [label]")."""
+    keep = {label: kept for label, _, kept in VARIANTS}[mixed] if mixed else ()
+    tag = "-" + re.sub(r"[^a-z0-9]+", "-", mixed) if mixed else ""
+    files = {name: f"{name.replace(' ', '-').replace('%', '')}-{outtype}{tag}.gguf" for name in MODELS}
+    paths = {
+        name + (f" [{mixed}]" if mixed else ""): folder / files[name]
+        for name in MODELS
+        if names is None or name in names
+    }
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if not missing:
+        return paths
     teacher, _ = load_teacher(TeacherConfig(), dtype=torch.float32)
     fields = tokenizer_from_gguf(asset_path("smollm2"))
-    paths = {}
-    for name, fraction in MODELS.items():
-        if names is not None and name not in names:
-            continue
+    for name in missing:
+        fraction = MODELS[name.split(" [")[0]]
         student = StudentConfig(
             mixer="mamba2",
             attention_layers="uniform",
@@ -54,29 +72,50 @@ def write_models(folder: Path, outtype: str, names: list[str] | None = None) -> 
             conv_init="random",
         )  # no training rows needed
         model = hybrid_from_teacher(teacher, student, seed=0)
-        paths[name] = write_gguf(
-            model, folder / f"{name.replace(' ', '-').replace('%', '')}.gguf", outtype, fields
-        )
+        with atomic_file(paths[name]) as tmp:
+            write_gguf(model, tmp, outtype, fields, f16_tensors=keep)
     return paths
 
 
 def measure(
-    paths: dict[str, Path], contexts: list[int], rounds: int, decode: int, threads: int, flash_attention: bool
+    paths: dict[str, Path],
+    contexts: list[int],
+    rounds: int,
+    decode: int,
+    threads: int,
+    flash_attention: bool,
+    state_dir: Path,
 ) -> dict:
+    """Per model and context: the medians over rounds, and each round's decode tok/s.
+
+    Each model is prefilled once per context and its state saved in `state_dir` (with the prefill's time);
+    every later round, in this call or a later one, loads that state in a fresh process and decodes."""
     runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in contexts} for name in paths}
     for context in contexts:
         for round_ in range(rounds):
             for name, path in paths.items():
+                state = state_dir / f"{path.stem}-{context}{'-fa' if flash_attention else ''}.state"
+                prefill = state.with_suffix(".json")
+                job = {"kind": "speed", "prompt_tokens": context, "decode_tokens": decode}
+                fresh = not state.is_file()
+                tmp = state.with_name(f".{state.name}.tmp")
+                job |= {"save_state": str(tmp)} if fresh else {"load_state": str(state)}
                 answer = llama_cpp.run(
                     path,
-                    [{"kind": "speed", "prompt_tokens": context, "decode_tokens": decode}],
+                    [job],
                     threads=threads,
                     context=context + decode + 8,
                     flash_attention=flash_attention,
                 )
                 timing = answer["answers"][0]
+                if fresh:  # the prefill's record first: a state file without it is never read
+                    write_text(prefill, json.dumps({key: timing[key] for key in ("prefill_s", "tokens")}))
+                    tmp.replace(state)
+                prefilled = json.loads(prefill.read_text())
+                if timing["tokens"] != prefilled["tokens"]:  # the same state decodes the same greedy tokens
+                    raise RuntimeError(f"{name} decodes other tokens from the state loaded from {state}")
                 run = {
-                    "prefill_tok_s": (context - 1) / timing["prefill_s"],
+                    "prefill_tok_s": (context - 1) / prefilled["prefill_s"],
                     "decode_tok_s": 1 / statistics.median(timing["token_s"]),
                     "state_mib": answer["state_bytes"] / 2**20,
                     "peak_rss_mib": answer["rss_bytes"] / 2**20,
@@ -84,12 +123,14 @@ def measure(
                 runs[name][context].append(run)
                 print(
                     f"  {context:>6} round {round_} {name:<11} prefill {run['prefill_tok_s']:8.1f} tok/s  "
-                    f"decode {run['decode_tok_s']:6.1f} tok/s  state {run['state_mib']:7.1f} MiB",
+                    f"decode {run['decode_tok_s']:6.1f} tok/s  state {run['state_mib']:7.1f} MiB"
+                    + ("  (prefilled here)" if fresh else "  (state loaded)"),
                     flush=True,
                 )
     return {
         name: {
             str(c): {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            | {"decode_tok_s_rounds": [r["decode_tok_s"] for r in rs]}
             for c, rs in by_context.items()
         }
         for name, by_context in runs.items()
@@ -97,23 +138,27 @@ def measure(
 
 
 def table(results: dict, contexts: list[int]) -> str:
+    """Medians over rounds; the spread columns give the slowest and fastest round, and the lowest and highest
+    ratio of a round's decode to the teacher's in the same round (the rounds interleave the models)."""
     teacher = results["teacher"]
     lines = [
         (
-            "| model | context | prefill tok/s | decode tok/s | decode vs teacher | prefill vs teacher "
-            "| state MiB | peak RSS MiB |"
+            "| model | context | prefill tok/s | decode tok/s | decode rounds (min-max) | decode vs teacher "
+            "| per round (min-max) | prefill vs teacher | state MiB | peak RSS MiB |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, by_context in results.items():
         for c in map(str, contexts):
             if c not in by_context or c not in teacher:  # a context measured for some models only
                 continue
             r, t = by_context[c], teacher[c]
+            rounds = r.get("decode_tok_s_rounds", [r["decode_tok_s"]])
+            ratios = [a / b for a, b in zip(rounds, t.get("decode_tok_s_rounds", [t["decode_tok_s"]]))]
             lines.append(
                 f"| {name} | {int(c):,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                f"{r['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
-                f"{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | "
+                f"{min(rounds):.1f}-{max(rounds):.1f} | {r['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
+                f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | "
                 f"{r['state_mib']:.1f} | {r['peak_rss_mib']:.0f} |"
             )
     return "\n".join(lines)
@@ -162,16 +207,38 @@ def main() -> None:
         "perf (scripts/profile_llama_cpp.py) when it is one of --contexts and perf is installed; 0: never",
     )
     parser.add_argument(
-        "--merge", action="store_true", help="add these contexts to --out's earlier ones (long runs in parts)"
+        "--merge",
+        action="store_true",
+        help="add these contexts and models to --out's earlier ones (long runs in parts)",
+    )
+    parser.add_argument(
+        "--mixed",
+        nargs="+",
+        default=[],
+        choices=[label for label, outtype, kept in VARIANTS if outtype == "q8_0" and kept],
+        help="also measure each model in q8_0 with these matrices in f16 (scripts/gguf_agreement.py's "
+        "variants)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep the GGUFs and each model's prefilled state here, for later calls: a long prefill can "
+        "run in one call and the decode rounds in another (default: a temporary folder)",
     )
     args = parser.parse_args()
     reason = llama_cpp.unavailable()
     if reason is not None:
         raise SystemExit(f"error: {reason}")
     with tempfile.TemporaryDirectory() as folder:
-        paths = write_models(Path(folder), args.outtype, names=args.models)
+        state_dir = args.state_dir or Path(folder)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        paths = write_models(state_dir, args.outtype, names=args.models)
+        for label in args.mixed:
+            paths |= write_models(state_dir, args.outtype, names=args.models, mixed=label)
         sizes = {name: path.stat().st_size / 2**20 for name, path in paths.items()}
-        results = measure(paths, args.contexts, args.rounds, args.decode, args.threads, args.flash_attention)
+        results = measure(
+            paths, args.contexts, args.rounds, args.decode, args.threads, args.flash_attention, state_dir
+        )
         profiled = {name: paths[name] for name in ("teacher", "hybrid 50%") if name in paths}
         if args.profile_context in args.contexts and shutil.which("perf") and not args.flash_attention:
             from profile_llama_cpp import report
@@ -188,6 +255,7 @@ def main() -> None:
     if args.merge and json_path.is_file():
         earlier = json.loads(json_path.read_text())
         record["settings"] = earlier["settings"] + record["settings"]
+        record["gguf_mib"] = earlier["gguf_mib"] | record["gguf_mib"]
         for name, by_context in earlier["results"].items():
             record["results"][name] = by_context | record["results"].get(name, {})
     results = record["results"]

@@ -9,13 +9,16 @@ recipe's data (`--tokens` each; the system prompt they share is scored in the fi
 is our fp32 model in transformers; a position agrees when llama.cpp's top-1 token is ours (f32 files run with
 an f32 attention cache, the others with llama.cpp's default f16). The f32 file also decodes greedily from
 each row's first 48 tokens, compared with ours up to our first pick that wins by less than 1e-3. Also
-counted: the positions where our top-1 wins by more than 0.1 nats (disagreeing there is not a near tie).
+counted: the positions where our top-1 wins by more than 0.1 nats (disagreeing there is not a near tie), and
+the disagreements per bin of our top-1 margin. The q8_0 variants with some matrices in f16 show which
+matrices' rounding costs agreement (llama.cpp's q8_0 products also round the activations to 8 bits).
 Prints one line per (model, variant); writes `--out` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -38,6 +41,18 @@ GREEDY_MARGIN = (
 )
 GREEDY_PROMPT, GREEDY_STEPS = 48, 32  # f32 greedy: the first 48 tokens of each row, 32 tokens on
 
+MIXERS = (
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ssm_in.weight",
+    "ssm_out.weight",
+)
+MATRICES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", *MIXERS)
+EDGE_LAYERS = (0, 1, 2, 3, 26, 27, 28, 29)  # SmolLM2-135M's first and last 4 of 30 (llama.cpp's k-quants
+# give their edge layers more bits)
+MARGINS = (0.01, 0.1, 1.0)  # bin edges (nats) of our top-1 margin for counting where the disagreements lie
 # (label, outtype, name suffixes kept f16 in a q8_0 file); "q8_0 weights in f32" rounds the matrices as q8_0
 # does but stores and computes them in f32: what q8_0 costs without llama.cpp's 8-bit activations
 VARIANTS = [
@@ -50,6 +65,14 @@ VARIANTS = [
     ("q8_0 + f16 ffn_gate/up", "q8_0", ("ffn_gate.weight", "ffn_up.weight")),
     ("q8_0 + f16 attn", "q8_0", ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")),
     ("q8_0 + f16 ssm_in/out", "q8_0", ("ssm_in.weight", "ssm_out.weight")),
+    ("q8_0 + f16 token_embd, ffn_gate/up", "q8_0", ("token_embd.weight", "ffn_gate.weight", "ffn_up.weight")),
+    ("q8_0 + f16 token_embd, mixers", "q8_0", ("token_embd.weight", *MIXERS)),
+    (
+        "q8_0 + f16 all but ffn_down",
+        "q8_0",
+        ("token_embd.weight", "ffn_gate.weight", "ffn_up.weight", *MIXERS),
+    ),
+    ("q8_0 + f16 first/last 4 layers", "q8_0", tuple(f"blk.{i}.{m}" for i in EDGE_LAYERS for m in MATRICES)),
 ]
 
 
@@ -69,12 +92,12 @@ def held_out_prompts(recipe, tokenizer, rows: int, tokens: int) -> tuple[list[li
 
 @torch.no_grad()
 def reference(model, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Our (top-1, clear) per position of each prompt, fp32."""
+    """Our (top-1, top-1 margin in nats) per position of each prompt, fp32."""
     out = []
     for prompt in prompts:
         logprobs = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
         top2 = logprobs.topk(2, dim=-1)
-        out.append((top2.indices[:, 0], (top2.values[:, 0] - top2.values[:, 1]) > CLEAR_NATS))
+        out.append((top2.indices[:, 0], top2.values[:, 0] - top2.values[:, 1]))
     return out
 
 
@@ -126,21 +149,28 @@ def greedy_equal(path: Path, prompts, expected: list[list[int]], steps: int) -> 
 def agreement(path: Path, prompts, expected, shared: int, kv_type: str) -> dict:
     jobs = [{"kind": "evaluate", "tokens": p, "top": 1} for p in prompts]
     answers = llama_cpp.run(path, jobs, context=max(map(len, prompts)) + 8, kv_type=kv_type)["answers"]
-    agree = clear_agree = positions = clear_positions = 0
-    for i, (answer, (top1, clear)) in enumerate(zip(answers, expected)):
+    same, margin = [], []
+    for i, (answer, (top1, ours)) in enumerate(zip(answers, expected)):
         start = 0 if i == 0 else shared
         got = torch.tensor([position[0][0] for position in answer["positions"]])[start:]
-        top1, clear = top1[start:], clear[start:]
-        same = got == top1
-        agree += int(same.sum())
-        positions += len(same)
-        clear_agree += int(same[clear].sum())
-        clear_positions += int(clear.sum())
+        same.append(got == top1[start:])
+        margin.append(ours[start:])
+    same, margin = torch.cat(same), torch.cat(margin)
+    clear = margin > CLEAR_NATS
+    edges = [0.0, *MARGINS, float("inf")]
+    by_margin = {}
+    for low, high in itertools.pairwise(edges):
+        inside = (margin >= low) & (margin < high)
+        by_margin[f"{low:g}-{high:g}"] = {
+            "disagree": int((~same[inside]).sum()),
+            "positions": int(inside.sum()),
+        }
     return {
-        "top1_agreement": agree / positions,
-        "positions": positions,
-        "clear_top1_agreement": clear_agree / clear_positions,
-        "clear_positions": clear_positions,
+        "top1_agreement": same.float().mean().item(),
+        "positions": len(same),
+        "clear_top1_agreement": same[clear].float().mean().item(),
+        "clear_positions": int(clear.sum()),
+        "disagreements_by_margin_nats": by_margin,
         "gguf_mib": path.stat().st_size / 2**20,
     }
 
