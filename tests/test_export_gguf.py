@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, REFERENCE_STUDENT, clear_greedy, reordering_bound, tiny_llama_config
+from conftest import REFERENCE_STUDENT, clear_greedy, make_tiny_tokenizer, reordering_bound, tiny_llama_config
 
 from distill import llama_cpp
 from distill.errors import UserError
@@ -47,23 +47,6 @@ def make_hybrid(teacher, mixer="mamba2", seed=0, sharpen=True, **student):
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a")]
 
 
-def byte_bpe_tokenizer():
-    """A GPT-2-style byte-level BPE: 256 bytes, 4 merges, <|im_start|> and <|im_end|> (262 tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab |= {a + b: len(vocab) + i for i, (a, b) in enumerate(MERGES)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random 4-layer hybrid (attention in layers 1 and 2) with a byte-level BPE, saved."""
@@ -74,7 +57,7 @@ def tiny(tmp_path_factory):
     model = make_hybrid(teacher, attention_layers=[1, 2])
     folder = tmp_path_factory.mktemp("tiny") / "final"
     model.save_pretrained(folder)
-    byte_bpe_tokenizer().save_pretrained(folder)
+    make_tiny_tokenizer(MERGES).save_pretrained(folder)
     fields = tokenizer_from_hf(folder, model.config, pre="gpt-2")
     return model, folder, fields
 
@@ -307,7 +290,7 @@ def test_llama_cpp_tokenizes_like_the_teacher(tiny, tmp_path):
     path = write_gguf(model, tmp_path / "m.gguf", "f32", fields)
     texts = ["Hello, world!", "  two spaces and\ttabs\n", "naïve café ☕"]
     answers = llama_cpp.run(path, [{"kind": "tokenize", "text": t} for t in texts])["answers"]
-    tokenizer = byte_bpe_tokenizer()
+    tokenizer = make_tiny_tokenizer(MERGES)
     assert [a["tokens"] for a in answers] == [tokenizer(t)["input_ids"] for t in texts]
 
 
