@@ -65,3 +65,19 @@ def kl_reordering_error(student, teacher, s_logits, t_logits) -> float:
     lp = max(logprob_error(logits, reordering_bound(model.config, torch.float32, logits.abs().max().item()))
              for model, logits in ((student, s_logits), (teacher, t_logits)))
     return 2 * kl_error(lp, spread.item())
+
+
+def half_precision_bound(config, dtype: torch.dtype, scale: float, ops_per_layer: int = 20) -> float:
+    """How far a model's outputs (of magnitude `scale`) in a 16-bit dtype may be from its fp32 outputs, or two
+    16-bit runs that round at different points (a cached decode against the parallel pass) from each other.
+
+    CPU matmuls and reductions accumulate in fp32 and round their result once, so the error is not a sum's
+    n * eps (reordering_bound, which for bf16 exceeds the outputs themselves) but one rounding of at most
+    eps/2 of its value for every stored tensor: about `ops_per_layer` per layer plus the final norm and the
+    head, and as many again (the 16-bit weights of every product, or the other run's roundings). These reach
+    the outputs with gain about 1 (normalised activations, weights of RMS about 1 / sqrt(width)) and with
+    independent signs, so they add as a random walk: a rounding error uniform in +-eps/2 has standard
+    deviation eps / (2 sqrt 3), N of them sqrt(N) times that, and 6 standard deviations cover the largest of
+    a few thousand outputs (a 1e-9 tail each)."""
+    roundings = 2 * (ops_per_layer * config.num_hidden_layers + 2)
+    return 6 * math.sqrt(roundings) * eps(dtype) / (2 * math.sqrt(3)) * scale
