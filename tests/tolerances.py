@@ -81,3 +81,21 @@ def half_precision_bound(config, dtype: torch.dtype, scale: float, ops_per_layer
     a few thousand outputs (a 1e-9 tail each)."""
     roundings = 2 * (ops_per_layer * config.num_hidden_layers + 2)
     return 6 * math.sqrt(roundings) * eps(dtype) / (2 * math.sqrt(3)) * scale
+
+
+def adam_error(weight: torch.Tensor, *, steps: int, lr: float, betas: tuple[float, float], grad_error: float):
+    """How far each weight of two AdamW runs may end apart after `steps` steps of at most `lr` when every
+    gradient of one run is within a relative `grad_error` of the other's (the same sums in another order).
+
+    Adam's step lr * m / sqrt(v) divides each gradient by its running RMS: m and sqrt(v) each move by
+    grad_error, and by as much again through the clipping norm (a factor common to one step's gradients,
+    which Adam divides out within a step but not across steps), so the step moves by at most
+    4 * grad_error * lr * max |m / sqrt(v)|, and that maximum over the EMA weights a_i of m and b_i of v is
+    sqrt(sum a_i^2 / b_i) (Cauchy-Schwarz; 1.01 after 7 steps at betas (0.9, 0.98)). Each run also rounds the
+    weight at every step, eps/2 of |w| each. Holds where no gradient cancels to below grad_error of the
+    magnitudes of its terms, as reordering_bound assumes for the forward."""
+    b1, b2 = betas
+    a = [(1 - b1) * b1 ** (steps - i) / (1 - b1**steps) for i in range(1, steps + 1)]
+    b = [(1 - b2) * b2 ** (steps - i) / (1 - b2**steps) for i in range(1, steps + 1)]
+    largest_step = max(1.0, math.sqrt(sum(x * x / y for x, y in zip(a, b))))
+    return steps * (4 * grad_error * lr * largest_step + eps() * weight.abs())
