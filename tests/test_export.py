@@ -1,14 +1,13 @@
 """Export: native folder with remote code, lossless stock Bamba, model card, hub push, clear refusals."""
 
 import json
-import math
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import REFERENCE_STUDENT, clear_greedy, reordering_bound
-from tolerances import logprob_error, within
+from tolerances import logit_scale, logprob_error, within
 
 from distill.errors import UserError
 from distill.export import export, main
@@ -285,13 +284,6 @@ def test_lm_eval_same_numbers_on_stock_export(checkpoint, tmp_path):
         assert numeric
         for key, value in numeric.items():
             within(abs(bamba_metrics[key] - value), 20 * per_token * abs(value), f"{task} {key}")
-
-
-def logit_scale(model) -> float:
-    """An upper bound on |logits| from the weights alone: the final RMSNorm's output has norm sqrt(hidden) times
-    its largest gain at most, and each logit is its dot product with one row of the head (Cauchy-Schwarz)."""
-    gain = model.model.norm.weight.abs().max().item()
-    return math.sqrt(model.config.hidden_size) * gain * model.lm_head.weight.norm(dim=-1).max().item()
 
 
 @pytest.mark.slow

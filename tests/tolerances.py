@@ -99,3 +99,11 @@ def adam_error(weight: torch.Tensor, *, steps: int, lr: float, betas: tuple[floa
     b = [(1 - b2) * b2 ** (steps - i) / (1 - b2**steps) for i in range(1, steps + 1)]
     largest_step = max(1.0, math.sqrt(sum(x * x / y for x, y in zip(a, b))))
     return steps * (4 * grad_error * lr * largest_step + eps() * weight.abs())
+
+
+def logit_scale(model) -> float:
+    """An upper bound on |logits| from the weights alone: the final RMSNorm's output has norm sqrt(hidden)
+    times its largest gain at most, and each logit is its dot product with one row of the head
+    (Cauchy-Schwarz)."""
+    gain = model.model.norm.weight.abs().max().item()
+    return math.sqrt(model.config.hidden_size) * gain * model.lm_head.weight.norm(dim=-1).max().item()
