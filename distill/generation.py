@@ -142,6 +142,38 @@ def sample(
     return torch.cat([ids, new], dim=1), full_mask, torch.cat([torch.zeros_like(ids), new_mask], dim=1)
 
 
+def sampled_batches(
+    model,
+    prompts: list[list[int]],
+    *,
+    batch_size: int,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float,
+    pad_id: int,
+):
+    """`sample` over `prompts` in batches of `batch_size`, yielding (start, input_ids, attention_mask,
+    answer_mask) per batch. Batch number k draws from a generator seeded with (seed, k) alone, so a batch's
+    answers do not depend on how many tokens the batches before it drew."""
+    device = next(model.parameters()).device
+    for number, start in enumerate(range(0, len(prompts), batch_size)):
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
+        ids, mask, answer = sample(
+            model,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+            pad_id=pad_id,
+        )
+        yield start, ids, mask, answer
+
+
+def answer_ids(input_ids: torch.Tensor, answer_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's answer tokens (end-of-sequence included when reached), as lists of ids."""
+    return [row[answer.bool()].tolist() for row, answer in zip(input_ids, answer_mask)]
+
+
 def answer_labels(input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
     """HF-style unshifted labels: the answer tokens, -100 elsewhere (so `loss_positions` picks the positions
     that predict them)."""

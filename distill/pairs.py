@@ -117,38 +117,17 @@ def teacher_vs_student(
 ) -> list[Pair]:
     """Chosen: the teacher's greedy answer (cached, see distill.pseudo_labels); rejected: the student's
     sample."""
-    import torch
-
-    from distill.generation import sample
+    from distill.generation import answer_ids, sampled_batches
     from distill.pseudo_labels import teacher_answers
 
     prompts = [ex.prompt for ex in found]
-    chosen = teacher_answers(
-        teacher,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
-        batch_size=batch_size,
-        seed=seed,
-        pad_id=pad_id,
-    )
-    device = next(student.parameters()).device
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "pad_id": pad_id}
+    chosen = teacher_answers(teacher, prompts, temperature=0.0, **settings)
     pairs = []
-    for number, start in enumerate(range(0, len(prompts), batch_size)):
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-        ids, _, answer = sample(
-            student,
-            prompts[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            generator=generator,
-            pad_id=pad_id,
-        )
-        for row in range(ids.shape[0]):
-            rejected = ids[row][answer[row].bool()].tolist()
-            good = chosen[start + row]
-            if good and rejected and good != rejected:
-                pairs.append(Pair(prompts[start + row], good, rejected))
+    for start, ids, _, answer in sampled_batches(student, prompts, temperature=temperature, **settings):
+        for row, rejected in enumerate(answer_ids(ids, answer), start):
+            if chosen[row] and rejected and chosen[row] != rejected:
+                pairs.append(Pair(prompts[row], chosen[row], rejected))
     if not pairs:
         raise UserError(
             "pairs: teacher_vs_student gave no pair (the student answered every prompt like the "

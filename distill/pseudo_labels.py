@@ -13,13 +13,12 @@ import hashlib
 import json
 import logging
 
-import torch
 from tqdm.auto import tqdm
 
 from distill.assets import cache_root
 from distill.errors import UserError
 from distill.files import write_text
-from distill.generation import exchanges, sample
+from distill.generation import answer_ids, exchanges, sampled_batches
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +47,21 @@ def teacher_answers(
     if path.is_file():
         logger.info("teacher answers: reusing %s", path)
         return json.loads(path.read_text())
-    device = next(teacher.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
+    batches = sampled_batches(
+        teacher,
+        [prompts[i] for i in order],
+        batch_size=batch_size,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        pad_id=pad_id,
+    )
     answers: list[list[int]] = [[] for _ in prompts]
-    for number, start in enumerate(
-        tqdm(range(0, len(order), batch_size), desc="teacher answers", unit="batch")
-    ):
-        chosen = order[start : start + batch_size]
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-        ids, _, answer = sample(
-            teacher,
-            [prompts[i] for i in chosen],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            generator=generator,
-            pad_id=pad_id,
-        )
-        for row, i in enumerate(chosen):
-            answers[i] = ids[row][answer[row].bool()].tolist()
+    total = -(-len(prompts) // batch_size)
+    for start, ids, _, answer in tqdm(batches, total=total, desc="teacher answers", unit="batch"):
+        for i, tokens in zip(order[start:], answer_ids(ids, answer)):
+            answers[i] = tokens
     write_text(path, json.dumps(answers))
     return answers
 

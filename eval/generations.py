@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from distill.generation import exchanges, forward_inputs, sample
+from distill.generation import answer_ids, exchanges, forward_inputs, sampled_batches
 
 
 @torch.no_grad()
@@ -46,18 +46,17 @@ def answer_and_score(model, teacher, prompts, max_new_tokens, temperature, batch
     """`model`'s answers to `prompts` (batched, each batch's sampling seeded by `seed` and its number), and
     the teacher's summed NLL and token count of each."""
     answers, nlls, counts = [], [], []
-    for number, start in enumerate(range(0, len(prompts), batch_size)):
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-        ids, mask, answer = sample(
-            model,
-            prompts[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            generator=generator,
-            pad_id=pad_id,
-        )
-        answers += [row[a.bool()].tolist() for row, a in zip(ids, answer)]
+    batches = sampled_batches(
+        model,
+        prompts,
+        batch_size=batch_size,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        pad_id=pad_id,
+    )
+    for _, ids, mask, answer in batches:
+        answers += answer_ids(ids, answer)
         nll, tokens = answer_nll(teacher, ids, mask, answer)
         nlls, counts = nlls + nll, counts + tokens
     return answers, nlls, counts

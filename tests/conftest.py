@@ -87,16 +87,19 @@ CHATML = (
 )
 
 
-def make_tiny_tokenizer():
-    """A byte-level tokenizer (256 bytes + <|im_start|> 256 + <|im_end|> 257) with SmolLM2's ChatML template.
+def make_tiny_tokenizer(merges: list[tuple[str, str]] = ()):
+    """A byte-level tokenizer (256 bytes, then one token per BPE merge, then <|im_start|> and <|im_end|>) with
+    SmolLM2's ChatML template; without merges <|im_start|> is 256 and <|im_end|> 257.
 
-    Pair it with `tiny_llama_config(vocab_size=258)`. Fast, offline, and has offsets like the real one.
+    Pair it with `tiny_llama_config(vocab_size=258 + len(merges))`. Fast, offline, and has offsets like the real
+    one.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab |= {a + b: len(vocab) + i for i, (a, b) in enumerate(merges)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
@@ -104,6 +107,15 @@ def make_tiny_tokenizer():
     )
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run thousands of small matmuls; on a loaded machine extra threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

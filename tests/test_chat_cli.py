@@ -3,20 +3,13 @@
 import io
 
 import pytest
-import torch
 from conftest import make_tiny_tokenizer
 from test_model import random_model
 
 from distill.chat import acceptance
 from distill.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save(tmp_path, name, layout, seed, tokenizer=None):

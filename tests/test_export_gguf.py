@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, REFERENCE_STUDENT, clear_greedy, reordering_bound, tiny_llama_config
+from conftest import REFERENCE_STUDENT, clear_greedy, make_tiny_tokenizer, reordering_bound, tiny_llama_config
 
 from distill import llama_cpp
 from distill.errors import UserError
@@ -47,23 +47,6 @@ def make_hybrid(teacher, mixer="mamba2", seed=0, sharpen=True, **student):
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a")]
 
 
-def byte_bpe_tokenizer():
-    """A GPT-2-style byte-level BPE: 256 bytes, 4 merges, <|im_start|> and <|im_end|> (262 tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab |= {a + b: len(vocab) + i for i, (a, b) in enumerate(MERGES)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random 4-layer hybrid (attention in layers 1 and 2) with a byte-level BPE, saved."""
@@ -74,7 +57,7 @@ def tiny(tmp_path_factory):
     model = make_hybrid(teacher, attention_layers=[1, 2])
     folder = tmp_path_factory.mktemp("tiny") / "final"
     model.save_pretrained(folder)
-    byte_bpe_tokenizer().save_pretrained(folder)
+    make_tiny_tokenizer(MERGES).save_pretrained(folder)
     fields = tokenizer_from_hf(folder, model.config, pre="gpt-2")
     return model, folder, fields
 
@@ -307,7 +290,7 @@ def test_llama_cpp_tokenizes_like_the_teacher(tiny, tmp_path):
     path = write_gguf(model, tmp_path / "m.gguf", "f32", fields)
     texts = ["Hello, world!", "  two spaces and\ttabs\n", "naïve café ☕"]
     answers = llama_cpp.run(path, [{"kind": "tokenize", "text": t} for t in texts])["answers"]
-    tokenizer = byte_bpe_tokenizer()
+    tokenizer = make_tiny_tokenizer(MERGES)
     assert [a["tokens"] for a in answers] == [tokenizer(t)["input_ids"] for t in texts]
 
 
@@ -336,6 +319,18 @@ def test_builtin_teacher_tokenizer_fields_from_its_gguf_and_its_hf_folder_agree(
         assert from_hf[key] == from_gguf[key], key
 
 
+def chat_prompts(tokenizer, questions: list[str]) -> list[list[int]]:
+    """Each question as a one-turn chat, through the tokenizer's template up to the assistant header."""
+    return [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
+        for q in questions
+    ]
+
+
 def clear_greedy_prefix(model, ids: torch.Tensor, steps: int) -> list[int]:
     """Our greedy continuation up to its first pick that does not win by twice the reordering bound: any other
     correct computation of the same logits must pick these tokens (past a near tie it may rightly diverge)."""
@@ -347,6 +342,19 @@ def clear_greedy_prefix(model, ids: torch.Tensor, steps: int) -> list[int]:
     clear = (top2[:, 0] - top2[:, 1]) > 2 * reordering_bound(model.config, torch.float32, logits.abs().max())
     length = int(clear.int().cumprod(0).sum())
     return out.sequences[0, ids.shape[1] : ids.shape[1] + length].tolist()
+
+
+def greedy_like_ours(model, gguf: Path, prompts: list[list[int]], steps: int) -> int:
+    """Assert that llama.cpp's greedy continuations of `gguf` (f32 attention cache) equal ours up to our first
+    near tie (`clear_greedy_prefix`); returns how many tokens that compared."""
+    jobs = [{"kind": "greedy", "tokens": p, "steps": steps} for p in prompts]
+    answers = llama_cpp.run(gguf, jobs, kv_type="F32")
+    compared = 0
+    for prompt, answer in zip(prompts, answers["answers"]):
+        expected = clear_greedy_prefix(model, torch.tensor([prompt]), steps=steps)
+        assert answer["tokens"][: len(expected)] == expected
+        compared += len(expected)
+    return compared
 
 
 @pytest.mark.slow
@@ -366,21 +374,9 @@ def test_llama_cpp_runs_a_smollm2_hybrid_like_transformers(smollm2, tmp_path):
     model = hybrid_from_teacher(teacher, student, seed=0).eval()
     fields = tokenizer_from_gguf(asset_path("smollm2"))
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primes."]
-    prompts = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True
-            )["input_ids"]
-        )
-        for q in questions
-    ]
+    prompts = chat_prompts(tokenizer, questions)
     f32 = write_gguf(model, tmp_path / "f32.gguf", "f32", fields)
-    answers = llama_cpp.run(
-        f32, [{"kind": "greedy", "tokens": p, "steps": 16} for p in prompts], kv_type="F32"
-    )
-    for prompt, answer in zip(prompts, answers["answers"]):
-        expected = clear_greedy_prefix(model, torch.tensor([prompt]), steps=16)
-        assert answer["tokens"][: len(expected)] == expected
+    greedy_like_ours(model, f32, prompts, steps=16)
     jobs = [{"kind": "evaluate", "tokens": p, "top": 1} for p in prompts]
     answers = llama_cpp.run(f32, jobs, kv_type="F32")
     clear_positions = 0
@@ -425,23 +421,9 @@ def test_llama_cpp_runs_the_demo_student_like_transformers(tmp_path):
         "Name three primes.",
         "How do I boil an egg?",
     ]
-    prompts = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True
-            )["input_ids"]
-        )
-        for q in questions
-    ]
+    prompts = chat_prompts(tokenizer, questions)
     f32 = export_gguf(DEMO_RUN / "final", tmp_path / "f32", "f32")
-    answers = llama_cpp.run(
-        f32, [{"kind": "greedy", "tokens": p, "steps": 24} for p in prompts], kv_type="F32"
-    )
-    clear_tokens = 0
-    for prompt, answer in zip(prompts, answers["answers"]):
-        expected = clear_greedy_prefix(model, torch.tensor([prompt]), steps=24)
-        assert answer["tokens"][: len(expected)] == expected
-        clear_tokens += len(expected)
+    clear_tokens = greedy_like_ours(model, f32, prompts, steps=24)
     assert clear_tokens >= 8  # the demo student answers briefly and stops at <|im_end|>: 10 decided tokens
     q8_0 = export_gguf(DEMO_RUN / "final", tmp_path / "q8_0", "q8_0")
     answers = llama_cpp.run(q8_0, [{"kind": "evaluate", "tokens": p, "top": 1} for p in prompts])["answers"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import REFERENCE_STUDENT, clear_greedy, left_padded, reordering_bound
 from test_model import random_model
+from tolerances import half_precision_bound, within
 from transformers import DynamicCache
 
 from distill.init import hybrid_from_teacher
@@ -72,7 +73,9 @@ def test_half_precision_decoding_keeps_the_state_in_fp32(dtype):
         cache = DynamicCache(config=model.config)
         parts = [model(ids[:, :4], cache=cache).logits]
         parts += [model(ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([[t]])).logits for t in range(4, 10)]
-    assert (torch.cat(parts, dim=1).float() - parallel).abs().max() <= 0.02 * parallel.abs().max()
+    # the same 16-bit weights; the two runs round their intermediates at different points (per token, per chunk)
+    bound = half_precision_bound(model.config, dtype, parallel.abs().max().item())
+    within((torch.cat(parts, dim=1).float() - parallel).abs().max().item(), bound, str(dtype))
     assert cache.layers[1].recurrent_states[0].dtype == cache.layers[2].recurrent_states[0].dtype == torch.float32
 
 

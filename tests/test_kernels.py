@@ -583,7 +583,10 @@ def test_causal_conv1d_naive_is_a_convolution():
     """The naive loop agrees with torch's own grouped conv1d (an independent definition)."""
     x, weight, bias = torch.randn(2, 3, 10, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), torch.randn(3)
     expected = torch.nn.functional.conv1d(x, weight[:, None], bias.double(), padding=3, groups=3)[..., :10]
-    torch.testing.assert_close(causal_conv1d_naive(x, weight, bias.double()), expected)  # float64 defaults (1e-7)
+    magnitude = torch.nn.functional.conv1d(x.abs(), weight.abs()[:, None], bias.double().abs(), padding=3, groups=3)
+    # float64, both 4-term sums plus the bias (tolerance note)
+    within(err_vs_magnitude(causal_conv1d_naive(x, weight, bias.double()), expected, magnitude[..., :10]),
+           scan_bound(4, 0, dtype=torch.float64))
 
 
 def test_causal_conv1d_gradcheck():
@@ -603,8 +606,9 @@ def test_causal_conv1d_update_steps_equal_full_conv(state_len):
     conv_state = torch.zeros(2, 3, state_len)
     first = kernels.causal_conv1d_update(x[..., :4], conv_state, weight, bias, activation="silu")  # a prefill chunk
     steps = [kernels.causal_conv1d_update(x[..., t], conv_state, weight, bias, activation="silu") for t in range(4, 9)]
-    # fp32, defaults (rtol 1.3e-6): the same 4-term sums in another order
-    torch.testing.assert_close(torch.cat([first, torch.stack(steps, -1)], -1), full)
+    # fp32: the same 4-term sums in another order, through silu (slope <= 1.1), as in the conv tests above
+    magnitude = causal_conv1d_torch(x.abs(), weight.abs(), bias.abs())
+    within(err_vs_magnitude(torch.cat([first, torch.stack(steps, -1)], -1), full, 1.1 * magnitude), scan_bound(4, 0))
     torch.testing.assert_close(conv_state, x[..., -state_len:], rtol=0, atol=0)  # copies of the inputs
     with pytest.raises(ValueError, match="activation"):
         kernels.causal_conv1d_fn(x, weight, activation="relu")
@@ -680,8 +684,8 @@ def test_state_update_mamba1_steps_equal_scan():
     for t in range(5):
         y = selective_state_update_torch(state, args["u"][..., t], args["delta"][..., t], args["A"], args["B"][..., t],
                                          args["C"][..., t], args["D"], args["z"][..., t], args["delta_bias"], True)
-        torch.testing.assert_close(y, full[..., t])  # float64 defaults (rtol 1e-7): one step vs the loop's step
-    torch.testing.assert_close(state, last)
+        within(rel_err(y, full[..., t]), scan_bound(t + 1, 3, dtype=torch.float64), "y")  # float64, t + 1 steps
+    within(rel_err(state, last), scan_bound(5, 3, dtype=torch.float64), "state")
 
 
 def test_state_update_bf16_state_stays_bf16():
@@ -731,7 +735,7 @@ def test_backend_selection(monkeypatch, caplog):
     args = (x, torch.rand(1, 5, 2), -torch.ones(2), torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), 4)
     monkeypatch.setenv("DISTILL_KERNELS", "naive")
     assert kernels.resolve_backend(x) == "naive"
-    torch.testing.assert_close(kernels.mamba_chunk_scan_combined(*args), ssd_naive(*args))  # the same function
+    assert torch.equal(kernels.mamba_chunk_scan_combined(*args), ssd_naive(*args))  # the same function
     monkeypatch.setenv("DISTILL_KERNELS", "fast")
     with pytest.raises(ValueError, match="DISTILL_KERNELS='fast'.*one of auto"):
         kernels.mamba_chunk_scan_combined(*args)

@@ -1,8 +1,11 @@
 """Our kernels inside stock transformers models (kernels/transformers_hook.py): every Mamba-family model that
 transformers 5 ships, and our Bamba export, give the same logits and greedy tokens with and without them."""
 
+import math
+
 import pytest
 import torch
+from tolerances import logit_scale, within
 
 from distill.kernels.transformers_hook import LAYERS, ops_in_use, use_in_transformers
 
@@ -146,8 +149,10 @@ def test_training_mode_and_gradients_keep_our_kernels():
     assert ops_in_use(model) == MAMBA2_OPS
     ours = grads()
     model.reset_kernels()
-    # fp32 backward through the same math (see LOGIT_TOL); gradients are sums over the batch and positions too.
-    assert (ours - stock).norm() <= 1e-4 * stock.norm()
+    # fp32 backward through the same math (see LOGIT_TOL); each gradient also sums over the batch and positions,
+    # whose rounding errors add as a random walk: sqrt(tokens) times LOGIT_TOL
+    bound = LOGIT_TOL * math.sqrt(ids.numel())
+    within(((ours - stock).norm() / stock.norm()).item(), bound)
 
 
 def test_every_layer_signature_matches_transformers():
@@ -202,7 +207,9 @@ def test_distill_eval_and_speed_run_our_kernels_on_a_bamba_export(tmp_path, monk
         perplexity[name] = json.loads((out / "report.json").read_text())["student"]["perplexity"]
         assert calls, name  # both ran our scan
         calls.clear()
-    # the same fp32 model in two layouts: only rounding differs (see LOGIT_TOL), and perplexity is exp(mean NLL)
-    assert perplexity["bamba"] == pytest.approx(perplexity["native"], rel=1e-4)
+    # the same fp32 model in two layouts: the logits differ by LOGIT_TOL of their scale, each NLL by at most twice
+    # that (log-softmax), and perplexity = exp(mean NLL) by as much, relative (to first order)
+    bound = 2 * LOGIT_TOL * logit_scale(student)
+    within(abs(perplexity["bamba"] / perplexity["native"] - 1), bound)
     rows = benchmark({"bamba": load_with_our_kernels(tmp_path / "bamba", "cpu")}, [24], [2], 2, 64, log=lambda _: None)
     assert calls and rows[0]["prefill_tok_s"] > 0 and rows[0]["ssm_state_bytes"] > 0

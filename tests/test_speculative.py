@@ -18,13 +18,7 @@ EDGES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run thousands of small matmuls; on a loaded machine extra threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,8 +1,11 @@
 """An exported student trains in TRL's SFTTrainer and DPOTrainer, for users who align with TRL (dev extra)."""
 
+import math
+
 import pytest
 import torch
-from conftest import REFERENCE_STUDENT, make_tiny_tokenizer, tiny_llama_config
+from conftest import REFERENCE_STUDENT, make_tiny_tokenizer, reordering_bound, tiny_llama_config
+from tolerances import eps, logit_scale, logprob_error, summed, within
 
 pytest.importorskip("trl", reason="TRL is in the dev extra: pip install -e '.[dev]'")
 
@@ -100,5 +103,16 @@ def test_exported_student_trains_in_trls_dpo_trainer(exported, tmp_path):
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
-    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step: log 2
+    # policy == reference at the first step (TRL's reference is a copy, run on the same batch): each margin
+    # (a - b) - (c - d) of answer log-probability sums is 0 up to their reordering, each of at most `longest`
+    # tokens within logprob_error (logits bounded from the weights); the loss softplus(-beta * margin) has
+    # slope beta / 2 there, and log 2 itself rounds to fp32 (eps/2) and is averaged over the batch (summed)
+    conversations = [p["prompt"] + p[side] for p in PAIRS for side in ("chosen", "rejected")]
+    longest = max(len(tokenizer.apply_chat_template(c, return_dict=True)["input_ids"]) for c in conversations)
+    scale = logit_scale(model)
+    token_error = logprob_error(torch.full((model.config.vocab_size,), scale),
+                                reordering_bound(model.config, torch.float32, scale))
+    averaging = (summed(args.per_device_train_batch_size) + eps()) * math.log(2)
+    bound = args.beta / 2 * 4 * longest * token_error + averaging
+    within(abs(losses[0] - math.log(2)), bound)
     assert changed(model, before)
