@@ -3,22 +3,24 @@ verifying.
 
     python scripts/bench_speculative.py --contexts 512 2048 --out eval/results/speculative
 
-A benchmark, not a test. Batch 1, fp32, greedy (so every assisted run must reproduce its target's plain run
-token for token: the `same` column checks it). One torch thread, timed by the thread's CPU time, so other
-processes on a shared machine do not inflate the numbers; every mode runs back to back for each prompt, the
-repeats are interleaved and the median is kept.
+A benchmark, not a test. Batch 1, greedy (so every assisted run must reproduce its target's plain run token
+for token: the `same` column checks it), in each of `--dtypes` (default fp32; every model in that dtype). One
+torch thread, timed by the thread's CPU time, so other processes on a shared machine do not inflate the
+numbers; every mode runs back to back for each prompt, the repeats are interleaved and the median is kept.
 
-Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); hybrid alone;
-hybrid + prompt lookup; hybrid + a cheaper hybrid draft. Tasks: `chat` (an unseen ShareGPT conversation, its
-history cut to the context) and `edit` (fix one typo in unseen replies of the context's length: the answer
-copies the prompt).
+Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); teacher + a cheaper
+hybrid draft; hybrid alone; hybrid + prompt lookup; hybrid + the cheaper draft. Tasks: `chat` (an unseen
+ShareGPT conversation, its history cut to the context) and `edit` (fix one typo in unseen replies of the
+context's length: the answer copies the prompt).
 
 decode tokens/s counts what `generate` produces after its first round (the prefill and the first draft), so
 it measures decoding, not the prompt. Acceptance is drafted tokens accepted / drafted, from the target's
 forward lengths. `verify` times, at each context for the hybrid, the teacher and the cheap draft: one decode
 step; one forward that verifies 4 drafted tokens (5 inputs, states recorded) and its `crop`; 5 decode steps;
 and the step's and the verification's time in each part (attention, Mamba, MLPs, lm_head, the rest).
-`rollback_costs` times the Mamba-2 state work of one verification: recorded path against replay rollback.
+The models (and dtypes) take turns within every repeat. `rollback_costs` times the Mamba-2 state work of one
+verification: recorded path against replay rollback. `--profile` adds torch.profiler's top operators of the
+hybrid's verification at the largest context; `--tasks` with no task times only the verification.
 
 Without `--student` the hybrid is freshly initialised from the teacher's attention weights (untrained: its
 outputs and so every acceptance rate are lower than a distilled student's); speeds do not depend on training.
