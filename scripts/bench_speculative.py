@@ -351,6 +351,13 @@ def main(argv=None) -> None:
         help="none: only the verification costs",
     )
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["sdpa"],
+        choices=["sdpa", "eager"],
+        help="attention implementations, each with every dtype (rows name the pair when there are several)",
+    )
     parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
@@ -371,9 +378,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    models = {}
+    models = {}  # by variant: the dtype, and the attention implementation when several are compared
     for dtype in args.dtypes:
-        models[dtype], tokenizer = build_models(args, dtype)
+        for attention in args.attention:
+            variant = dtype if len(args.attention) == 1 else f"{dtype} {attention}"
+            models[variant], tokenizer = build_models(args, dtype)
+            for model in models[variant].values():
+                model.set_attn_implementation(attention)
     lookup = {"prompt_lookup_num_tokens": args.prompt_lookup, "max_matching_ngram_size": args.lookup_ngram}
     modes = {}
     for dtype, m in models.items():
@@ -401,7 +412,8 @@ def main(argv=None) -> None:
         )
     if args.profile:
         for dtype, m in models.items():
-            profile_verify(m["hybrid"], max(args.contexts), args.out / f"profile-verify-{dtype}.txt")
+            path = args.out / f"profile-verify-{dtype.replace(' ', '-')}.txt"
+            profile_verify(m["hybrid"], max(args.contexts), path)
     rows, verify = [], {}
     for context in args.contexts:
         turns = {f"{name} {dtype}": model for dtype, m in models.items() for name, model in m.items()}
