@@ -3,22 +3,24 @@ verifying.
 
     python scripts/bench_speculative.py --contexts 512 2048 --out eval/results/speculative
 
-A benchmark, not a test. Batch 1, fp32, greedy (so every assisted run must reproduce its target's plain run
-token for token: the `same` column checks it). One torch thread, timed by the thread's CPU time, so other
-processes on a shared machine do not inflate the numbers; every mode runs back to back for each prompt, the
-repeats are interleaved and the median is kept.
+A benchmark, not a test. Batch 1, greedy (so every assisted run must reproduce its target's plain run token
+for token: the `same` column checks it), in each of `--dtypes` (default fp32; every model in that dtype). One
+torch thread, timed by the thread's CPU time, so other processes on a shared machine do not inflate the
+numbers; every mode runs back to back for each prompt, the repeats are interleaved and the median is kept.
 
-Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); hybrid alone;
-hybrid + prompt lookup; hybrid + a cheaper hybrid draft. Tasks: `chat` (an unseen ShareGPT conversation, its
-history cut to the context) and `edit` (fix one typo in unseen replies of the context's length: the answer
-copies the prompt).
+Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); teacher + a cheaper
+hybrid draft; hybrid alone; hybrid + prompt lookup; hybrid + the cheaper draft. Tasks: `chat` (an unseen
+ShareGPT conversation, its history cut to the context) and `edit` (fix one typo in unseen replies of the
+context's length: the answer copies the prompt).
 
 decode tokens/s counts what `generate` produces after its first round (the prefill and the first draft), so
 it measures decoding, not the prompt. Acceptance is drafted tokens accepted / drafted, from the target's
 forward lengths. `verify` times, at each context for the hybrid, the teacher and the cheap draft: one decode
 step; one forward that verifies 4 drafted tokens (5 inputs, states recorded) and its `crop`; 5 decode steps;
 and the step's and the verification's time in each part (attention, Mamba, MLPs, lm_head, the rest).
-`rollback_costs` times the Mamba-2 state work of one verification: recorded path against replay rollback.
+The models (and dtypes) take turns within every repeat. `rollback_costs` times the Mamba-2 state work of one
+verification: recorded path against replay rollback. `--profile` adds torch.profiler's top operators of the
+hybrid's verification at the largest context; `--tasks` with no task times only the verification.
 
 Without `--student` the hybrid is freshly initialised from the teacher's attention weights (untrained: its
 outputs and so every acceptance rate are lower than a distilled student's); speeds do not depend on training.
@@ -181,51 +183,79 @@ class PartTimer:
 
 
 @torch.no_grad()
-def verify_costs(model, context: int, repeats: int) -> dict:
-    """Median CPU seconds: one decode step; verifying 4 drafts (5-token recorded forward + crop); 5 steps; and
-    the step's and the verification's time in each part of the model (`parts`)."""
+def verify_costs(models: dict, context: int, repeats: int) -> dict:
+    """Per model, median CPU seconds: one decode step; verifying 4 drafts (5-token recorded forward + crop);
+    5 steps; and the step's and the verification's time in each part of the model (`parts`). The models take
+    turns within every repeat, so a change in the machine's speed touches them alike."""
     from transformers import DynamicCache
 
-    ids = torch.randint(model.config.vocab_size, (1, context))
-    plain, recording = DynamicCache(config=model.config), DynamicCache(config=model.config)
-    recording.activate_past_recording(recurrent_states_to_keep=4)
-    model(ids, cache=plain)
-    model(ids, cache=recording)
-    timer = PartTimer(model)
-    times: dict[str, list[float]] = {"step": [], "verify4": [], "steps5": []}
-    parts: dict[str, dict[str, list[float]]] = {"step": {}, "verify4": {}}
+    ids = torch.randint(next(iter(models.values())).config.vocab_size, (1, context))
+    runs = {}
+    for name, model in models.items():
+        plain, recording = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        recording.activate_past_recording(recurrent_states_to_keep=4)
+        model(ids, cache=plain)
+        model(ids, cache=recording)
+        runs[name] = (model, plain, recording, PartTimer(model))
+    times = {name: {"step": [], "verify4": [], "steps5": []} for name in models}
+    parts = {name: {"step": {}, "verify4": {}} for name in models}
     # both caches grow by a few tokens per repeat: no measurable cost at `context`
     for r in range(repeats + 1):
         draft = torch.randint(model.config.vocab_size, (1, 5))
-        timer.take()
-        start = time.thread_time()
-        model(draft[:, :1], cache=plain)
-        step = time.thread_time() - start
-        step_parts = timer.take()
-        start = time.thread_time()
-        model(draft, cache=recording)
-        recording.crop(-(r % 5))  # reject 0..4 of the drafts, as verification does
-        verify = time.thread_time() - start
-        verify_parts = timer.take()
-        start = time.thread_time()
-        for t in range(5):
-            model(draft[:, t : t + 1], cache=plain)
-        steps = time.thread_time() - start
-        if r:  # the first repeat warms up
-            times["step"].append(step)
-            times["verify4"].append(verify)
-            times["steps5"].append(steps)
-            for kind, total, spent in (("step", step, step_parts), ("verify4", verify, verify_parts)):
-                spent["other (norms, embedding, masks, crop)"] = total - sum(spent.values())
-                for name, seconds in spent.items():
-                    parts[kind].setdefault(name, []).append(seconds)
-    timer.remove()
-    costs: dict = {name: statistics.median(values) for name, values in times.items()}
-    costs["parts"] = {
-        kind: {name: statistics.median(values) for name, values in spent.items()}
-        for kind, spent in parts.items()
-    }
+        for name, (model, plain, recording, timer) in runs.items():
+            timer.take()
+            start = time.thread_time()
+            model(draft[:, :1], cache=plain)
+            step = time.thread_time() - start
+            step_parts = timer.take()
+            start = time.thread_time()
+            model(draft, cache=recording)
+            recording.crop(-(r % 5))  # reject 0..4 of the drafts, as verification does
+            verify = time.thread_time() - start
+            verify_parts = timer.take()
+            start = time.thread_time()
+            for t in range(5):
+                model(draft[:, t : t + 1], cache=plain)
+            steps = time.thread_time() - start
+            if r:  # the first repeat warms up
+                times[name]["step"].append(step)
+                times[name]["verify4"].append(verify)
+                times[name]["steps5"].append(steps)
+                for kind, total, spent in (("step", step, step_parts), ("verify4", verify, verify_parts)):
+                    spent["other (norms, embedding, masks, crop)"] = total - sum(spent.values())
+                    for part, seconds in spent.items():
+                        parts[name][kind].setdefault(part, []).append(seconds)
+    costs = {}
+    for name, (_, _, _, timer) in runs.items():
+        timer.remove()
+        costs[name] = {kind: statistics.median(values) for kind, values in times[name].items()}
+        costs[name]["ratio"] = costs[name]["verify4"] / costs[name]["step"]
+        costs[name]["parts"] = {
+            kind: {part: statistics.median(values) for part, values in spent.items()}
+            for kind, spent in parts[name].items()
+        }
     return costs
+
+
+@torch.no_grad()
+def profile_verify(model, context: int, path: Path) -> None:
+    """torch.profiler's top operators (by self CPU time) over 5 verifications of 4 drafts at `context`."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    recording = DynamicCache(config=model.config)
+    recording.activate_past_recording(recurrent_states_to_keep=4)
+    model(torch.randint(model.config.vocab_size, (1, context)), cache=recording)
+    drafts = torch.randint(model.config.vocab_size, (6, 1, 5))
+    model(drafts[0], cache=recording)  # warm-up
+    recording.crop(-4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for draft in drafts[1:]:
+            model(draft, cache=recording)
+            recording.crop(-4)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    write_text(path, table + "\n")
+    print(table, flush=True)
 
 
 def replay_outputs(state, x, B, C, dt, A):
@@ -233,6 +263,7 @@ def replay_outputs(state, x, B, C, dt, A):
     quadratic (attention-like) form of the SSD scan. It is the verification half of the replay rollback (keep
     the state at the last accepted token, replay the accepted ones next call), timed against the recorded
     path, never used to decode."""
+    x, B, C = x.float(), B.float(), C.float()
     cum = (dt * A).cumsum(dim=1)  # (b, m, h)
     m = x.shape[1]
     causal = torch.ones(m, m, dtype=torch.bool).tril()
@@ -250,17 +281,18 @@ def replay_outputs(state, x, B, C, dt, A):
 def rollback_costs(model, repeats: int = 200) -> dict:
     """CPU seconds per verification of 4 drafts spent on the Mamba-2 states, summed over the model's Mamba-2
     layers: the recorded path (5 states from `ssd_states`, their outputs, the history the cache keeps) against
-    the replay rollback's verification (outputs and the last state only)."""
+    the replay rollback's verification (outputs and the last state only). x, B and C come in the model's
+    dtype; the states and both paths' sums are fp32, as in the model."""
     from distill.modeling_hybrid import ssd_states
 
     layers = sum(kind == "mamba2" for kind in model.config.mixer_types)
     h, p = model.config.num_attention_heads, model.config.head_dim
-    state, x, B, C = torch.randn(1, h, p, p), *torch.randn(3, 1, 5, h, p)
+    state, x, B, C = torch.randn(1, h, p, p), *torch.randn(3, 1, 5, h, p, dtype=model.dtype)
     dt, A = torch.rand(1, 5, h) * 0.1, -torch.rand(h)
 
     def recorded():
         states = ssd_states(state, x, B, dt, A)
-        torch.einsum("bjhpn,bjhn->bjhp", states, C)
+        torch.einsum("bjhpn,bjhn->bjhp", states, C.float())
         return [state.clone(), *states.unbind(dim=1)]
 
     times = {"recorded": [], "replay": []}
@@ -273,26 +305,59 @@ def rollback_costs(model, repeats: int = 200) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def build_models(args, teacher):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_models(args, dtype: str) -> tuple[dict, object]:
+    """The teacher, the hybrid and the cheap draft in `dtype` (A_log stays fp32, as `from_pretrained` keeps
+    it), and the tokenizer."""
     from distill.chat import check_checkpoint, load_model
     from distill.init import hybrid_from_teacher
-    from distill.recipe import StudentConfig
+    from distill.recipe import StudentConfig, TeacherConfig
+    from distill.teacher import load_teacher
+
+    teacher, tokenizer = load_teacher(TeacherConfig(), dtype=DTYPES[dtype])
+    teacher.eval()
 
     def student(path, fraction):
         if path:
-            return load_model(check_checkpoint(path), "float32", "cpu")
+            return load_model(check_checkpoint(path), dtype, "cpu")
         config = StudentConfig(  # evenly spaced layers, untrained: no calibration rows
             attention_layers="uniform", attention_fraction=fraction, norm_init="ones", conv_init="random"
         )
-        return hybrid_from_teacher(teacher, config, seed=0).eval()
+        model = hybrid_from_teacher(teacher.float(), config, seed=0).eval().to(DTYPES[dtype])
+        teacher.to(DTYPES[dtype])
+        for name, parameter in model.named_parameters():
+            if name.endswith("A_log"):
+                parameter.data = parameter.data.float()
+        return model
 
-    return student(args.student, 0.5), student(args.cheap_draft, 0.0)
+    models = {
+        "teacher": teacher,
+        "hybrid": student(args.student, 0.5),
+        "cheap draft": student(args.cheap_draft, 0.0),
+    }
+    return models, tokenizer
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--tasks", nargs="*", default=["chat", "edit"], choices=["chat", "edit"])
+    parser.add_argument(
+        "--tasks",
+        nargs="*",
+        default=["chat", "edit"],
+        choices=["chat", "edit"],
+        help="none: only the verification costs",
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["sdpa"],
+        choices=["sdpa", "eager"],
+        help="attention implementations, each with every dtype (rows name the pair when there are several)",
+    )
     parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
@@ -302,6 +367,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--verify-repeats", type=int, default=7)
     parser.add_argument(
+        "--profile", action="store_true", help="profile the hybrid's verification at the largest context"
+    )
+    parser.add_argument(
         "--student", help="a distilled hybrid checkpoint (default: fresh 50%%-attention init)"
     )
     parser.add_argument("--cheap-draft", help="a cheaper hybrid draft (default: fresh 0%%-attention init)")
@@ -310,47 +378,59 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from distill.recipe import TeacherConfig
-    from distill.teacher import load_teacher
-
-    teacher, tokenizer = load_teacher(TeacherConfig(), dtype=torch.float32)
-    teacher.eval()
-    hybrid, cheap = build_models(args, teacher)
+    models = {}  # by variant: the dtype, and the attention implementation when several are compared
+    for dtype in args.dtypes:
+        for attention in args.attention:
+            variant = dtype if len(args.attention) == 1 else f"{dtype} {attention}"
+            models[variant], tokenizer = build_models(args, dtype)
+            for model in models[variant].values():
+                model.set_attn_implementation(attention)
     lookup = {"prompt_lookup_num_tokens": args.prompt_lookup, "max_matching_ngram_size": args.lookup_ngram}
-    modes = {
-        "teacher": (teacher, {}),
-        "teacher + hybrid draft": (teacher, {"assistant_model": hybrid}),
-        "teacher + prompt lookup": (teacher, lookup),
-        "hybrid": (hybrid, {}),
-        "hybrid + prompt lookup": (hybrid, lookup),
-        "hybrid + cheap draft": (hybrid, {"assistant_model": cheap}),
-    }
-    modes = {name: modes[name] for name in (args.modes or modes)}
+    modes = {}
+    for dtype, m in models.items():
+        all_modes = {
+            "teacher": (m["teacher"], {}),
+            "teacher + hybrid draft": (m["teacher"], {"assistant_model": m["hybrid"]}),
+            "teacher + prompt lookup": (m["teacher"], lookup),
+            "teacher + cheap draft": (m["teacher"], {"assistant_model": m["cheap draft"]}),
+            "hybrid": (m["hybrid"], {}),
+            "hybrid + prompt lookup": (m["hybrid"], lookup),
+            "hybrid + cheap draft": (m["hybrid"], {"assistant_model": m["cheap draft"]}),
+        }
+        modes.update({(dtype, name): all_modes[name] for name in (args.modes or all_modes)})
     conversations = unseen_conversations()
     replies = [m["content"] for conv in conversations[:200] for m in conv if m["role"] == "assistant"]
 
-    rollback = rollback_costs(hybrid)
-    print(
-        f"Mamba-2 states per verification of 4 drafts (all layers): recorded "
-        f"{rollback['recorded'] * 1e3:.2f} ms, replay rollback {rollback['replay'] * 1e3:.2f} ms",
-        flush=True,
-    )
+    rollback = {}
+    for dtype, m in models.items():
+        rollback[dtype] = rollback_costs(m["hybrid"])
+        print(
+            f"{dtype}: Mamba-2 states per verification of 4 drafts (all layers): recorded "
+            f"{rollback[dtype]['recorded'] * 1e3:.2f} ms, "
+            f"replay rollback {rollback[dtype]['replay'] * 1e3:.2f} ms",
+            flush=True,
+        )
+    if args.profile:
+        for dtype, m in models.items():
+            path = args.out / f"profile-verify-{dtype.replace(' ', '-')}.txt"
+            profile_verify(m["hybrid"], max(args.contexts), path)
     rows, verify = [], {}
     for context in args.contexts:
-        for name, model in (("hybrid", hybrid), ("teacher", teacher), ("cheap draft", cheap)):
-            costs = verify_costs(model, context, args.verify_repeats)
-            costs["ratio"] = costs["verify4"] / costs["step"]
-            verify[f"{context} {name}"] = costs
+        turns = {f"{name} {dtype}": model for dtype, m in models.items() for name, model in m.items()}
+        for key, costs in verify_costs(turns, context, args.verify_repeats).items():
+            verify[f"{context} {key}"] = costs
             split = ", ".join(
                 f"{part} {costs['parts']['step'][part] * 1e3:.1f} -> {seconds * 1e3:.1f} ms"
                 for part, seconds in costs["parts"]["verify4"].items()
             )
             print(
-                f"context {context} {name}: step {costs['step'] * 1e3:.1f} ms, verify 4 drafts = "
+                f"context {context} {key}: step {costs['step'] * 1e3:.1f} ms, verify 4 drafts = "
                 f"{costs['ratio']:.2f} x one step ({split})",
                 flush=True,
             )
-        chats = long_conversations(conversations[200:], tokenizer, context, args.prompts)
+        chats = (
+            long_conversations(conversations[200:], tokenizer, context, args.prompts) if args.tasks else []
+        )
         for task in args.tasks:
             for p in range(args.prompts):
                 messages = (
@@ -361,19 +441,19 @@ def main(argv=None) -> None:
                 ids = tokenizer.apply_chat_template(
                     messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
                 )["input_ids"]
-                results: dict[str, list[dict]] = {name: [] for name in modes}
+                results: dict[tuple, list[dict]] = {key: [] for key in modes}
                 for _ in range(args.repeats):
-                    for name, (model, assist) in modes.items():
-                        results[name].append(run_mode(model, ids, args.max_new_tokens, **assist))
-                plain = {"teacher": results.get("teacher"), "hybrid": results.get("hybrid")}
-                for name, runs in results.items():
-                    base = plain["teacher" if name.startswith("teacher") else "hybrid"]
+                    for key, (model, assist) in modes.items():
+                        results[key].append(run_mode(model, ids, args.max_new_tokens, **assist))
+                for (dtype, name), runs in results.items():
+                    base = results.get((dtype, "teacher" if name.startswith("teacher") else "hybrid"))
                     tokens_per_s = statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs)
                     row = {
                         "context": context,
                         "task": task,
                         "prompt": p,
                         "prompt_tokens": ids.shape[1],
+                        "dtype": dtype,
                         "mode": name,
                         "decode_tokens_per_s": tokens_per_s,
                         "drafted": runs[0]["drafted"],
@@ -383,22 +463,28 @@ def main(argv=None) -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 # after every prompt, so a run stopped by a time limit keeps what it measured
-                results = {"rows": rows, "verify": verify, "rollback": rollback}
-                write_text(args.out / "results.json", json.dumps(results, indent=1) + "\n")
+                save(args.out, rows, verify, rollback)
+        save(args.out, rows, verify, rollback)
     write_report(rows, verify, args.out)
 
 
+def save(out: Path, rows: list[dict], verify: dict, rollback: dict) -> None:
+    results = {"rows": rows, "verify": verify, "rollback": rollback}
+    write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """One line per (context, task, mode): median tokens/s over prompts, pooled acceptance, speedup vs
+    """One line per (context, task, dtype, mode): median tokens/s over prompts, pooled acceptance, speedup vs
     alone."""
-    keys = sorted(
-        dict.fromkeys((r["context"], r["task"], r["mode"]) for r in rows), key=lambda k: (k[0], k[1])
-    )
+
+    def key(row):
+        return row["context"], row["task"], row["dtype"], row["mode"]
+
     lines = []
-    for context, task, mode in keys:
-        group = [r for r in rows if (r["context"], r["task"], r["mode"]) == (context, task, mode)]
+    for context, task, dtype, mode in sorted(dict.fromkeys(map(key, rows)), key=lambda k: k[:3]):
+        group = [r for r in rows if key(r) == (context, task, dtype, mode)]
         alone = "teacher" if mode.startswith("teacher") else "hybrid"
-        base = [r for r in rows if (r["context"], r["task"], r["mode"]) == (context, task, alone)]
+        base = [r for r in rows if key(r) == (context, task, dtype, alone)]
         speedups = [
             g["decode_tokens_per_s"] / b["decode_tokens_per_s"] for g, b in zip(group, base, strict=True)
         ]
@@ -407,6 +493,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             {
                 "context": context,
                 "task": task,
+                "dtype": dtype,
                 "mode": mode,
                 "tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in group),
                 "speedup": statistics.median(speedups),
@@ -426,18 +513,19 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = summarise(rows)
     table = [
-        "| context | task | mode | decode tok/s | vs alone | acceptance | same tokens |",
-        "|---:|---|---|---:|---:|---:|---|",
+        "| context | task | dtype | mode | decode tok/s | vs alone | acceptance | same tokens |",
+        "|---:|---|---|---|---:|---:|---:|---|",
     ]
     for line in lines:
         acc = "" if line["acceptance"] is None else f"{line['acceptance']:.0%}"
         table.append(
-            f"| {line['context']} | {line['task']} | {line['mode']} | {line['tokens_per_s']:.1f} | "
+            f"| {line['context']} | {line['task']} | {line['dtype']} | {line['mode']} | "
+            f"{line['tokens_per_s']:.1f} | "
             f"{line['speedup']:.2f}x | {acc} | {'yes' if line['same'] else 'NO'} |"
         )
     table += [
         "",
-        "| context, model | decode step ms | verify 4 drafts ms | ratio | 5 decode steps ms |",
+        "| context, model, dtype | decode step ms | verify 4 drafts ms | ratio | 5 decode steps ms |",
         "|---|---:|---:|---:|---:|",
     ]
     for key, v in verify.items():
@@ -447,7 +535,7 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
         )
     table += [
         "",
-        "| context, model | part | in a decode step ms | in verifying 4 drafts ms | ratio |",
+        "| context, model, dtype | part | in a decode step ms | in verifying 4 drafts ms | ratio |",
         "|---|---|---:|---:|---:|",
     ]
     for key, v in verify.items():
@@ -463,19 +551,22 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
         return
     tasks = sorted({line["task"] for line in lines})
     figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    all_modes = list(dict.fromkeys(line["mode"] for line in lines))  # one colour per mode in every panel
+    dtypes = list(dict.fromkeys(line["dtype"] for line in lines))
+    # one colour per mode (and dtype, when there are several) in every panel
+    all_modes = list(dict.fromkeys((line["dtype"], line["mode"]) for line in lines))
     contexts = sorted({line["context"] for line in lines})
     width = 0.8 / len(all_modes)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for i, mode in enumerate(all_modes):
-            mine = [x for x in lines if (x["task"], x["mode"]) == (task, mode)]
+        for i, (dtype, mode) in enumerate(all_modes):
+            mine = [x for x in lines if (x["task"], x["dtype"], x["mode"]) == (task, dtype, mode)]
             values = {x["context"]: x["tokens_per_s"] for x in mine}
             if values:
                 xs = [contexts.index(c) + i * width for c in values]
-                ax.bar(xs, list(values.values()), width, label=mode, color=f"C{i}")
+                label = mode if len(dtypes) == 1 else f"{mode}, {dtype}"
+                ax.bar(xs, list(values.values()), width, label=label, color=f"C{i % 10}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [str(c) for c in contexts])
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode tokens/s (CPU, 1 thread, fp32)")
+        ax.set_ylabel(f"decode tokens/s (CPU, 1 thread, {'/'.join(dtypes)})")
         ax.set_title(f"{task} task")
         ax.legend(fontsize=8)
     figure.tight_layout()
