@@ -52,6 +52,7 @@ def _reference(student, teacher, data: Dataset, spans) -> dict:
     student, teacher = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
     t_nll = s_nll = kl = agree = scale = spread = 0.0
     n = 0
+    margins = []  # per position, the smaller of the two models' top-2 logit gaps
     for row, row_spans in zip(data, spans):
         for start, end in row_spans:
             ids = torch.tensor(row["input_ids"][start:end])[None]
@@ -69,12 +70,14 @@ def _reference(student, teacher, data: Dataset, spans) -> dict:
                 s_nll -= log_q[target].item()
                 kl += sum(p[v].item() * (log_p[v].item() - log_q[v].item()) for v in range(p.numel()))
                 agree += float(t_logits[t].argmax() == s_logits[t].argmax())
+                margins.append(min(float(-torch.diff(x[t].topk(2).values)) for x in (t_logits, s_logits)))
                 n += 1
     return {
         "t_ppl": math.exp(t_nll / n),
         "s_ppl": math.exp(s_nll / n),
         "kl": kl / n,
         "agree": agree / n,
+        "margins": margins,
         "n": n,
         "scale": scale,  # the largest |logit|: what fp32 rounding of the forwards is relative to
         "spread": spread,  # max |log p - log q|: the KL's conditioning (tolerances.kl_error)
@@ -99,7 +102,10 @@ def test_matches_float64_reference_per_document(tiny_llama, student):
     for model, key in (("teacher", "t_ppl"), ("student", "s_ppl")):
         within(abs(got[model]["perplexity"] / ref[key] - 1), math.expm1(2 * logit_error), f"{model} perplexity")
     within(abs(got["student"]["kl_to_teacher"] - ref["kl"]), kl_error(2 * logit_error, ref["spread"]), "kl")
-    assert got["student"]["top1_agreement"] == pytest.approx(ref["agree"])
+    # An argmax can flip only where a model's top two logits are within twice the logit error of each other.
+    near_ties = sum(m <= 2 * logit_error for m in ref["margins"])
+    # (+1e-12: the two count ratios' own rounding)
+    within(abs(got["student"]["top1_agreement"] - ref["agree"]), near_ties / ref["n"] + 1e-12, "agreement")
     assert 0 < got["student"]["top1_agreement"] < 1  # two random models: the check can fail either way
 
 

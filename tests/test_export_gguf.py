@@ -261,7 +261,9 @@ def test_llama_cpp_runs_the_f32_export_like_transformers(tiny, tmp_path):
         logprobs = logits.log_softmax(-1)
         bound = 2 * reordering_bound(model.config, torch.float32, logits.abs().max())
         for position, top in enumerate(_llama_cpp_logprobs(evaluated, 5)):
-            assert top[0][0] == logprobs[position].argmax().item()
+            best, second = logprobs[position].topk(2).values.tolist()
+            if best - second > 2 * bound:  # within the bound both ways, a wider gap cannot flip the top pick
+                assert top[0][0] == logprobs[position].argmax().item(), position
             for token, logprob in top:
                 assert abs(logprob - logprobs[position, token].item()) <= bound, (position, token)
         expected = clear_greedy(model, ids, max_new_tokens=12)[0, len(prompt) :].tolist()
@@ -273,7 +275,9 @@ def test_llama_cpp_q8_0_top1_agreement(tiny, tmp_path):
     """q8_0 rounds every matrix to 8 bits per weight, so only a measured rate is meaningful: top-1 agreement
     with our fp32 model at every position of 8 prompts. This tiny random model (64-wide random rows,
     sharpened q/k) measures 0.965; a mis-laid quantized block would scramble its weights and fall towards
-    chance. The real model's rate is measured by scripts/gguf_agreement.py (docs/llama-cpp.md)."""
+    chance (1/vocab). The bound, 0.9, leaves another CPU's llama.cpp kernels (other SIMD paths, other sums)
+    room to break a few more near ties (each is 1/256) and stays far above chance. The real model's rate is
+    measured by scripts/gguf_agreement.py (docs/llama-cpp.md)."""
     model, _, fields = tiny
     path = write_gguf(model, tmp_path / "m.gguf", "q8_0", fields)
     prompts = _prompts(8, 32, model.config.vocab_size, seed=4)
@@ -281,7 +285,7 @@ def test_llama_cpp_q8_0_top1_agreement(tiny, tmp_path):
     with torch.no_grad():
         expected = model(torch.tensor(prompts)).logits.argmax(-1)
     got = torch.tensor([[position[0][0] for position in a["positions"]] for a in answers])
-    assert (got == expected).float().mean().item() >= 0.95
+    assert (got == expected).float().mean().item() >= 0.9
 
 
 @needs_llama_cpp
