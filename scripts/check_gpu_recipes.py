@@ -23,12 +23,14 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHERS = json.loads((ROOT / "recipes" / "teachers.json").read_text())
 ACTIVE: list = []  # the measured call in progress, if any
+SWAPPED = {"total": 0, "swap": 0}  # the largest resident + swapped and swapped bytes sampled in this phase
 
 
 def teacher_config(name: str, layers: int | None):
@@ -108,6 +110,20 @@ def peak_rss() -> int:
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    SWAPPED.update(total=0, swap=0)
+
+
+def sample_swap(every: float = 0.5) -> None:
+    """Forever: VmRSS + VmSwap every `every` s into SWAPPED. VmHWM counts only resident pages, so where the
+    machine swaps it is short of what the phase needs; resident + swapped is that need (sampled, so a peak
+    shorter than the interval can be missed)."""
+    while True:
+        with open("/proc/self/status") as f:
+            kb = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f
+                  if line.startswith(("VmRSS", "VmSwap"))}
+        rss, swap = kb["VmRSS"], kb.get("VmSwap", 0)
+        SWAPPED.update(total=max(SWAPPED["total"], rss + swap), swap=max(SWAPPED["swap"], swap))
+        time.sleep(every)
 
 
 def measured(phases: list, label, fn):
@@ -127,6 +143,9 @@ def measured(phases: list, label, fn):
         name = label(*args, **kwargs) if callable(label) else label
         seconds = round(time.time() - start)
         phases.append({"phase": name, "peak_gb": round(peak_rss() / 1e9, 2), "seconds": seconds})
+        if SWAPPED["swap"]:  # some of it was swapped out: what it needed is more than the resident peak
+            phases[-1].update(swap_gb=round(SWAPPED["swap"] / 1e9, 2),
+                              peak_with_swap_gb=round(max(SWAPPED["total"], peak_rss()) / 1e9, 2))
         print("PHASE " + json.dumps(phases[-1]), flush=True)  # as it happens: a long run shows its progress
         return result
 
@@ -142,6 +161,7 @@ def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path) ->
     import distill.stages
 
     name = recipe_path.parent.name
+    threading.Thread(target=sample_swap, daemon=True).start()
     billions = build_teacher(name, layers, workdir / "teacher")
     phases: list[dict] = []
     distill.stages.run_stage = measured(phases, lambda ctx, index, cfg, student: f"stage {index}: {cfg.name}",
