@@ -152,7 +152,7 @@ def measured(phases: list, label, fn):
     return wrapper
 
 
-def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path) -> dict:
+def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path, extra: list[str]) -> dict:
     """In this process: build the teacher, run the recipe with budgets, return the per-phase peaks."""
     import distill.eval.evaluation
     import distill.export
@@ -171,10 +171,10 @@ def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path) ->
     distill.export.export = measured(phases, lambda checkpoint, fmt, *a, **k: f"export {fmt}",
                                      distill.export.export)
     started = time.time()
-    sets = budget_overrides(recipe_path, workdir / "teacher", workdir / "out", steps)
+    sets = budget_overrides(recipe_path, workdir / "teacher", workdir / "out", steps) + extra
     distill.run.main([str(recipe_path), *(arg for item in sets for arg in ("--set", item))])
     return {"recipe": str(recipe_path.relative_to(ROOT)),
-            "layers": teacher_config(name, layers).num_hidden_layers, "steps": steps,
+            "layers": teacher_config(name, layers).num_hidden_layers, "steps": steps, "sets": extra,
             "teacher_billions": round(billions, 3),
             "phases": phases, "seconds": round(time.time() - started)}
 
@@ -199,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1,
                         help="optimizer steps per phase (1: the first step allocates the optimizer states)")
     parser.add_argument("--json", type=Path, default=None, help="add each recipe's result to this JSON list")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                        help="one more recipe override after the budgets, e.g. precision=fp32 on a CPU "
+                             "without fast bf16 matmuls (repeatable)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-recipe child process
     args = parser.parse_args(argv)
     recipes = [p.resolve() for p in args.recipes]
@@ -206,13 +209,14 @@ def main(argv=None) -> int:
         recipes = sorted(p for name in TEACHERS for p in (ROOT / "recipes" / name).glob("*.yaml"))
     if args.one:
         with tempfile.TemporaryDirectory(prefix="gpu-recipe-") as tmp:
-            print("RESULT " + json.dumps(run_one(recipes[0], args.layers, args.steps, Path(tmp))), flush=True)
+            result = run_one(recipes[0], args.layers, args.steps, Path(tmp), args.sets)
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     results, failed = [], []
     for recipe in recipes:
         command = [sys.executable, __file__, "--one", str(recipe)]
         command += ["--layers", str(args.layers)] if args.layers else []
-        command += ["--steps", str(args.steps)]
+        command += ["--steps", str(args.steps)] + [arg for item in args.sets for arg in ("--set", item)]
         lines = []
         # the child's stderr (the run's log) passes through; its stdout carries the phases and the result
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
