@@ -23,12 +23,14 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHERS = json.loads((ROOT / "recipes" / "teachers.json").read_text())
 ACTIVE: list = []  # the measured call in progress, if any
+SWAPPED = {"total": 0, "swap": 0}  # the largest resident + swapped and swapped bytes sampled in this phase
 
 
 def teacher_config(name: str, layers: int | None):
@@ -108,6 +110,20 @@ def peak_rss() -> int:
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    SWAPPED.update(total=0, swap=0)
+
+
+def sample_swap(every: float = 0.5) -> None:
+    """Forever: VmRSS + VmSwap every `every` s into SWAPPED. VmHWM counts only resident pages, so where the
+    machine swaps it is short of what the phase needs; resident + swapped is that need (sampled, so a peak
+    shorter than the interval can be missed)."""
+    while True:
+        with open("/proc/self/status") as f:
+            kb = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f
+                  if line.startswith(("VmRSS", "VmSwap"))}
+        rss, swap = kb["VmRSS"], kb.get("VmSwap", 0)
+        SWAPPED.update(total=max(SWAPPED["total"], rss + swap), swap=max(SWAPPED["swap"], swap))
+        time.sleep(every)
 
 
 def measured(phases: list, label, fn):
@@ -127,13 +143,16 @@ def measured(phases: list, label, fn):
         name = label(*args, **kwargs) if callable(label) else label
         seconds = round(time.time() - start)
         phases.append({"phase": name, "peak_gb": round(peak_rss() / 1e9, 2), "seconds": seconds})
+        if SWAPPED["swap"]:  # some of it was swapped out: what it needed is more than the resident peak
+            phases[-1].update(swap_gb=round(SWAPPED["swap"] / 1e9, 2),
+                              peak_with_swap_gb=round(max(SWAPPED["total"], peak_rss()) / 1e9, 2))
         print("PHASE " + json.dumps(phases[-1]), flush=True)  # as it happens: a long run shows its progress
         return result
 
     return wrapper
 
 
-def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path) -> dict:
+def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path, extra: list[str]) -> dict:
     """In this process: build the teacher, run the recipe with budgets, return the per-phase peaks."""
     import distill.eval.evaluation
     import distill.export
@@ -142,6 +161,7 @@ def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path) ->
     import distill.stages
 
     name = recipe_path.parent.name
+    threading.Thread(target=sample_swap, daemon=True).start()
     billions = build_teacher(name, layers, workdir / "teacher")
     phases: list[dict] = []
     distill.stages.run_stage = measured(phases, lambda ctx, index, cfg, student: f"stage {index}: {cfg.name}",
@@ -151,10 +171,10 @@ def run_one(recipe_path: Path, layers: int | None, steps: int, workdir: Path) ->
     distill.export.export = measured(phases, lambda checkpoint, fmt, *a, **k: f"export {fmt}",
                                      distill.export.export)
     started = time.time()
-    sets = budget_overrides(recipe_path, workdir / "teacher", workdir / "out", steps)
+    sets = budget_overrides(recipe_path, workdir / "teacher", workdir / "out", steps) + extra
     distill.run.main([str(recipe_path), *(arg for item in sets for arg in ("--set", item))])
     return {"recipe": str(recipe_path.relative_to(ROOT)),
-            "layers": teacher_config(name, layers).num_hidden_layers, "steps": steps,
+            "layers": teacher_config(name, layers).num_hidden_layers, "steps": steps, "sets": extra,
             "teacher_billions": round(billions, 3),
             "phases": phases, "seconds": round(time.time() - started)}
 
@@ -179,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1,
                         help="optimizer steps per phase (1: the first step allocates the optimizer states)")
     parser.add_argument("--json", type=Path, default=None, help="add each recipe's result to this JSON list")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                        help="one more recipe override after the budgets, e.g. precision=fp32 on a CPU "
+                             "without fast bf16 matmuls (repeatable)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-recipe child process
     args = parser.parse_args(argv)
     recipes = [p.resolve() for p in args.recipes]
@@ -186,13 +209,14 @@ def main(argv=None) -> int:
         recipes = sorted(p for name in TEACHERS for p in (ROOT / "recipes" / name).glob("*.yaml"))
     if args.one:
         with tempfile.TemporaryDirectory(prefix="gpu-recipe-") as tmp:
-            print("RESULT " + json.dumps(run_one(recipes[0], args.layers, args.steps, Path(tmp))), flush=True)
+            result = run_one(recipes[0], args.layers, args.steps, Path(tmp), args.sets)
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     results, failed = [], []
     for recipe in recipes:
         command = [sys.executable, __file__, "--one", str(recipe)]
         command += ["--layers", str(args.layers)] if args.layers else []
-        command += ["--steps", str(args.steps)]
+        command += ["--steps", str(args.steps)] + [arg for item in args.sets for arg in ("--set", item)]
         lines = []
         # the child's stderr (the run's log) passes through; its stdout carries the phases and the result
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
