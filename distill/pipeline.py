@@ -98,9 +98,10 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     from distill.init import hybrid_from_teacher
     from distill.stages import StageContext, run_stage
     from distill.teacher import load_teacher, teacher_config
-    from distill.trainer import make_accelerator
+    from distill.trainer import make_accelerator, resolve_precision
 
     started = time.time()
+    recipe = resolve_precision(recipe)  # before anything reads it, so recipe.yaml records what ran
     # their per-load/save bars (model shards, dataset caching) would sit between the stage bars
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -116,8 +117,9 @@ def run(recipe, recipe_path: str | None = None) -> Path:
             _log_to_file(layout.log)
         else:
             logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages is enough
-        logger.info("run %s -> %s on %s (%s, %d process(es))", recipe_path or "recipe", out,
-                    accelerator.device, accelerator.distributed_type.value, accelerator.num_processes)
+        logger.info("run %s -> %s on %s (%s, %d process(es), %s)", recipe_path or "recipe", out,
+                    accelerator.device, accelerator.distributed_type.value, accelerator.num_processes,
+                    recipe.precision)
         teacher, tokenizer = load_teacher(recipe.teacher, dtype=getattr(torch, DTYPES[recipe.precision]))
         train, held_out = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
         if recipe.data.answers == "teacher":  # pseudo-labels: answered once per process group, then cached

@@ -355,7 +355,9 @@ class Recipe(_Section):
     export: ExportConfig = ExportConfig()
     output_dir: str = "outputs/run"
     seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 where matrix products run natively in it (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX),
+    # else fp32 (distill.trainer.resolve_precision; an AVX2-only CPU emulates bf16 at a fraction of fp32's speed)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

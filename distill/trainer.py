@@ -51,9 +51,25 @@ from distill.recipe import RecipeError
 NO_DECAY_NAMES = ("A_log", "dt_bias", "D")
 
 
+def fast_bf16() -> bool:
+    """Whether this machine multiplies bf16 matrices natively: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or
+    AMX. Elsewhere (AVX2-only CPUs) torch emulates bf16 products, several times slower than fp32's."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(recipe):
+    """`recipe` with `precision: auto` replaced by what runs here (bf16 if `fast_bf16()`, else fp32)."""
+    if recipe.precision != "auto":
+        return recipe
+    return recipe.model_copy(update={"precision": "bf16" if fast_bf16() else "fp32"})
+
+
 def make_accelerator(recipe) -> Accelerator:
     """The run's Accelerator: CPU (gloo when launched multi-process) without CUDA, precision and trackers."""
     cuda = torch.cuda.is_available()
+    recipe = resolve_precision(recipe)
     if recipe.precision == "fp16" and not cuda:
         raise RecipeError("precision = 'fp16' needs a CUDA GPU; use precision: bf16 (or fp32) on CPU")
     log_with = None

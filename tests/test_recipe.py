@@ -56,7 +56,7 @@ def test_overrides_are_validated_like_the_file():
         ({"student": {"attention_layers": [1], "attention_fraction": 0.5}, "stages": [E2E]},
          "set either attention_layers or attention_fraction"),
         ({"student": {"dt_min": 0.5, "dt_max": 0.1}, "stages": [E2E]}, "dt_min (0.5) must not exceed dt_max"),
-        ({"precision": "fp8", "stages": [E2E]}, "precision = 'fp8': Input should be 'fp32', 'bf16' or 'fp16'"),
+        ({"precision": "fp8", "stages": [E2E]}, "precision = 'fp8': Input should be 'fp32', 'bf16', 'fp16' or 'auto'"),
     ],
 )
 def test_mistakes_name_the_key_and_the_fix(raw, message):

@@ -363,3 +363,18 @@ def main(spec: dict) -> None:
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_bf16_products_are_native(monkeypatch, tmp_path, native):
+    """`precision: auto` (the demo's) resolves once, before anything reads it: bf16 autocast where the hardware
+    multiplies bf16 natively, fp32 where torch would emulate it; the other values pass through."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    from distill.trainer import resolve_precision
+
+    auto = make_recipe(tmp_path, e2e_stage(), precision="auto")
+    assert resolve_precision(auto).precision == ("bf16" if native else "fp32")
+    for fixed in ("fp32", "bf16"):
+        assert resolve_precision(make_recipe(tmp_path, e2e_stage(), precision=fixed)).precision == fixed
