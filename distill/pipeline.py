@@ -117,7 +117,7 @@ def run(recipe, recipe_path: str | None = None) -> Path:
             _log_to_file(layout.log)
         else:
             logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages is enough
-        logger.info("run %s -> %s on %s (%s, %d process(es), %s)", recipe_path or "recipe", out,
+        logger.info("run %s -> %s on %s (%s, %d process(es)), precision %s", recipe_path or "recipe", out,
                     accelerator.device, accelerator.distributed_type.value, accelerator.num_processes,
                     recipe.precision)
         teacher, tokenizer = load_teacher(recipe.teacher, dtype=getattr(torch, DTYPES[recipe.precision]))
