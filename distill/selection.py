@@ -41,7 +41,7 @@ from distill.layout import read_summary
 from distill.losses import distill_kl
 from distill.modeling_hybrid import is_mixer_param
 from distill.stages import run
-from distill.trainer import batches
+from distill.trainer import batches, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def cache_key(recipe, teacher) -> dict:
         "student": student,
         "align": align,
         "seed": recipe.seed,
-        "precision": recipe.precision,
+        "precision": resolve_precision(recipe).precision,  # what ran: `auto` differs between machines
     }
 
 

@@ -56,7 +56,9 @@ def fast_bf16() -> bool:
     AMX. Elsewhere (AVX2-only CPUs) torch emulates bf16 products, several times slower than fp32's."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # torch exposes the CPU's bf16 features only through these underscored checks; a torch without them gets fp32.
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
 
 
 def resolve_precision(recipe):
