@@ -306,6 +306,15 @@ def rollback_costs(model, repeats: int = 200) -> dict:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = (
+    "teacher",
+    "teacher + hybrid draft",
+    "teacher + prompt lookup",
+    "teacher + cheap draft",
+    "hybrid",
+    "hybrid + prompt lookup",
+    "hybrid + cheap draft",
+)
 
 
 def build_models(args, dtype: str) -> tuple[dict, object]:
@@ -373,7 +382,14 @@ def main(argv=None) -> None:
         "--student", help="a distilled hybrid checkpoint (default: fresh 50%%-attention init)"
     )
     parser.add_argument("--cheap-draft", help="a cheaper hybrid draft (default: fresh 0%%-attention init)")
-    parser.add_argument("--modes", nargs="+", default=None, help="a subset of the modes")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=MODES,
+        metavar="MODE",
+        help="a subset of the modes: " + ", ".join(map(repr, MODES)),
+    )
     parser.add_argument("--out", type=Path, default=Path("eval/results/speculative"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -397,7 +413,7 @@ def main(argv=None) -> None:
             "hybrid + prompt lookup": (m["hybrid"], lookup),
             "hybrid + cheap draft": (m["hybrid"], {"assistant_model": m["cheap draft"]}),
         }
-        modes.update({(dtype, name): all_modes[name] for name in (args.modes or all_modes)})
+        modes.update({(dtype, name): all_modes[name] for name in (args.modes or MODES)})
     conversations = unseen_conversations()
     replies = [m["content"] for conv in conversations[:200] for m in conv if m["role"] == "assistant"]
 
