@@ -474,7 +474,10 @@ def main(argv=None) -> None:
                         "decode_tokens_per_s": tokens_per_s,
                         "drafted": runs[0]["drafted"],
                         "accepted": runs[0]["accepted"],
-                        "same": None if base is None else runs[0]["tokens"] == base[0]["tokens"],
+                        # every repeat against the plain run's first (the plain rows: its repeats agree)
+                        "same": None
+                        if base is None
+                        else all(r["tokens"] == base[0]["tokens"] for r in runs),
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -491,7 +494,7 @@ def save(out: Path, rows: list[dict], verify: dict, rollback: dict) -> None:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """One line per (context, task, dtype, mode): median tokens/s over prompts, pooled acceptance, speedup vs
-    alone."""
+    alone. Without the target's plain mode in the run, speedup and same are None (nothing to compare with)."""
 
     def key(row):
         return row["context"], row["task"], row["dtype"], row["mode"]
@@ -503,7 +506,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         base = [r for r in rows if key(r) == (context, task, dtype, alone)]
         speedups = [
             g["decode_tokens_per_s"] / b["decode_tokens_per_s"] for g, b in zip(group, base, strict=True)
-        ]
+        ] if base else []
         drafted = sum(r["drafted"] for r in group)
         lines.append(
             {
@@ -512,9 +515,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "dtype": dtype,
                 "mode": mode,
                 "tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in group),
-                "speedup": statistics.median(speedups),
+                "speedup": statistics.median(speedups) if speedups else None,
                 "acceptance": sum(r["accepted"] for r in group) / drafted if drafted else None,
-                "same": all(r["same"] is not False for r in group),
+                "same": None if any(r["same"] is None for r in group) else all(r["same"] for r in group),
             }
         )
     return lines
@@ -534,10 +537,12 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
     ]
     for line in lines:
         acc = "" if line["acceptance"] is None else f"{line['acceptance']:.0%}"
+        speedup = "-" if line["speedup"] is None else f"{line['speedup']:.2f}x"
+        same = "-" if line["same"] is None else "yes" if line["same"] else "NO"
         table.append(
             f"| {line['context']} | {line['task']} | {line['dtype']} | {line['mode']} | "
             f"{line['tokens_per_s']:.1f} | "
-            f"{line['speedup']:.2f}x | {acc} | {'yes' if line['same'] else 'NO'} |"
+            f"{speedup} | {acc} | {same} |"
         )
     table += [
         "",
