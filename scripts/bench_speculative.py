@@ -189,7 +189,8 @@ def verify_costs(models: dict, context: int, repeats: int) -> dict:
     turns within every repeat, so a change in the machine's speed touches them alike."""
     from transformers import DynamicCache
 
-    ids = torch.randint(next(iter(models.values())).config.vocab_size, (1, context))
+    vocab = next(iter(models.values())).config.vocab_size  # one tokenizer for all
+    ids = torch.randint(vocab, (1, context))
     runs = {}
     for name, model in models.items():
         plain, recording = DynamicCache(config=model.config), DynamicCache(config=model.config)
@@ -201,7 +202,7 @@ def verify_costs(models: dict, context: int, repeats: int) -> dict:
     parts = {name: {"step": {}, "verify4": {}} for name in models}
     # both caches grow by a few tokens per repeat: no measurable cost at `context`
     for r in range(repeats + 1):
-        draft = torch.randint(model.config.vocab_size, (1, 5))
+        draft = torch.randint(vocab, (1, 5))
         for name, (model, plain, recording, timer) in runs.items():
             timer.take()
             start = time.thread_time()
@@ -393,6 +394,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("eval/results/speculative"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the random prompts and drafts of the cost measurements, the same every run
 
     models = {}  # by variant: the dtype, and the attention implementation when several are compared
     for dtype in args.dtypes:
