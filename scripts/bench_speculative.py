@@ -46,7 +46,8 @@ EDIT_INSTRUCTION = "\n\nFix the typo in the text above. Reply with the whole cor
 
 
 class Clock:
-    """The thread's CPU time at each streamed chunk: the prompt, then every round's accepted tokens."""
+    """The thread's CPU time at each streamed chunk: the prompt, then every round's accepted tokens, and at
+    the end of `generate` (which calls `end` itself)."""
 
     def __init__(self):
         self.marks: list[tuple[float, int]] = []
@@ -83,6 +84,7 @@ def long_conversations(
 
 
 def chat_tokens(messages: list[dict], tokenizer) -> int:
+    """The prompt length of `messages` as the model sees them (chat template and generation prompt)."""
     return len(
         tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     )
@@ -122,6 +124,7 @@ def edit_prompt(replies: list[str], tokenizer, context: int, seed: int) -> list[
 
 @torch.no_grad()
 def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
+    """One greedy `generate`: its tokens, CPU time and tokens after its first round, and acceptance."""
     counter = Counter()
     handle = model.register_forward_hook(counter.hook, with_kwargs=True)
     clock = Clock()
@@ -136,7 +139,6 @@ def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
         )
     finally:
         handle.remove()
-    clock.end()
     new = out[0, ids.shape[1] :]
     (first_round, _), (end, _) = clock.marks[1], clock.marks[-1]
     later_tokens = len(new) - clock.marks[1][1]
@@ -351,7 +353,7 @@ def build_models(args, dtype: str) -> tuple[dict, object]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument(
         "--tasks",
@@ -490,6 +492,7 @@ def main(argv=None) -> None:
 
 
 def save(out: Path, rows: list[dict], verify: dict, rollback: dict) -> None:
+    """Everything measured so far, atomically, so a run stopped by a time limit keeps it."""
     results = {"rows": rows, "verify": verify, "rollback": rollback}
     write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
 
