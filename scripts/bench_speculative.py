@@ -407,7 +407,7 @@ def main(argv=None) -> None:
                 model.set_attn_implementation(attention)
     lookup = {"prompt_lookup_num_tokens": args.prompt_lookup, "max_matching_ngram_size": args.lookup_ngram}
     modes = {}
-    for dtype, m in models.items():
+    for variant, m in models.items():
         all_modes = {
             "teacher": (m["teacher"], {}),
             "teacher + hybrid draft": (m["teacher"], {"assistant_model": m["hybrid"]}),
@@ -417,26 +417,26 @@ def main(argv=None) -> None:
             "hybrid + prompt lookup": (m["hybrid"], lookup),
             "hybrid + cheap draft": (m["hybrid"], {"assistant_model": m["cheap draft"]}),
         }
-        modes.update({(dtype, name): all_modes[name] for name in (args.modes or MODES)})
+        modes.update({(variant, name): all_modes[name] for name in (args.modes or MODES)})
     conversations = unseen_conversations()
     replies = [m["content"] for conv in conversations[:200] for m in conv if m["role"] == "assistant"]
 
     rollback = {}
-    for dtype, m in models.items():
-        rollback[dtype] = rollback_costs(m["hybrid"])
+    for variant, m in models.items():
+        rollback[variant] = rollback_costs(m["hybrid"])
         print(
-            f"{dtype}: Mamba-2 states per verification of 4 drafts (all layers): recorded "
-            f"{rollback[dtype]['recorded'] * 1e3:.2f} ms, "
-            f"replay rollback {rollback[dtype]['replay'] * 1e3:.2f} ms",
+            f"{variant}: Mamba-2 states per verification of 4 drafts (all layers): recorded "
+            f"{rollback[variant]['recorded'] * 1e3:.2f} ms, "
+            f"replay rollback {rollback[variant]['replay'] * 1e3:.2f} ms",
             flush=True,
         )
     if args.profile:
-        for dtype, m in models.items():
-            path = args.out / f"profile-verify-{dtype.replace(' ', '-')}.txt"
+        for variant, m in models.items():
+            path = args.out / f"profile-verify-{variant.replace(' ', '-')}.txt"
             profile_verify(m["hybrid"], max(args.contexts), path)
     rows, verify = [], {}
     for context in args.contexts:
-        turns = {f"{name} {dtype}": model for dtype, m in models.items() for name, model in m.items()}
+        turns = {f"{name} {variant}": model for variant, m in models.items() for name, model in m.items()}
         for key, costs in verify_costs(turns, context, args.verify_repeats).items():
             verify[f"{context} {key}"] = costs
             split = ", ".join(
@@ -465,15 +465,15 @@ def main(argv=None) -> None:
                 for _ in range(args.repeats):
                     for key, (model, assist) in modes.items():
                         results[key].append(run_mode(model, ids, args.max_new_tokens, **assist))
-                for (dtype, name), runs in results.items():
-                    base = results.get((dtype, "teacher" if name.startswith("teacher") else "hybrid"))
+                for (variant, name), runs in results.items():
+                    base = results.get((variant, "teacher" if name.startswith("teacher") else "hybrid"))
                     tokens_per_s = statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs)
                     row = {
                         "context": context,
                         "task": task,
                         "prompt": p,
                         "prompt_tokens": ids.shape[1],
-                        "dtype": dtype,
+                        "dtype": variant,  # the variant: the dtype, and the attention when several
                         "mode": name,
                         "decode_tokens_per_s": tokens_per_s,
                         "drafted": runs[0]["drafted"],
