@@ -504,6 +504,7 @@ def main() -> None:
             student, stage_cpu = train_arm(ctx, start, folder, stage, budget)
             record.update(tokens=int(budget), stage_cpu_s=stage_cpu, stage_wall_s=time.time() - started_wall)
             record["folder"] = str(folder / f"stage1-{stage['name']}")
+            ctx.train = data_rows  # the judge leaves out every training prompt, not only the sft arm's
         record.update(evaluate(ctx, student, args))
         results[name] = record
         setup_info = {"_setup": results["_setup"]}
