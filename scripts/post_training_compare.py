@@ -319,7 +319,7 @@ def probe_dpo(args, out: Path) -> None:
                 prompts,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.sample_temperature,
-                seed=0,
+                seed=ctx.recipe.seed + 1,  # the arm's: run_stage seeds stage 1 with recipe.seed + 1
                 pad_id=pad,
                 batch_size=cfg.batch_size,
             )
