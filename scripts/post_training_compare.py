@@ -461,7 +461,9 @@ def main() -> None:
             "new_tokens": args.new_tokens,
         },
     )
-    data_rows, pad_id = ctx.train, ctx.tokenizer.pad_token_id
+    from distill.generation import padding_id
+
+    data_rows, pad_id = ctx.train, padding_id(ctx.teacher, ctx.tokenizer)  # as the pipeline pads
     for name in names:
         stage = ARMS[name.split(" after ")[0]]
         if name in results:
