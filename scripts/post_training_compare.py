@@ -384,7 +384,9 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/post-training")
     parser.add_argument("--cpu-seconds", type=float, default=240.0, help="CPU seconds of each arm's stage")
     parser.add_argument("--layerwise-tokens", default="1e5")
-    parser.add_argument("--arm", type=int, help="run only this arm (its index in ARMS)")
+    parser.add_argument(
+        "--arm", type=int, choices=range(len(ARMS)), help="run only this arm (its index in ARMS)"
+    )
     parser.add_argument(
         "--base",
         help="a finished run folder (recipe.yaml; OUT/base/stage0-layerwise holds a copy "
@@ -403,7 +405,12 @@ def main() -> None:
     parser.add_argument("--judge-seed", type=int, default=0, help="the judge's sampling seed")
     parser.add_argument("--greedy-only", action="store_true", help="judge the greedy answers only")
     parser.add_argument("--tokens", type=float, help="the arm's token budget (instead of --cpu-seconds)")
-    parser.add_argument("--after", type=int, help="the dpo arm starts from this arm's result")
+    parser.add_argument(
+        "--after",
+        type=int,
+        choices=[i for i, stage in enumerate(ARMS.values()) if stage and not stage.get("after")],
+        help="the dpo arm starts from this arm's result",
+    )
     parser.add_argument(
         "--probe-dpo", type=float, nargs="+", help="probe the dpo arm's learning rates (no arm trained)"
     )
@@ -417,6 +424,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.probe_dpo and args.after is None:
         parser.error("--probe-dpo needs --after ARM (the arm DPO starts from)")
+    if args.arm is not None and (ARMS[list(ARMS)[args.arm]] or {}).get("after") and args.after is None:
+        parser.error(f"--arm {args.arm} (dpo) needs --after ARM (the arm it starts from)")
+    base_done = Path(args.out) / "base" / "stage0-layerwise" / "summary.json"
+    if args.base and not base_done.is_file():  # else arms wait for it forever, or arm 0 trains it anew
+        parser.error(
+            f"--base: copy its layerwise stage first: mkdir -p {args.out}/base && "
+            f"cp -r {args.base}/stage0-layerwise {args.out}/base/"
+        )
     import datasets
     import torch
     import transformers
@@ -446,7 +461,6 @@ def main() -> None:
     if all(name in results for name in names):
         print(table(results))
         return
-    base_done = out / "base" / "stage0-layerwise" / "summary.json"
     while args.arm and not base_done.is_file():  # arm 0 trains the base checkpoint; the others reuse it
         time.sleep(10)
     ctx, base, base_cpu = setup(out, float(args.layerwise_tokens), args.base)
