@@ -90,6 +90,7 @@ ARMS = {
 
 
 def cpu() -> float:
+    """This process's user + system CPU seconds: what a shared machine's other load does not inflate."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -380,7 +381,7 @@ def probe_dpo(args, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/post-training")
     parser.add_argument("--cpu-seconds", type=float, default=240.0, help="CPU seconds of each arm's stage")
     parser.add_argument("--layerwise-tokens", default="1e5")
@@ -527,7 +528,8 @@ def main() -> None:
         tag = f"{list(ARMS).index(name.split(' after ')[0])}" + (
             f"-after{args.after}" if " after " in name else ""
         )
-        (out / f"results-{tag}.json").write_text(json.dumps({**setup_info, name: record}, indent=2))
+        # atomically: the other arms' processes read every results-*.json when they start
+        write_text(out / f"results-{tag}.json", json.dumps({**setup_info, name: record}, indent=2))
         print(name, json.dumps({k: v for k, v in record.items() if k != "generation"}), flush=True)
     print(table(results))
 
