@@ -139,8 +139,9 @@ def measure(
 
 def table(results: dict, contexts: list[int]) -> str:
     """Medians over rounds; the spread columns give the slowest and fastest round, and the lowest and highest
-    ratio of a round's decode to the teacher's in the same round (the rounds interleave the models)."""
-    teacher = results["teacher"]
+    ratio of a round's decode to the teacher's in the same round (the rounds interleave the models). Without
+    the teacher at a context, the ratio columns read "-"."""
+    teacher = results.get("teacher", {})
     lines = [
         (
             "| model | context | prefill tok/s | decode tok/s | decode rounds (min-max) | decode vs teacher "
@@ -150,15 +151,21 @@ def table(results: dict, contexts: list[int]) -> str:
     ]
     for name, by_context in results.items():
         for c in map(str, contexts):
-            if c not in by_context or c not in teacher:  # a context measured for some models only
+            if c not in by_context:  # a context measured for some models only
                 continue
-            r, t = by_context[c], teacher[c]
+            r = by_context[c]
             rounds = r.get("decode_tok_s_rounds", [r["decode_tok_s"]])
-            ratios = [a / b for a, b in zip(rounds, t.get("decode_tok_s_rounds", [t["decode_tok_s"]]))]
+            versus = "- | - | -"
+            if c in teacher:
+                t = teacher[c]
+                ratios = [a / b for a, b in zip(rounds, t.get("decode_tok_s_rounds", [t["decode_tok_s"]]))]
+                versus = (
+                    f"{r['decode_tok_s'] / t['decode_tok_s']:.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
+                    f"{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x"
+                )
             lines.append(
                 f"| {name} | {int(c):,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                f"{min(rounds):.1f}-{max(rounds):.1f} | {r['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
-                f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | "
+                f"{min(rounds):.1f}-{max(rounds):.1f} | {versus} | "
                 f"{r['state_mib']:.1f} | {r['peak_rss_mib']:.0f} |"
             )
     return "\n".join(lines)
@@ -258,12 +265,11 @@ def main() -> None:
         record["gguf_mib"] = earlier["gguf_mib"] | record["gguf_mib"]
         for name, by_context in earlier["results"].items():
             record["results"][name] = by_context | record["results"].get(name, {})
+    write_text(json_path, json.dumps(record, indent=2) + "\n")  # first: what was measured is kept
     results = record["results"]
     contexts = sorted({int(c) for by_context in results.values() for c in by_context})
     print("\n" + table(results, contexts))
     print("\nGGUF sizes (MiB): " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
     plot(results, contexts, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 
