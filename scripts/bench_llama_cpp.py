@@ -173,7 +173,9 @@ def table(results: dict, contexts: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, contexts: list[int], path: Path) -> None:
+def plot(results: dict, contexts: list[int], path: Path, settings: list[dict]) -> None:
+    """Decode speed, prefill speed and state size against context, one line per model; the title names the
+    outtypes and thread counts of the calls in `settings`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +195,10 @@ def plot(results: dict, contexts: list[int], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("SmolLM2-135M and its Mamba-2 hybrids in llama.cpp (q8_0, 1 CPU thread)")
+    outtypes = "/".join(sorted({str(s.get("outtype", "q8_0")) for s in settings}))
+    counts = sorted({int(s.get("threads", 1)) for s in settings})
+    threads = "/".join(map(str, counts)) + (" CPU thread" if counts == [1] else " CPU threads")
+    fig.suptitle(f"SmolLM2-135M and its Mamba-2 hybrids in llama.cpp ({outtypes}, {threads})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -272,7 +277,7 @@ def main() -> None:
     contexts = sorted({int(c) for by_context in results.values() for c in by_context})
     print("\n" + table(results, contexts))
     print("\nGGUF sizes (MiB): " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
-    plot(results, contexts, args.out.with_suffix(".png"))
+    plot(results, contexts, args.out.with_suffix(".png"), record["settings"])
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 
 
