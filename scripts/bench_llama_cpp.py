@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from gguf_agreement import VARIANTS
 
 from distill import llama_cpp
 from distill.assets import asset_path
+from distill.errors import UserError
 from distill.export_gguf import tokenizer_from_gguf, write_gguf
 from distill.files import atomic_file, write_text
 from distill.init import hybrid_from_teacher
@@ -240,6 +242,9 @@ def main() -> None:
         "run in one call and the decode rounds in another (default: a temporary folder)",
     )
     args = parser.parse_args()
+    for flag, value in (("--rounds", args.rounds), ("--decode", args.decode), ("--threads", args.threads)):
+        if value < 1:  # else an IndexError or StatisticsError after the prefills
+            parser.error(f"{flag} {value}: give at least 1")
     reason = llama_cpp.unavailable()
     if reason is not None:
         raise SystemExit(f"error: {reason}")
@@ -282,4 +287,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # e.g. the teacher's assets missing: one line, as the distill CLI prints it
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
