@@ -32,12 +32,14 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from distill.chat import Counter, acceptance
+from distill.errors import UserError
 from distill.files import write_text
 
 # After the text: with it before 2k tokens of text, neither 135M model follows it (both continue the text's
@@ -395,6 +397,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("eval/results/speculative"))
     args = parser.parse_args(argv)
+    from distill.chat import check_checkpoint
+
+    for folder in (args.student, args.cheap_draft):  # before anything loads
+        if folder:
+            check_checkpoint(folder)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the random prompts and drafts of the cost measurements, the same every run
 
@@ -600,4 +607,8 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a bad --student/--cheap-draft folder: one line, as the distill CLI prints it
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
+from distill.errors import UserError
 from distill.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -672,4 +674,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a bad --base recipe: one line, as the distill CLI prints it
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
