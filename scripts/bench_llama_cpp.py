@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from gguf_agreement import VARIANTS
 
 from distill import llama_cpp
 from distill.assets import asset_path
+from distill.errors import UserError
 from distill.export_gguf import tokenizer_from_gguf, write_gguf
 from distill.files import atomic_file, write_text
 from distill.init import hybrid_from_teacher
@@ -112,7 +114,9 @@ def measure(
                     write_text(prefill, json.dumps({key: timing[key] for key in ("prefill_s", "tokens")}))
                     tmp.replace(state)
                 prefilled = json.loads(prefill.read_text())
-                if timing["tokens"] != prefilled["tokens"]:  # the same state decodes the same greedy tokens
+                # the same state decodes the same greedy tokens (as many as both calls' --decode asked for)
+                shared = min(len(timing["tokens"]), len(prefilled["tokens"]))
+                if timing["tokens"][:shared] != prefilled["tokens"][:shared]:
                     raise RuntimeError(f"{name} decodes other tokens from the state loaded from {state}")
                 run = {
                     "prefill_tok_s": (context - 1) / prefilled["prefill_s"],
@@ -139,8 +143,9 @@ def measure(
 
 def table(results: dict, contexts: list[int]) -> str:
     """Medians over rounds; the spread columns give the slowest and fastest round, and the lowest and highest
-    ratio of a round's decode to the teacher's in the same round (the rounds interleave the models)."""
-    teacher = results["teacher"]
+    ratio of a round's decode to the teacher's in the same round (the rounds interleave the models). Without
+    the teacher at a context, the ratio columns read "-"."""
+    teacher = results.get("teacher", {})
     lines = [
         (
             "| model | context | prefill tok/s | decode tok/s | decode rounds (min-max) | decode vs teacher "
@@ -150,21 +155,29 @@ def table(results: dict, contexts: list[int]) -> str:
     ]
     for name, by_context in results.items():
         for c in map(str, contexts):
-            if c not in by_context or c not in teacher:  # a context measured for some models only
+            if c not in by_context:  # a context measured for some models only
                 continue
-            r, t = by_context[c], teacher[c]
+            r = by_context[c]
             rounds = r.get("decode_tok_s_rounds", [r["decode_tok_s"]])
-            ratios = [a / b for a, b in zip(rounds, t.get("decode_tok_s_rounds", [t["decode_tok_s"]]))]
+            versus = "- | - | -"
+            if c in teacher:
+                t = teacher[c]
+                ratios = [a / b for a, b in zip(rounds, t.get("decode_tok_s_rounds", [t["decode_tok_s"]]))]
+                versus = (
+                    f"{r['decode_tok_s'] / t['decode_tok_s']:.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
+                    f"{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x"
+                )
             lines.append(
                 f"| {name} | {int(c):,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                f"{min(rounds):.1f}-{max(rounds):.1f} | {r['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
-                f"{min(ratios):.2f}-{max(ratios):.2f}x | {r['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | "
+                f"{min(rounds):.1f}-{max(rounds):.1f} | {versus} | "
                 f"{r['state_mib']:.1f} | {r['peak_rss_mib']:.0f} |"
             )
     return "\n".join(lines)
 
 
-def plot(results: dict, contexts: list[int], path: Path) -> None:
+def plot(results: dict, contexts: list[int], path: Path, settings: list[dict]) -> None:
+    """Decode speed, prefill speed and state size against context, one line per model; the title names the
+    outtypes and thread counts of the calls in `settings`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,7 +197,10 @@ def plot(results: dict, contexts: list[int], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("SmolLM2-135M and its Mamba-2 hybrids in llama.cpp (q8_0, 1 CPU thread)")
+    outtypes = "/".join(sorted({str(s.get("outtype", "q8_0")) for s in settings}))
+    counts = sorted({int(s.get("threads", 1)) for s in settings})
+    threads = "/".join(map(str, counts)) + (" CPU thread" if counts == [1] else " CPU threads")
+    fig.suptitle(f"SmolLM2-135M and its Mamba-2 hybrids in llama.cpp ({outtypes}, {threads})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -226,6 +242,9 @@ def main() -> None:
         "run in one call and the decode rounds in another (default: a temporary folder)",
     )
     args = parser.parse_args()
+    for flag, value in (("--rounds", args.rounds), ("--decode", args.decode), ("--threads", args.threads)):
+        if value < 1:  # else an IndexError or StatisticsError after the prefills
+            parser.error(f"{flag} {value}: give at least 1")
     reason = llama_cpp.unavailable()
     if reason is not None:
         raise SystemExit(f"error: {reason}")
@@ -258,15 +277,18 @@ def main() -> None:
         record["gguf_mib"] = earlier["gguf_mib"] | record["gguf_mib"]
         for name, by_context in earlier["results"].items():
             record["results"][name] = by_context | record["results"].get(name, {})
+    write_text(json_path, json.dumps(record, indent=2) + "\n")  # first: what was measured is kept
     results = record["results"]
     contexts = sorted({int(c) for by_context in results.values() for c in by_context})
     print("\n" + table(results, contexts))
     print("\nGGUF sizes (MiB): " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
-    plot(results, contexts, args.out.with_suffix(".png"))
+    plot(results, contexts, args.out.with_suffix(".png"), record["settings"])
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # e.g. the teacher's assets missing: one line, as the distill CLI prints it
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

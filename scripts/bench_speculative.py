@@ -32,12 +32,14 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from distill.chat import Counter, acceptance
+from distill.errors import UserError
 from distill.files import write_text
 
 # After the text: with it before 2k tokens of text, neither 135M model follows it (both continue the text's
@@ -46,7 +48,8 @@ EDIT_INSTRUCTION = "\n\nFix the typo in the text above. Reply with the whole cor
 
 
 class Clock:
-    """The thread's CPU time at each streamed chunk: the prompt, then every round's accepted tokens."""
+    """The thread's CPU time at each streamed chunk: the prompt, then every round's accepted tokens, and at
+    the end of `generate` (which calls `end` itself)."""
 
     def __init__(self):
         self.marks: list[tuple[float, int]] = []
@@ -83,6 +86,7 @@ def long_conversations(
 
 
 def chat_tokens(messages: list[dict], tokenizer) -> int:
+    """The prompt length of `messages` as the model sees them (chat template and generation prompt)."""
     return len(
         tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     )
@@ -122,6 +126,7 @@ def edit_prompt(replies: list[str], tokenizer, context: int, seed: int) -> list[
 
 @torch.no_grad()
 def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
+    """One greedy `generate`: its tokens, CPU time and tokens after its first round, and acceptance."""
     counter = Counter()
     handle = model.register_forward_hook(counter.hook, with_kwargs=True)
     clock = Clock()
@@ -136,7 +141,6 @@ def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
         )
     finally:
         handle.remove()
-    clock.end()
     new = out[0, ids.shape[1] :]
     (first_round, _), (end, _) = clock.marks[1], clock.marks[-1]
     later_tokens = len(new) - clock.marks[1][1]
@@ -189,7 +193,8 @@ def verify_costs(models: dict, context: int, repeats: int) -> dict:
     turns within every repeat, so a change in the machine's speed touches them alike."""
     from transformers import DynamicCache
 
-    ids = torch.randint(next(iter(models.values())).config.vocab_size, (1, context))
+    vocab = next(iter(models.values())).config.vocab_size  # one tokenizer for all
+    ids = torch.randint(vocab, (1, context))
     runs = {}
     for name, model in models.items():
         plain, recording = DynamicCache(config=model.config), DynamicCache(config=model.config)
@@ -201,7 +206,7 @@ def verify_costs(models: dict, context: int, repeats: int) -> dict:
     parts = {name: {"step": {}, "verify4": {}} for name in models}
     # both caches grow by a few tokens per repeat: no measurable cost at `context`
     for r in range(repeats + 1):
-        draft = torch.randint(model.config.vocab_size, (1, 5))
+        draft = torch.randint(vocab, (1, 5))
         for name, (model, plain, recording, timer) in runs.items():
             timer.take()
             start = time.thread_time()
@@ -306,6 +311,15 @@ def rollback_costs(model, repeats: int = 200) -> dict:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = (
+    "teacher",
+    "teacher + hybrid draft",
+    "teacher + prompt lookup",
+    "teacher + cheap draft",
+    "hybrid",
+    "hybrid + prompt lookup",
+    "hybrid + cheap draft",
+)
 
 
 def build_models(args, dtype: str) -> tuple[dict, object]:
@@ -341,7 +355,7 @@ def build_models(args, dtype: str) -> tuple[dict, object]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument(
         "--tasks",
@@ -373,10 +387,23 @@ def main(argv=None) -> None:
         "--student", help="a distilled hybrid checkpoint (default: fresh 50%%-attention init)"
     )
     parser.add_argument("--cheap-draft", help="a cheaper hybrid draft (default: fresh 0%%-attention init)")
-    parser.add_argument("--modes", nargs="+", default=None, help="a subset of the modes")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=MODES,
+        metavar="MODE",
+        help="a subset of the modes: " + ", ".join(map(repr, MODES)),
+    )
     parser.add_argument("--out", type=Path, default=Path("eval/results/speculative"))
     args = parser.parse_args(argv)
+    from distill.chat import check_checkpoint
+
+    for folder in (args.student, args.cheap_draft):  # before anything loads
+        if folder:
+            check_checkpoint(folder)
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the random prompts and drafts of the cost measurements, the same every run
 
     models = {}  # by variant: the dtype, and the attention implementation when several are compared
     for dtype in args.dtypes:
@@ -387,7 +414,7 @@ def main(argv=None) -> None:
                 model.set_attn_implementation(attention)
     lookup = {"prompt_lookup_num_tokens": args.prompt_lookup, "max_matching_ngram_size": args.lookup_ngram}
     modes = {}
-    for dtype, m in models.items():
+    for variant, m in models.items():
         all_modes = {
             "teacher": (m["teacher"], {}),
             "teacher + hybrid draft": (m["teacher"], {"assistant_model": m["hybrid"]}),
@@ -397,26 +424,26 @@ def main(argv=None) -> None:
             "hybrid + prompt lookup": (m["hybrid"], lookup),
             "hybrid + cheap draft": (m["hybrid"], {"assistant_model": m["cheap draft"]}),
         }
-        modes.update({(dtype, name): all_modes[name] for name in (args.modes or all_modes)})
+        modes.update({(variant, name): all_modes[name] for name in (args.modes or MODES)})
     conversations = unseen_conversations()
     replies = [m["content"] for conv in conversations[:200] for m in conv if m["role"] == "assistant"]
 
     rollback = {}
-    for dtype, m in models.items():
-        rollback[dtype] = rollback_costs(m["hybrid"])
+    for variant, m in models.items():
+        rollback[variant] = rollback_costs(m["hybrid"])
         print(
-            f"{dtype}: Mamba-2 states per verification of 4 drafts (all layers): recorded "
-            f"{rollback[dtype]['recorded'] * 1e3:.2f} ms, "
-            f"replay rollback {rollback[dtype]['replay'] * 1e3:.2f} ms",
+            f"{variant}: Mamba-2 states per verification of 4 drafts (all layers): recorded "
+            f"{rollback[variant]['recorded'] * 1e3:.2f} ms, "
+            f"replay rollback {rollback[variant]['replay'] * 1e3:.2f} ms",
             flush=True,
         )
     if args.profile:
-        for dtype, m in models.items():
-            path = args.out / f"profile-verify-{dtype.replace(' ', '-')}.txt"
+        for variant, m in models.items():
+            path = args.out / f"profile-verify-{variant.replace(' ', '-')}.txt"
             profile_verify(m["hybrid"], max(args.contexts), path)
     rows, verify = [], {}
     for context in args.contexts:
-        turns = {f"{name} {dtype}": model for dtype, m in models.items() for name, model in m.items()}
+        turns = {f"{name} {variant}": model for variant, m in models.items() for name, model in m.items()}
         for key, costs in verify_costs(turns, context, args.verify_repeats).items():
             verify[f"{context} {key}"] = costs
             split = ", ".join(
@@ -445,20 +472,23 @@ def main(argv=None) -> None:
                 for _ in range(args.repeats):
                     for key, (model, assist) in modes.items():
                         results[key].append(run_mode(model, ids, args.max_new_tokens, **assist))
-                for (dtype, name), runs in results.items():
-                    base = results.get((dtype, "teacher" if name.startswith("teacher") else "hybrid"))
+                for (variant, name), runs in results.items():
+                    base = results.get((variant, "teacher" if name.startswith("teacher") else "hybrid"))
                     tokens_per_s = statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs)
                     row = {
                         "context": context,
                         "task": task,
                         "prompt": p,
                         "prompt_tokens": ids.shape[1],
-                        "dtype": dtype,
+                        "dtype": variant,  # the variant: the dtype, and the attention when several
                         "mode": name,
                         "decode_tokens_per_s": tokens_per_s,
                         "drafted": runs[0]["drafted"],
                         "accepted": runs[0]["accepted"],
-                        "same": None if base is None else runs[0]["tokens"] == base[0]["tokens"],
+                        # every repeat against the plain run's first (the plain rows: its repeats agree)
+                        "same": None
+                        if base is None
+                        else all(r["tokens"] == base[0]["tokens"] for r in runs),
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -469,13 +499,14 @@ def main(argv=None) -> None:
 
 
 def save(out: Path, rows: list[dict], verify: dict, rollback: dict) -> None:
+    """Everything measured so far, atomically, so a run stopped by a time limit keeps it."""
     results = {"rows": rows, "verify": verify, "rollback": rollback}
     write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     """One line per (context, task, dtype, mode): median tokens/s over prompts, pooled acceptance, speedup vs
-    alone."""
+    alone. Without the target's plain mode in the run, speedup and same are None (nothing to compare with)."""
 
     def key(row):
         return row["context"], row["task"], row["dtype"], row["mode"]
@@ -487,7 +518,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         base = [r for r in rows if key(r) == (context, task, dtype, alone)]
         speedups = [
             g["decode_tokens_per_s"] / b["decode_tokens_per_s"] for g, b in zip(group, base, strict=True)
-        ]
+        ] if base else []
         drafted = sum(r["drafted"] for r in group)
         lines.append(
             {
@@ -496,9 +527,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "dtype": dtype,
                 "mode": mode,
                 "tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in group),
-                "speedup": statistics.median(speedups),
+                "speedup": statistics.median(speedups) if speedups else None,
                 "acceptance": sum(r["accepted"] for r in group) / drafted if drafted else None,
-                "same": all(r["same"] is not False for r in group),
+                "same": None if any(r["same"] is None for r in group) else all(r["same"] for r in group),
             }
         )
     return lines
@@ -518,10 +549,12 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
     ]
     for line in lines:
         acc = "" if line["acceptance"] is None else f"{line['acceptance']:.0%}"
+        speedup = "-" if line["speedup"] is None else f"{line['speedup']:.2f}x"
+        same = "-" if line["same"] is None else "yes" if line["same"] else "NO"
         table.append(
             f"| {line['context']} | {line['task']} | {line['dtype']} | {line['mode']} | "
             f"{line['tokens_per_s']:.1f} | "
-            f"{line['speedup']:.2f}x | {acc} | {'yes' if line['same'] else 'NO'} |"
+            f"{speedup} | {acc} | {same} |"
         )
     table += [
         "",
@@ -574,4 +607,8 @@ def write_report(rows: list[dict], verify: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a bad --student/--cheap-draft folder: one line, as the distill CLI prints it
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
+from distill.errors import UserError
 from distill.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +92,7 @@ ARMS = {
 
 
 def cpu() -> float:
+    """This process's user + system CPU seconds: what a shared machine's other load does not inflate."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -319,7 +322,7 @@ def probe_dpo(args, out: Path) -> None:
                 prompts,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.sample_temperature,
-                seed=0,
+                seed=ctx.recipe.seed + 1,  # the arm's: run_stage seeds stage 1 with recipe.seed + 1
                 pad_id=pad,
                 batch_size=cfg.batch_size,
             )
@@ -380,11 +383,13 @@ def probe_dpo(args, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/post-training")
     parser.add_argument("--cpu-seconds", type=float, default=240.0, help="CPU seconds of each arm's stage")
     parser.add_argument("--layerwise-tokens", default="1e5")
-    parser.add_argument("--arm", type=int, help="run only this arm (its index in ARMS)")
+    parser.add_argument(
+        "--arm", type=int, choices=range(len(ARMS)), help="run only this arm (its index in ARMS)"
+    )
     parser.add_argument(
         "--base",
         help="a finished run folder (recipe.yaml; OUT/base/stage0-layerwise holds a copy "
@@ -403,7 +408,12 @@ def main() -> None:
     parser.add_argument("--judge-seed", type=int, default=0, help="the judge's sampling seed")
     parser.add_argument("--greedy-only", action="store_true", help="judge the greedy answers only")
     parser.add_argument("--tokens", type=float, help="the arm's token budget (instead of --cpu-seconds)")
-    parser.add_argument("--after", type=int, help="the dpo arm starts from this arm's result")
+    parser.add_argument(
+        "--after",
+        type=int,
+        choices=[i for i, stage in enumerate(ARMS.values()) if stage and not stage.get("after")],
+        help="the dpo arm starts from this arm's result",
+    )
     parser.add_argument(
         "--probe-dpo", type=float, nargs="+", help="probe the dpo arm's learning rates (no arm trained)"
     )
@@ -417,6 +427,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.probe_dpo and args.after is None:
         parser.error("--probe-dpo needs --after ARM (the arm DPO starts from)")
+    if args.arm is not None and (ARMS[list(ARMS)[args.arm]] or {}).get("after") and args.after is None:
+        parser.error(f"--arm {args.arm} (dpo) needs --after ARM (the arm it starts from)")
+    base_done = Path(args.out) / "base" / "stage0-layerwise" / "summary.json"
+    if args.base and not base_done.is_file():  # else arms wait for it forever, or arm 0 trains it anew
+        parser.error(
+            f"--base: copy its layerwise stage first: mkdir -p {args.out}/base && "
+            f"cp -r {args.base}/stage0-layerwise {args.out}/base/"
+        )
     import datasets
     import torch
     import transformers
@@ -446,7 +464,6 @@ def main() -> None:
     if all(name in results for name in names):
         print(table(results))
         return
-    base_done = out / "base" / "stage0-layerwise" / "summary.json"
     while args.arm and not base_done.is_file():  # arm 0 trains the base checkpoint; the others reuse it
         time.sleep(10)
     ctx, base, base_cpu = setup(out, float(args.layerwise_tokens), args.base)
@@ -461,7 +478,9 @@ def main() -> None:
             "new_tokens": args.new_tokens,
         },
     )
-    data_rows, pad_id = ctx.train, ctx.tokenizer.pad_token_id
+    from distill.generation import padding_id
+
+    data_rows, pad_id = ctx.train, padding_id(ctx.teacher, ctx.tokenizer)  # as the pipeline pads
     for name in names:
         stage = ARMS[name.split(" after ")[0]]
         if name in results:
@@ -504,13 +523,15 @@ def main() -> None:
             student, stage_cpu = train_arm(ctx, start, folder, stage, budget)
             record.update(tokens=int(budget), stage_cpu_s=stage_cpu, stage_wall_s=time.time() - started_wall)
             record["folder"] = str(folder / f"stage1-{stage['name']}")
+            ctx.train = data_rows  # the judge leaves out every training prompt, not only the sft arm's
         record.update(evaluate(ctx, student, args))
         results[name] = record
         setup_info = {"_setup": results["_setup"]}
         tag = f"{list(ARMS).index(name.split(' after ')[0])}" + (
             f"-after{args.after}" if " after " in name else ""
         )
-        (out / f"results-{tag}.json").write_text(json.dumps({**setup_info, name: record}, indent=2))
+        # atomically: the other arms' processes read every results-*.json when they start
+        write_text(out / f"results-{tag}.json", json.dumps({**setup_info, name: record}, indent=2))
         print(name, json.dumps({k: v for k, v in record.items() if k != "generation"}), flush=True)
     print(table(results))
 
@@ -653,4 +674,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a bad --base recipe: one line, as the distill CLI prints it
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
