@@ -63,7 +63,7 @@ class KLObjective(torch.nn.Module):
         cfg = self.cfg
         loss = distill_kl(
             hidden,
-            teacher_out["topk"] if "topk" in teacher_out else teacher_out["hidden"],
+            teacher_out.get("topk", teacher_out.get("hidden")),  # neither: cross-entropy alone (sft)
             loss_positions(batch["labels"]),
             student_head=self.lm.lm_head.weight,
             teacher_head=teacher_out.get("head"),
@@ -74,8 +74,14 @@ class KLObjective(torch.nn.Module):
             labels=batch["labels"],
             chunk=cfg.kl_chunk_tokens,
             reduction="sum",
+            kl_weight=kl_weight(cfg),
         )
         return {"loss": loss}
+
+
+def kl_weight(cfg) -> float:
+    """The divergence's weight: `sft` sets it beside its cross-entropy; other KL stages train on it alone."""
+    return getattr(cfg, "kl_weight", 1.0)
 
 
 def online_teacher(accelerator, teacher):
@@ -142,7 +148,7 @@ def train_kl(ctx, cfg, student, stage_dir: Path, *, max_tokens: int | None = Non
     """Train `student` with the KL objective of `cfg` on `max_tokens` (default `cfg.max_tokens`), seeded by
     `ctx.seed`; returns (student, summary)."""
     ctx.teacher.requires_grad_(False)
-    teacher_step = online_teacher(ctx.accelerator, ctx.teacher)
+    teacher_step = online_teacher(ctx.accelerator, ctx.teacher) if kl_weight(cfg) else None
     trainable = getattr(cfg, "trainable", "mixers")
     set_trainable(student, "all" if trainable == "all" else "mixers")
     model = with_lora(student, cfg.lora) if trainable == "lora" else student

@@ -243,11 +243,19 @@ class OnPolicyStage(StageConfig, _KLOptions, _Trainable, _Sampling):
 
 
 class SftStage(StageConfig, _KLOptions, _Trainable):
-    """Cross-entropy on the data's assistant tokens (with `data.answers: teacher`, the teacher's answers),
-    plus `kl_weight` times the divergence to the teacher (MambaInLlama's first stage: CE + 0.1 KL)."""
+    """`ce_weight` times the cross-entropy on the data's assistant tokens (with `data.answers: teacher`, the
+    teacher's answers), plus `kl_weight` times the divergence to the teacher (MambaInLlama's first stage:
+    CE + 0.1 KL)."""
 
     name: Literal["sft"]
+    ce_weight: float = Field(default=1.0, ge=0.0)
     kl_weight: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SftStage:
+        if not (self.ce_weight or self.kl_weight):
+            raise ValueError("ce_weight and kl_weight are both 0, so the stage has no loss; set either above 0")
+        return self
 
 
 class DpoStage(StageConfig, _Trainable, _Sampling):

@@ -587,9 +587,12 @@ def main(spec: dict) -> None:
     from importlib import import_module
 
     name = spec["stage"]["name"]
-    module = import_module(f"distill.stages.{name}")
-    objective = {"on_policy": "OnPolicyObjective", "sft": "SftObjective", "dpo": "DpoObjective"}[name]
-    cls = getattr(module, objective)
+    module, objective = {
+        "on_policy": ("distill.stages.on_policy", "OnPolicyObjective"),
+        "sft": ("distill.kl", "KLObjective"),  # sft trains end_to_end's objective, with its own weights
+        "dpo": ("distill.stages.dpo", "DpoObjective"),
+    }[name]
+    cls = getattr(import_module(module), objective)
     if "kill_at_forward" in spec:
         forward, calls = cls.forward, {"n": 0}
 

@@ -57,6 +57,7 @@ def test_overrides_are_validated_like_the_file():
          "set either attention_layers or attention_fraction"),
         ({"student": {"dt_min": 0.5, "dt_max": 0.1}, "stages": [E2E]}, "dt_min (0.5) must not exceed dt_max"),
         ({"precision": "fp8", "stages": [E2E]}, "precision = 'fp8': Input should be 'fp32', 'bf16', 'fp16' or 'auto'"),
+        ({"stages": [{"name": "sft", "max_tokens": 10, "ce_weight": 0}]}, "ce_weight and kl_weight are both 0"),
     ],
 )
 def test_mistakes_name_the_key_and_the_fix(raw, message):
