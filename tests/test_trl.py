@@ -49,15 +49,12 @@ def changed(model, before: dict) -> bool:
     )
 
 
-@pytest.mark.slow
-def test_exported_student_trains_in_trls_sft_trainer(exported, tmp_path):
+def train_three_steps(model, tokenizer, trainer_cls, config_cls, rows: list[dict], out, **settings):
+    """Three logged steps of a TRL trainer on `rows`; returns its config and the (finite) losses."""
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = exported
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = SFTConfig(
-        output_dir=str(tmp_path / "sft"),
+    args = config_cls(
+        output_dir=str(out),
         max_steps=3,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
@@ -65,44 +62,37 @@ def test_exported_student_trains_in_trls_sft_trainer(exported, tmp_path):
         use_cpu=True,
         save_strategy="no",
         logging_steps=1,
-        max_length=64,
+        **settings,
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list([{"messages": m} for m in MESSAGES]),
-        processing_class=tokenizer,
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+    return args, losses
+
+
+@pytest.mark.slow
+def test_exported_student_trains_in_trls_sft_trainer(exported, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = exported
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_three_steps(model, tokenizer, SFTTrainer, SFTConfig, [{"messages": m} for m in MESSAGES],
+                      tmp_path / "sft", max_length=64)
     assert changed(model, before)
 
 
 @pytest.mark.slow
 def test_exported_student_trains_in_trls_dpo_trainer(exported, tmp_path):
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = exported
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        beta=0.1,
+    args, losses = train_three_steps(
+        model, tokenizer, DPOTrainer, DPOConfig, PAIRS, tmp_path / "dpo", beta=0.1
     )
-    trainer = DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer
-    )
-    trainer.train()
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
     # policy == reference at the first step (TRL's reference is a copy, run on the same batch): each margin
     # (a - b) - (c - d) of answer log-probability sums is 0 up to their reordering, each of at most `longest`
     # tokens within logprob_error (logits bounded from the weights); the loss softplus(-beta * margin) has
