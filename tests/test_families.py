@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REFERENCE_INIT, REFERENCE_STUDENT, clear_greedy, left_padded, reordering_bound
 from test_stages import run, tiny_hybrid
-from tolerances import summed, within
+from tolerances import kl_reordering_error, summed, within
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
@@ -396,3 +396,53 @@ def test_pipeline_runs_on_each_family(tmp_path, monkeypatch, family):
     assert report["student"]["kl_to_teacher"] > 0 and report["student"]["perplexity"] > 0
     final = AutoModelForCausalLM.from_pretrained(out / "export" / "native", trust_remote_code=True)
     assert final.config.teacher_model_type == config.model_type
+
+
+# ----------------------------------------------------------------------------- layer selection
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+@pytest.mark.parametrize("swapped", [(), (2,)], ids=["single", "greedy_step"])
+def test_swap_scores_replay_the_layers_before_the_swap(family, swapped):
+    """`swap_scores` replays the layers before each swapped one from a recorded forward instead of running
+    them. Against whole forwards of the teacher with the swaps in place, on packed rows longer than the
+    sliding window, so each family's masks and per-layer types (sliding, NoPE) must line up with the layers:
+    the final hidden states, and the scores."""
+    from test_trainer import random_rows
+
+    from distill.data import loss_positions, model_inputs
+    from distill.losses import distill_kl
+    from distill.recipe import recipe_from_dict
+    from distill.selection import forward_from, recording_layer_inputs, swap_attention, swap_scores
+    from distill.trainer import make_accelerator
+
+    teacher = teacher_model(family)
+    config = StudentConfig(**{**REFERENCE_STUDENT, "attention_layers": []})
+    student = perturb_mixers(hybrid_from_teacher(teacher, config))
+    mixers = {i: layer.mamba for i, layer in enumerate(student.model.layers)}
+    rows = random_rows(6, length=16, seed=4)
+    accelerator = make_accelerator(recipe_from_dict({"stages": [{"name": "end_to_end", "max_tokens": 1}]}))
+    candidates = [i for i in mixers if i not in swapped]
+    scores = swap_scores(accelerator, teacher, mixers, rows, batch_size=4, candidates=candidates, swapped=swapped)
+
+    batch = rows.with_format("torch")[:]
+    inputs, mask, position_ids = model_inputs(batch), loss_positions(batch["labels"]), batch["position_ids"]
+    with torch.no_grad():
+        reference = teacher(**inputs).logits
+        for score, layer in zip(scores, candidates, strict=True):
+            handles = [swap_attention(teacher, i, mixers[i], position_ids) for i in (*swapped, layer)]
+            try:
+                whole = teacher.model(**inputs).last_hidden_state
+                logits = teacher.lm_head(whole)
+                with recording_layer_inputs(teacher) as entering:
+                    teacher.model(**inputs)
+                replayed = forward_from(teacher, layer, entering, inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            # the same fp32 ops on the same inputs: equal up to the order of their sums
+            scale = whole.abs().max().item()
+            within((replayed - whole).abs().max().item(), reordering_bound(teacher.config, torch.float32, scale))
+            # and the score, over batches of 4 rows instead of 6
+            kl = float(distill_kl(logits, reference, mask))
+            within(abs(score - kl), kl_reordering_error(teacher, teacher, logits, reference))
