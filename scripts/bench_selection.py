@@ -18,17 +18,6 @@ import time
 import torch
 
 
-class AutocastOnly:
-    """What `swap_scores` needs of an Accelerator: its device and an autocast context (fp32: none)."""
-
-    device = torch.device("cpu")
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def whole_forward_scores(teacher, mixers: dict, rows, batch_size: int) -> list[float]:
     """The reference: each swap scored by a whole forward of the teacher with that layer swapped."""
@@ -64,9 +53,10 @@ def main() -> None:
     from datasets import Dataset
 
     from distill.init import hybrid_from_teacher
-    from distill.recipe import StudentConfig, TeacherConfig
+    from distill.recipe import StudentConfig, TeacherConfig, recipe_from_dict
     from distill.selection import swap_scores
     from distill.teacher import load_teacher
+    from distill.trainer import make_accelerator
 
     teacher, _ = load_teacher(TeacherConfig(), dtype=torch.float32)
     teacher.eval().requires_grad_(False)
@@ -79,8 +69,10 @@ def main() -> None:
     rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
                               "position_ids": torch.arange(args.seq_len).expand(ids.shape).tolist(),
                               "labels": ids.tolist(), "row": list(range(args.rows))})
+    # the recipe's defaults: CPU, fp32 (no autocast)
+    accelerator = make_accelerator(recipe_from_dict({"stages": [{"name": "end_to_end", "max_tokens": 1}]}))
     variants = {
-        "replayed": lambda: swap_scores(AutocastOnly(), teacher, mixers, rows, batch_size=4),
+        "replayed": lambda: swap_scores(accelerator, teacher, mixers, rows, batch_size=4),
         "whole forwards": lambda: whole_forward_scores(teacher, mixers, rows, batch_size=4),
     }
     print(f"SmolLM2-135M, {len(mixers)} single-layer swaps, {args.rows} rows x {args.seq_len} tokens, "

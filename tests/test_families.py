@@ -432,10 +432,9 @@ def test_swap_scores_replay_the_layers_before_the_swap(family, swapped):
         for score, layer in zip(scores, candidates, strict=True):
             handles = [swap_attention(teacher, i, mixers[i], position_ids) for i in (*swapped, layer)]
             try:
-                whole = teacher.model(**inputs).last_hidden_state
-                logits = teacher.lm_head(whole)
                 with recording_layer_inputs(teacher) as entering:
-                    teacher.model(**inputs)
+                    whole = teacher.model(**inputs).last_hidden_state
+                logits = teacher.lm_head(whole)
                 replayed = forward_from(teacher, layer, entering, inputs)
             finally:
                 for handle in handles:
