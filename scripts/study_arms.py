@@ -65,6 +65,9 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
                                        E2E_PILOT),
     "attn50-mamba2-2h": ("target", TARGET, (1e5, 2e6, 2.2e5)),
     "attn25-mamba2-2h": ("target", [*TARGET, "student.attention_fraction=0.25"], (1e5, 1.2e6, 2.2e5)),
+    # the 25% target arm's layerwise tokens over 4x the distinct rows in 3 epochs, its cache on disk
+    "attn25-mamba2-2h-disk": ("target", [*TARGET, "student.attention_fraction=0.25", "stages.0.cache_storage=disk",
+                                         "stages.0.cache_epochs=3"], (1e5, 1.2e6, 2.2e5)),
 }
 # arm -> the arm whose finished layerwise stage it links instead of rerunning (same recipe up to stage 0)
 SHARED_FIRST_STAGE = {name: "attn50-mamba2-long" for name, (comparison, _, _) in ARMS.items() if comparison == "e2e"}
