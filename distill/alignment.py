@@ -6,7 +6,11 @@ once (the forward stops after the deepest one); since each layer then trains on 
 the layers are independent and there is no student forward through the stack. Only the mixers train.
 
 `target: block_output` instead runs the student's whole decoder block (norms, mixer, MLP, residuals) on the
-teacher block's input and matches the teacher block's output.
+teacher block's input and matches the teacher block's output. With `inputs: student` each block runs on the
+student's own hidden states instead: one student forward through the stack, each Mamba block's input
+detached so that its gradient stays in the block. A block then learns to map what the (imperfect) layers below
+it actually give it to the teacher's output, so errors stop compounding through the replaced layers; the
+teacher's block outputs are the only activations captured (or cached).
 
 `activations: cached` makes alignment tokens cheaper: the teacher forward (about a third of a step) runs once
 per row on max_tokens / cache_epochs tokens of rows, whose activations are kept (bf16) and the mixers train
@@ -46,8 +50,8 @@ class _StopForward(Exception):
     """Raised by the hook of the deepest captured layer: nothing above it is needed."""
 
 
-def capture_teacher(accelerator, teacher, layers: list[int], target: str):
-    """teacher_step returning {"inputs": {i: x_i}, "outputs": {i: y_i}} for the given layers.
+def capture_teacher(accelerator, teacher, layers: list[int], target: str, parts=("inputs", "outputs")):
+    """teacher_step returning {"inputs": {i: x_i}, "outputs": {i: y_i}} (the `parts` asked) for the layers.
 
     mixer_output: x_i is what layer i's attention receives (after input_layernorm), y_i its output.
     block_output: x_i is the decoder block's input, y_i the block's output.
@@ -78,7 +82,7 @@ def capture_teacher(accelerator, teacher, layers: list[int], target: str):
         finally:
             for handle in handles:
                 handle.remove()
-        return {"inputs": inputs, "outputs": outputs}
+        return {part: {"inputs": inputs, "outputs": outputs}[part] for part in parts}
 
     return step
 
@@ -220,28 +224,36 @@ def cached_rows(train, cfg, seed: int):
     return train.select(sorted(order[: min(count, len(order))].tolist()))
 
 
-def activation_bytes(ctx, rows, layers: list[int]) -> int:
-    """The bytes the cached activations of `rows` take: each layer's input and target, bf16."""
-    return 2 * 2 * len(rows) * len(rows[0]["input_ids"]) * ctx.teacher.config.hidden_size * len(layers)
+def captured_parts(cfg) -> tuple[str, ...]:
+    """What the teacher step hands the objective: each layer's input and target, or (`inputs: student`) the
+    target alone."""
+    return ("outputs",) if cfg.inputs == "student" else ("inputs", "outputs")
+
+
+def activation_bytes(ctx, cfg, rows, layers: list[int]) -> int:
+    """The bytes the cached activations of `rows` take: each layer's captured parts, bf16."""
+    per_row_layer = 2 * len(captured_parts(cfg)) * len(rows[0]["input_ids"]) * ctx.teacher.config.hidden_size
+    return per_row_layer * len(rows) * len(layers)
 
 
 def activation_store(ctx, cfg, rows, layers: list[int], stage_dir: Path):
     """Where `activations: cached` keeps the activations of `rows`: in memory, or in a memory-mapped file
     under `cfg.cache_dir` (default the stage folder), one folder per process, named by what it holds."""
     if cfg.cache_storage == "memory":
-        return MemoryStore(len(rows), activation_bytes(ctx, rows, layers) // len(rows), cfg.cache_max_gb)
+        return MemoryStore(len(rows), activation_bytes(ctx, cfg, rows, layers) // len(rows), cfg.cache_max_gb)
     key = {"stage_dir": str(Path(stage_dir).resolve()), "target": cfg.target, "layers": layers,
            "teacher_checksum": float(ctx.teacher.lm_head.weight.detach().double().sum()),
            "rows": hashlib.sha256(np.asarray(rows.with_format("numpy")["input_ids"]).tobytes()).hexdigest()}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cfg.cache_dir or Path(stage_dir) / "activations").expanduser() / name
     return DiskStore(folder / f"rank{ctx.accelerator.process_index}", len(rows),
-                     [(part, i) for part in ("inputs", "outputs") for i in layers], len(rows[0]["input_ids"]),
+                     [(part, i) for part in captured_parts(cfg) for i in layers], len(rows[0]["input_ids"]),
                      ctx.teacher.config.hidden_size, key)
 
 
 class LayerwiseObjective(torch.nn.Module):
-    """Sum over the replaced layers of each layer's per-token alignment error (`cfg.objective`)."""
+    """Sum over the replaced layers of each layer's per-token alignment error (`cfg.objective`), each layer
+    run on the teacher's hidden states or (`inputs: student`) on the student's own."""
 
     def __init__(self, student, layers: list[int], cfg):
         super().__init__()
@@ -250,8 +262,44 @@ class LayerwiseObjective(torch.nn.Module):
     def loss_tokens(self, batch: dict) -> torch.Tensor:
         return batch["attention_mask"].sum()
 
+    def student_block_outputs(self, batch: dict) -> dict[int, torch.Tensor]:
+        """Each Mamba block's output in one forward of the student's own stack, stopped after the deepest one.
+        Each block's input is detached: its loss trains that block alone, on what the layers below it give."""
+        outputs, handles = {}, []
+
+        def detach_input(module, args, kwargs):
+            if args:
+                return (args[0].detach(), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+        def record(index):
+            def fn(module, args, kwargs, output):
+                outputs[index] = output
+                if index == max(self.layers):
+                    raise _StopForward
+
+            return fn
+
+        for i in self.layers:
+            layer = self.student.model.layers[i]
+            handles.append(layer.register_forward_pre_hook(detach_input, with_kwargs=True))
+            handles.append(layer.register_forward_hook(record(i), with_kwargs=True))
+        try:
+            self.student.model(**model_inputs(batch))
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
     def forward(self, batch: dict, teacher_out: dict) -> dict:
         mask, position_ids = batch["attention_mask"], batch["position_ids"]
+        if self.cfg.inputs == "student":
+            outputs = self.student_block_outputs(batch)
+            return self.summed({i: alignment_loss(outputs[i], teacher_out["outputs"][i], mask,
+                                                   objective=self.cfg.objective, reduction="sum")
+                                for i in self.layers})
         losses = {}
         for i in self.layers:
             layer, x = self.student.model.layers[i], teacher_out["inputs"][i]
@@ -259,10 +307,13 @@ class LayerwiseObjective(torch.nn.Module):
                 out = layer.mamba(x, attention_mask=None, position_ids=position_ids)
             else:
                 out = layer(x, attention_mask=None, position_ids=position_ids)
-            losses[f"layer{i}"] = alignment_loss(
-                out, teacher_out["outputs"][i], mask, objective=self.cfg.objective, reduction="sum"
-            )
-        return {"loss": sum(losses.values()), **losses}
+            losses[i] = alignment_loss(out, teacher_out["outputs"][i], mask, objective=self.cfg.objective,
+                                       reduction="sum")
+        return self.summed(losses)
+
+    @staticmethod
+    def summed(losses: dict[int, torch.Tensor]) -> dict:
+        return {"loss": sum(losses.values()), **{f"layer{i}": loss for i, loss in losses.items()}}
 
 
 def align(ctx, cfg, student, stage_dir: Path) -> dict:
@@ -276,7 +327,7 @@ def align(ctx, cfg, student, stage_dir: Path) -> dict:
     ctx.teacher.requires_grad_(False)
     set_trainable(student, "mixers")
     objective = LayerwiseObjective(student, layers, cfg)
-    capture = capture_teacher(ctx.accelerator, ctx.teacher, layers, cfg.target)
+    capture = capture_teacher(ctx.accelerator, ctx.teacher, layers, cfg.target, captured_parts(cfg))
     train_ctx, teacher_step = ctx, capture
     store = None
     if cfg.activations == "cached":
@@ -284,7 +335,7 @@ def align(ctx, cfg, student, stage_dir: Path) -> dict:
         store = activation_store(ctx, cfg, rows, layers, stage_dir)
         teacher_step, train_ctx = ActivationCache(capture, store), dataclasses.replace(ctx, train=rows)
         logger.info("%s: teacher activations of %d rows cached (%s, %.2f GiB), %d epochs over them", label,
-                    len(rows), cfg.cache_storage, activation_bytes(ctx, rows, layers) / 2**30,
+                    len(rows), cfg.cache_storage, activation_bytes(ctx, cfg, rows, layers) / 2**30,
                     cfg.cache_epochs)
 
     def held_out():

@@ -192,6 +192,15 @@ class LayerwiseStage(StageConfig):
     cache_storage: Literal["memory", "disk"] = "memory"
     cache_max_gb: float = Field(default=8.0, gt=0)  # memory: refuse to start when the activations would not fit
     cache_dir: str | None = None  # disk: where the file goes (None: the stage folder); removed once trained
+    # teacher: each block runs on the teacher's hidden states; student: on the student's own (one forward through
+    # its stack, each Mamba block's input detached), so a block learns to undo the errors of the layers below it
+    inputs: Literal["teacher", "student"] = "teacher"
+
+    @model_validator(mode="after")
+    def _check(self) -> LayerwiseStage:
+        if self.inputs == "student" and self.target != "block_output":
+            raise ValueError("inputs: student matches whole blocks' outputs; set target: block_output")
+        return self
 
 
 class StepwiseStage(StageConfig, _KLOptions):
@@ -279,6 +288,13 @@ class AlignConfig(LayerwiseStage):
 
     name: Literal["layerwise"] = "layerwise"
     max_tokens: TokenCount = 100_000
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignConfig:
+        if self.inputs != "teacher":
+            raise ValueError("inputs: student has no student stack here (each layer's mixer is aligned alone, "
+                             "on the teacher's inputs); drop inputs, or set it in the layerwise stage")
+        return self
 
 
 class SelectionConfig(_Section):

@@ -58,6 +58,10 @@ def test_overrides_are_validated_like_the_file():
         ({"student": {"dt_min": 0.5, "dt_max": 0.1}, "stages": [E2E]}, "dt_min (0.5) must not exceed dt_max"),
         ({"precision": "fp8", "stages": [E2E]}, "precision = 'fp8': Input should be 'fp32', 'bf16', 'fp16' or 'auto'"),
         ({"stages": [{"name": "sft", "max_tokens": 10, "ce_weight": 0}]}, "ce_weight and kl_weight are both 0"),
+        ({"stages": [{"name": "layerwise", "max_tokens": 10, "inputs": "student"}]},
+         "stages.0: inputs: student matches whole blocks' outputs; set target: block_output"),
+        ({"selection": {"align": {"target": "block_output", "inputs": "student"}}, "stages": [E2E]},
+         "selection.align: inputs: student has no student stack here (each layer's mixer is aligned alone"),
     ],
 )
 def test_mistakes_name_the_key_and_the_fix(raw, message):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import REFERENCE_STUDENT, reordering_bound
 from test_trainer import make_context, make_recipe, random_rows
-from tolerances import kl_reordering_error, logprob_error, within
+from tolerances import kl_reordering_error, logprob_error, summed, within
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only contend on the shared 2-core box
 
@@ -81,11 +81,15 @@ def test_teacher_capture_is_each_layers_attention_input_and_output(tiny_llama):
     assert sorted(mixer["inputs"]) == [0, 2]
 
 
-@pytest.mark.parametrize("target", ["mixer_output", "block_output"])
-def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_llama, target):
+@pytest.mark.parametrize(("target", "inputs", "activations"), [
+    ("mixer_output", "teacher", "online"), ("block_output", "teacher", "online"), ("block_output", "student", "online"),
+    ("block_output", "student", "cached"),
+])
+def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_llama, target, inputs, activations):
     student = tiny_hybrid(tiny_llama)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    stage = {"name": "layerwise", "max_tokens": 4000, "lr": 1e-2, "target": target, "objective": "token_normalized_mse"}
+    stage = {"name": "layerwise", "max_tokens": 4000, "lr": 1e-2, "target": target, "inputs": inputs,
+             "activations": activations, "objective": "token_normalized_mse"}
     student, summary, _ = run(tmp_path, tiny_llama, student, stage)
     assert summary["layers"] == [0, 2]
     for i in summary["layers"]:
@@ -93,6 +97,44 @@ def test_layerwise_reduces_each_layers_held_out_alignment_loss(tmp_path, tiny_ll
     # only the mixers trained; MLPs, norms, embeddings and the attention layers are untouched
     moved = changed(before, student.state_dict())
     assert moved and all(".mamba." in name for name in moved)
+
+
+def test_student_inputs_run_each_block_on_the_students_own_hidden_states(tmp_path, tiny_llama):
+    from distill.alignment import LayerwiseObjective, capture_teacher
+    from distill.data import model_inputs
+    from distill.losses import alignment_loss
+
+    recipe = make_recipe(tmp_path, {"name": "layerwise", "max_tokens": 10, "target": "block_output",
+                                    "inputs": "student"})
+    ctx = make_context(recipe, tiny_llama)
+    student = tiny_hybrid(tiny_llama)  # Mamba layers 0 and 2
+    objective = LayerwiseObjective(student, [0, 2], recipe.stages[0])
+    batch = random_rows(3, seed=5).with_format("torch")[:]
+    targets = capture_teacher(ctx.accelerator, tiny_llama, [0, 2], "block_output", ("outputs",))(batch)
+    assert list(targets) == ["outputs"]  # the student makes its own inputs: only the targets are captured
+    outputs = objective.student_block_outputs(batch)
+    losses = objective(batch, targets)
+    with torch.no_grad():
+        hidden = student.model(**model_inputs(batch), output_hidden_states=True).hidden_states
+        teacher_hidden = tiny_llama.model(**model_inputs(batch), output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"]
+    # layer 2's input in the student (after Mamba layer 0) is not the teacher's: the two objectives differ here
+    assert (hidden[2] - teacher_hidden[2]).abs().max() > 1e-2
+    for i in (0, 2):
+        # the hooked forward (with autograd) and a plain one are the same sums, perhaps in another order
+        delta = reordering_bound(student.config, torch.float32, hidden[i + 1].abs().max())
+        within((outputs[i] - hidden[i + 1]).abs().max(), delta, f"layer {i}'s output")
+        # a squared error e^2 moves by at most delta * (2|e| + delta) when e moves by delta; the loss sums the
+        # channel means over the masked tokens. Plus each loss's own rounding: a sum of n non-negative terms
+        # (summed(n) of the result), for both losses
+        error = (hidden[i + 1] - teacher_hidden[i + 1])[mask.bool()]
+        expected = alignment_loss(hidden[i + 1], teacher_hidden[i + 1], mask, reduction="sum")
+        bound = delta * (2 * error.abs().mean(-1) + delta).sum() + 2 * summed(error.numel()) * expected
+        within(abs(losses[f"layer{i}"].detach() - expected), bound, f"layer {i}'s loss")
+    # each block's input is detached: layer 2's loss trains layer 2's mixer and nothing below it
+    losses["layer2"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in student.model.layers[0].mamba.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in student.model.layers[2].mamba.parameters())
 
 
 def test_cached_and_online_alignment_give_the_same_loss_on_the_same_rows(tmp_path, tiny_llama):
