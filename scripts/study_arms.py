@@ -34,6 +34,8 @@ CACHED = ["stages.0.activations=cached", "stages.0.cache_epochs=4"]
 # with both arms running at once, one core each; 12 epochs keep both caches (about 6 GB each) in 24 GB.
 TARGET = [*AUTO, "stages.0.activations=cached", "stages.0.cache_epochs=12", "stages.0.cache_max_gb=8",
           "stages.0.checkpoint_every_tokens=2e5", "stages.1.checkpoint_every_tokens=5e4"]
+# the layers `attn25-mamba2-2h` chose from data, fixed, so that arms comparing what comes after share them
+CHOSEN25 = ["student.attention_layers=[1, 16, 17, 18, 19, 20, 23, 24]", "student.attention_fraction=null"]
 
 ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
     "attn50-mamba2-long": ("budget", ["stages.0.checkpoint_every_tokens=1e5", "stages.1.checkpoint_every_tokens=5e4"], LONG),
@@ -65,6 +67,12 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
                                        E2E_PILOT),
     "attn50-mamba2-2h": ("target", TARGET, (1e5, 2e6, 2.2e5)),
     "attn25-mamba2-2h": ("target", [*TARGET, "student.attention_fraction=0.25"], (1e5, 1.2e6, 2.2e5)),
+    # what each layerwise stage aligns at 25% attention (the 2-CPU-hour arm's data-chosen layers): the attention
+    # output on the teacher's inputs (the default), the whole block's output on the teacher's or the student's own
+    "attn25-mamba2-chosen": ("inputs", CHOSEN25, SHORT),
+    "attn25-mamba2-chosen-block": ("inputs", [*CHOSEN25, "stages.0.target=block_output"], SHORT),
+    "attn25-mamba2-chosen-block-student": ("inputs", [*CHOSEN25, "stages.0.target=block_output",
+                                                      "stages.0.inputs=student"], SHORT),
     # the 25% target arm's layerwise tokens over 4x the distinct rows in 3 epochs, its cache on disk
     "attn25-mamba2-2h-disk": ("target", [*TARGET, "student.attention_fraction=0.25", "stages.0.cache_storage=disk",
                                          "stages.0.cache_epochs=3"], (1e5, 1.2e6, 2.2e5)),
