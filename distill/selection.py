@@ -52,7 +52,7 @@ def cache_key(recipe, teacher) -> dict:
     student = recipe.student.model_dump(mode="json", exclude={"attention_layers", "attention_fraction"})
     align = recipe.selection.align.model_dump(mode="json", exclude={
         "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows",
-        "cache_max_gb", "cache_storage", "cache_dir"})
+        "cache_max_gb", "cache_storage", "cache_dir", "inputs"})  # inputs: always teacher here
     return {
         "teacher": recipe.teacher.model_dump(mode="json"),
         "teacher_checksum": float(teacher.lm_head.weight.detach().double().sum()),
