@@ -4,6 +4,7 @@
     python scripts/study.py --jobs 2 --threads 1 # two arms at a time, one core each
     python scripts/study.py --scale 0.1 --out outputs/study-smoke --docs outputs/study-smoke/docs
     python scripts/study.py --plan               # print the arms and their budgets, run nothing
+    python scripts/study.py --arms attn25-mamba2-2h --scale 0.45 --align-scale 0.6   # a slower machine's 2 hours
     python scripts/study.py --collect-only       # docs from the arms finished so far, start no run
 
 Each arm is the base recipe (`recipes/smollm2-135m/study/base.yaml`) plus `--set` overrides, run with
@@ -35,6 +36,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                         help="arms to run (the docs always cover every finished arm)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every arm's token budget")
+    parser.add_argument("--align-scale", type=float, default=None,
+                        help="multiply the alignment budget of the arms that choose layers from data (default: "
+                             "--scale); an alignment cached at that budget is reused and counted in full")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per arm")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/study")
@@ -50,12 +54,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.plan:
         for name in args.arms:
-            print(f"{name:30s} {ARMS[name][0]:9s} " + " ".join(arm_overrides(name, args.out, args.scale)))
+            print(f"{name:30s} {ARMS[name][0]:9s} " + " ".join(arm_overrides(name, args.out, args.scale, args.align_scale)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.collect_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for status in pool.map(lambda name: run_arm(name, args.out, args.scale, args.threads), args.arms):
+            for status in pool.map(lambda name: run_arm(name, args.out, args.scale, args.threads, args.align_scale), args.arms):
                 print(json.dumps(status), flush=True)
     table = args.table or args.docs / "results.json"
     results = collect(args.out, list(ARMS), args.lm_eval_limit, args.speed_contexts, args.threads,

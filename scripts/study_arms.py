@@ -81,8 +81,10 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
 SHARED_FIRST_STAGE = {name: "attn50-mamba2-long" for name, (comparison, _, _) in ARMS.items() if comparison == "e2e"}
 
 
-def arm_overrides(name: str, out: Path, scale: float) -> list[str]:
-    """The `--set` list of one arm: its output folder, its scaled stage budgets and its own overrides."""
+def arm_overrides(name: str, out: Path, scale: float, align_scale: float | None = None) -> list[str]:
+    """The `--set` list of one arm: its output folder, its scaled stage budgets and its own overrides.
+    `align_scale` scales an `auto` arm's alignment of every layer instead of `scale` (an alignment already cached
+    at that budget is then reused, and still counted in full)."""
     _, overrides, budget = ARMS[name]
     sets = [f"output_dir={out / name}"]
     stages = yaml.safe_load(BASE.read_text())["stages"]
@@ -90,7 +92,8 @@ def arm_overrides(name: str, out: Path, scale: float) -> list[str]:
     if budget[0] == 0:  # end-to-end only
         return sets + [e2e_only] + overrides
     if "student.attention_layers=auto" in overrides:  # the first budget aligns every layer
-        align = {**stages[0], "max_tokens": int(budget[0] * scale), "activations": "cached", "cache_epochs": 4}
+        align_tokens = int(budget[0] * (scale if align_scale is None else align_scale))
+        align = {**stages[0], "max_tokens": align_tokens, "activations": "cached", "cache_epochs": 4}
         del align["name"]
         sets.append("selection.align=" + json.dumps(align))
         if len(budget) == 2:  # no layerwise stage of its own: the student's mixers come aligned

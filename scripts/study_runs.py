@@ -17,13 +17,13 @@ from study_arms import ARMS, BASE, ROOT, SHARED_FIRST_STAGE, arm_overrides
 from distill.layout import RunLayout, finished_summary
 
 
-def run_arm(name: str, out: Path, scale: float, threads: int) -> dict:
+def run_arm(name: str, out: Path, scale: float, threads: int, align_scale: float | None = None) -> dict:
     report = out / name / "eval" / "report.json"
     if report.is_file():
         return {"arm": name, "status": "skipped (finished)"}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="offline")
     cmd = [sys.executable, "-m", "distill", "run", str(BASE)]
-    for item in arm_overrides(name, out, scale):
+    for item in arm_overrides(name, out, scale, align_scale):
         cmd += ["--set", item]
     (out / name).mkdir(parents=True, exist_ok=True)
     if name in SHARED_FIRST_STAGE:

@@ -26,6 +26,13 @@ def test_every_arm_is_a_valid_recipe_with_its_budget(name, tmp_path):
     assert recipe.output_dir == str(tmp_path / name)
 
 
+def test_align_scale_scales_only_the_alignment_of_every_layer(tmp_path):
+    recipe = load_recipe(study_arms.BASE, study_arms.arm_overrides("attn25-mamba2-2h", tmp_path, 0.45, 0.6))
+    align, layerwise, end_to_end = study_arms.ARMS["attn25-mamba2-2h"][2]
+    assert recipe.selection.align.max_tokens == int(align * 0.6)
+    assert [stage.max_tokens for stage in recipe.stages] == [int(layerwise * 0.45), int(end_to_end * 0.45)]
+
+
 def test_arms_without_outputs_keep_their_earlier_rows(tmp_path):
     arm = {"comparison": "base", "mixer": "mamba2", "attention_fraction": 0.5, "perplexity_ratio": 2.0,
            "kl_to_teacher": 0.8, "cpu_hours": 0.2}
