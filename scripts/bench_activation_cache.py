@@ -24,16 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-class AutocastOnly:
-    """What capture_teacher needs of an Accelerator: its autocast context."""
-
-    def __init__(self, context):
-        self.context = context
-
-    def autocast(self):
-        return self.context
+from bench_train import AutocastOnly  # scripts/ is on the path when a script runs
 
 
 def main() -> None:
