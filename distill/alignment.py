@@ -3,7 +3,8 @@
 Each Mamba mixer learns to reproduce, on the teacher's own hidden states, the output of the attention it
 replaced. One teacher forward with hooks on the replaced layers captures every layer's input and target at
 once (the forward stops after the deepest one); since each layer then trains on its own captured input,
-the layers are independent and there is no student forward through the stack. Only the mixers train.
+the layers are independent and there is no student forward through the stack (except with `inputs:
+student`, below). Only the mixers train.
 
 `target: block_output` instead runs the student's whole decoder block (norms, mixer, MLP, residuals) on the
 teacher block's input and matches the teacher block's output. With `inputs: student` each block runs on the
@@ -62,7 +63,8 @@ def capture_teacher(accelerator, teacher, layers: list[int], target: str, parts=
 
         def hook(index):
             def fn(module, args, kwargs, output):
-                inputs[index] = args[0] if args else kwargs["hidden_states"]
+                if "inputs" in parts:
+                    inputs[index] = args[0] if args else kwargs["hidden_states"]
                 outputs[index] = output[0] if isinstance(output, tuple) else output
                 if index == max(layers):
                     raise _StopForward

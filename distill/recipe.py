@@ -179,7 +179,8 @@ class _KLOptions(_Section):
 
 
 class LayerwiseStage(StageConfig):
-    """Align each mixer with the teacher's attention output on the teacher's own inputs (MLPs frozen)."""
+    """Align each mixer with the teacher's attention output on the teacher's own inputs (MLPs frozen), or
+    (`target: block_output`) each block with the teacher block's output, on the teacher's or the student's inputs."""
 
     name: Literal["layerwise"]
     target: Literal["mixer_output", "block_output"] = "mixer_output"
@@ -289,6 +290,8 @@ class AlignConfig(LayerwiseStage):
     name: Literal["layerwise"] = "layerwise"
     max_tokens: TokenCount = 100_000
 
+    # replaces LayerwiseStage._check (same name, on purpose): its one rule is moot once inputs is teacher; a
+    # check added there must be repeated here
     @model_validator(mode="after")
     def _check(self) -> AlignConfig:
         if self.inputs != "teacher":

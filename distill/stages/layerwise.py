@@ -1,5 +1,6 @@
-"""The `layerwise` stage: each Mamba mixer learns the output of the attention it replaced, on the teacher's
-own hidden states, with the MLPs frozen (MOHAWK's hidden-state alignment; see `distill.alignment`)."""
+"""The `layerwise` stage: each Mamba mixer learns the output of the attention it replaced (or its block the
+teacher block's output), on the teacher's own hidden states or the student's, with the MLPs frozen (MOHAWK's
+hidden-state alignment; see `distill.alignment`)."""
 
 from __future__ import annotations
 
