@@ -51,6 +51,32 @@ class _StopForward(Exception):
     """Raised by the hook of the deepest captured layer: nothing above it is needed."""
 
 
+def forward_to_deepest(forward, modules: dict[int, torch.nn.Module], record, before=None) -> None:
+    """Run `forward()` with a forward hook on each module that calls `record(index, args, kwargs, output)`,
+    stopping the forward after the deepest one; `before`, if given, is each module's forward pre-hook."""
+    deepest, handles = max(modules), []
+
+    def hook(index):
+        def fn(module, args, kwargs, output):
+            record(index, args, kwargs, output)
+            if index == deepest:
+                raise _StopForward
+
+        return fn
+
+    for index, module in modules.items():
+        if before is not None:
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(hook(index), with_kwargs=True))
+    try:
+        forward()
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_teacher(accelerator, teacher, layers: list[int], target: str, parts=("inputs", "outputs")):
     """teacher_step returning {"inputs": {i: x_i}, "outputs": {i: y_i}} (the `parts` asked) for the layers.
 
@@ -58,33 +84,24 @@ def capture_teacher(accelerator, teacher, layers: list[int], target: str, parts=
     block_output: x_i is the decoder block's input, y_i the block's output.
     """
 
+    modules = {i: teacher.model.layers[i].self_attn if target == "mixer_output" else teacher.model.layers[i]
+               for i in layers}
+
     def step(batch: dict) -> dict:
-        inputs, outputs, handles = {}, {}, []
+        captured = {part: {} for part in parts}
 
-        def hook(index):
-            def fn(module, args, kwargs, output):
-                if "inputs" in parts:
-                    inputs[index] = args[0] if args else kwargs["hidden_states"]
-                outputs[index] = output[0] if isinstance(output, tuple) else output
-                if index == max(layers):
-                    raise _StopForward
+        def record(index, args, kwargs, output):
+            if "inputs" in parts:
+                captured["inputs"][index] = args[0] if args else kwargs["hidden_states"]
+            captured["outputs"][index] = output[0] if isinstance(output, tuple) else output
 
-            return fn
-
-        for i in layers:
-            layer = teacher.model.layers[i]
-            module = layer.self_attn if target == "mixer_output" else layer
-            handles.append(module.register_forward_hook(hook(i), with_kwargs=True))
-        # no_grad rather than inference_mode: the captured inputs are saved by the student's autograd graph
-        try:
+        def forward():
+            # no_grad, not inference_mode: the captured inputs are saved by the student's autograd graph
             with torch.no_grad(), accelerator.autocast():
                 teacher.model(**model_inputs(batch))
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {part: {"inputs": inputs, "outputs": outputs}[part] for part in parts}
+
+        forward_to_deepest(forward, modules, record)
+        return captured
 
     return step
 
@@ -267,32 +284,19 @@ class LayerwiseObjective(torch.nn.Module):
     def student_block_outputs(self, batch: dict) -> dict[int, torch.Tensor]:
         """Each Mamba block's output in one forward of the student's own stack, stopped after the deepest one.
         Each block's input is detached: its loss trains that block alone, on what the layers below it give."""
-        outputs, handles = {}, []
+        outputs = {}
 
         def detach_input(module, args, kwargs):
             if args:
                 return (args[0].detach(), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
 
-        def record(index):
-            def fn(module, args, kwargs, output):
-                outputs[index] = output
-                if index == max(self.layers):
-                    raise _StopForward
+        def record(index, args, kwargs, output):
+            outputs[index] = output
 
-            return fn
-
-        for i in self.layers:
-            layer = self.student.model.layers[i]
-            handles.append(layer.register_forward_pre_hook(detach_input, with_kwargs=True))
-            handles.append(layer.register_forward_hook(record(i), with_kwargs=True))
-        try:
-            self.student.model(**model_inputs(batch))
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        blocks = {i: self.student.model.layers[i] for i in self.layers}
+        forward_to_deepest(lambda: self.student.model(**model_inputs(batch)), blocks, record,
+                           before=detach_input)
         return outputs
 
     def forward(self, batch: dict, teacher_out: dict) -> dict:
