@@ -73,6 +73,9 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
     "attn25-mamba2-chosen-block": ("inputs", [*CHOSEN25, "stages.0.target=block_output"], SHORT),
     "attn25-mamba2-chosen-block-student": ("inputs", [*CHOSEN25, "stages.0.target=block_output",
                                                       "stages.0.inputs=student"], SHORT),
+    # the target recipe where less attention is left: 4 of 30 layers (chosen from the same scores), and none
+    "attn12-mamba2-2h": ("target", [*TARGET, "student.attention_fraction=0.125"], (1e5, 1.2e6, 2.2e5)),
+    "attn0-mamba2-2h": ("target", [*TARGET, "student.attention_fraction=0.0"], (1e5, 1.2e6, 2.2e5)),
     # the 25% target arm's layerwise tokens over 4x the distinct rows in 3 epochs, its cache on disk
     "attn25-mamba2-2h-disk": ("target", [*TARGET, "student.attention_fraction=0.25", "stages.0.cache_storage=disk",
                                          "stages.0.cache_epochs=3"], (1e5, 1.2e6, 2.2e5)),
