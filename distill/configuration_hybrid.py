@@ -53,6 +53,8 @@ class HybridConfig(PreTrainedConfig):
     dt_min, dt_max, dt_init_floor: the initial time steps are log-uniform in [dt_min, dt_max], floored.
     A_init_range: Mamba-2's per-head A = -a with a uniform in this range at initialisation.
     mamba_norm_eps: eps of the Mamba-2 gated RMSNorm (None: `rms_norm_eps`).
+    mamba2_d_state: Mamba-2 state size per head, the width of its B and C (None: `head_dim`, the width attention
+        initialisation maps k and q onto; more adds state channels where attention is gone).
     mamba1_d_state: Mamba-1 state size per channel (None: `head_dim`, which attention initialisation needs).
     mamba1_dt_rank: rank of Mamba-1's time-step projection (None: ceil(hidden_size / 16)).
     """
@@ -96,6 +98,7 @@ class HybridConfig(PreTrainedConfig):
     dt_init_floor: float = 1e-4
     A_init_range: list[float] | tuple[float, float] = (1.0, 16.0)
     mamba_norm_eps: float | None = None
+    mamba2_d_state: int | None = None
     mamba1_d_state: int | None = None
     mamba1_dt_rank: int | None = None
 
@@ -115,6 +118,8 @@ class HybridConfig(PreTrainedConfig):
         self.A_init_range = [float(v) for v in self.A_init_range]
         if self.mamba_norm_eps is None:
             self.mamba_norm_eps = self.rms_norm_eps
+        if self.mamba2_d_state is None:
+            self.mamba2_d_state = self.head_dim
         if self.mamba1_d_state is None:
             self.mamba1_d_state = self.head_dim
         if self.mamba1_dt_rank is None:

@@ -10,10 +10,10 @@ Two formats, both written atomically (a temp folder next to `out`, then one rena
   remote code; lm-eval `--model hf` and vLLM know it). Bamba's mixer is ours with every kv-width tensor
   expanded to full width:
 
-      ours   in_proj rows  [z (nh*hd) | x (nkv*hd) | B (nkv*hd) | C (nh*hd) | dt (nh)]
+      ours   in_proj rows  [z (nh*hd) | x (nkv*hd) | B (nkv*n) | C (nh*n) | dt (nh)]
       Bamba  in_proj rows  [z | R(x) | R(B) | C | dt]        with mamba_n_groups = mamba_n_heads = nh
 
-  where R repeats each kv group's hd rows nh/nkv times in place (`repeat_interleave`, the way GQA repeats
+  (n = d_state) where R repeats each kv group's rows nh/nkv times in place (`repeat_interleave`, the way GQA repeats
   keys: head h reads group h // (nh/nkv)); tiling would pair heads with the wrong group. The depthwise conv
   over [x | B | C] is expanded the same way (weights and bias), which is exact because the conv is per
   channel. Bamba derives intermediate = mamba_expand * hidden_size, so `mamba_expand = 1` needs
@@ -120,7 +120,7 @@ def bamba_config(cfg):
         mamba_n_heads=nh,
         mamba_n_groups=nh,
         mamba_d_head=hd,
-        mamba_d_state=hd,
+        mamba_d_state=cfg.mamba2_d_state,
         mamba_expand=1,
         mamba_d_conv=cfg.d_conv,
         mamba_chunk_size=cfg.chunk_size,
@@ -161,14 +161,16 @@ def _refuse_what_bamba_lacks(cfg) -> None:
 
 
 def _repeat_kv_rows(rows: torch.Tensor, num_kv: int, repeats: int) -> torch.Tensor:
-    """(num_kv * hd, ...) -> (num_kv * repeats * hd, ...): each kv group's hd rows repeated in place."""
+    """(num_kv * w, ...) -> (num_kv * repeats * w, ...): each kv group's w rows repeated in place."""
     grouped = rows.reshape(num_kv, -1, *rows.shape[1:])
     return grouped.repeat_interleave(repeats, dim=0).reshape(-1, *rows.shape[1:])
 
 
-def _expand_xb(tensor: torch.Tensor, z_width: int, xb_width: int, num_kv: int, repeats: int) -> torch.Tensor:
+def _expand_xb(tensor: torch.Tensor, z_width: int, x_width: int, b_width: int, num_kv: int,
+               repeats: int) -> torch.Tensor:
     """Expand the x and B blocks that follow `z_width` leading rows from kv width to full width."""
-    z, x, b, rest = tensor.split([z_width, xb_width, xb_width, tensor.shape[0] - z_width - 2 * xb_width])
+    rest = tensor.shape[0] - z_width - x_width - b_width
+    z, x, b, rest = tensor.split([z_width, x_width, b_width, rest])
     return torch.cat([z, _repeat_kv_rows(x, num_kv, repeats), _repeat_kv_rows(b, num_kv, repeats), rest])
 
 
@@ -184,7 +186,7 @@ def bamba_state_dict(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if kind != "mamba2":
             continue
         prefix = f"model.layers.{i}.mamba."
-        widths = {"num_kv": nkv, "repeats": nh // nkv, "xb_width": nkv * hd}
+        widths = {"num_kv": nkv, "repeats": nh // nkv, "x_width": nkv * hd, "b_width": nkv * cfg.mamba2_d_state}
         converted[prefix + "in_proj.weight"] = _expand_xb(state[prefix + "in_proj.weight"], nh * hd, **widths)
         for key in ("conv1d.weight", "conv1d.bias"):
             converted[prefix + key] = _expand_xb(state[prefix + key], 0, **widths)

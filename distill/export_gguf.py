@@ -9,7 +9,7 @@ layer's kind by its `attention.head_count_kv`, 0 for an SSM layer, and its Mamba
     ssm_a = -exp(A_log), ssm_d, ssm_dt.bias per head; ssm_norm (ng, d_inner/ng): a gated RMSNorm per group
 
 so our layout maps as the Bamba export does (x and B repeated per head like GQA's K/V, one group per head,
-ds = head dim = hd). What llama.cpp wants on top:
+ds = our d_state n). What llama.cpp wants on top:
 
 - Its loader only accepts `d_inner = 2 * hidden_size` (`GGML_ASSERT(2 * n_embd == d_inner)` in
   granite-hybrid.cpp, "only an expansion factor of 2"), while ours is nh*hd (= hidden for a Llama teacher).
@@ -173,7 +173,7 @@ def _repeat_groups(rows: torch.Tensor, groups: int, repeats: int) -> torch.Tenso
 
 def _mamba2_tensors(cfg, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One Mamba-2 layer in llama.cpp's layout (GGUF suffix -> tensor): x and B one per head, heads copied."""
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    nh, nkv, hd, n = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.mamba2_d_state
     d_inner, d_xb, copies = nh * hd, nkv * hd, ssm_copies(cfg)
 
     def per_head(block: torch.Tensor) -> torch.Tensor:  # kv-wide x or B -> one block per head (GQA's repeat)
@@ -183,10 +183,10 @@ def _mamba2_tensors(cfg, prefix: str, state: dict[str, torch.Tensor]) -> dict[st
         return _repeat_groups(block, nh, copies)
 
     def xbc(tensor: torch.Tensor) -> torch.Tensor:
-        x, b, c = tensor.split([d_xb, d_xb, d_inner])
+        x, b, c = tensor.split([d_xb, nkv * n, nh * n])
         return torch.cat([copied(per_head(x)), per_head(b), c])
 
-    z, xbc_rows, dt = state[prefix + "in_proj.weight"].split([d_inner, 2 * d_xb + d_inner, nh])
+    z, xbc_rows, dt = state[prefix + "in_proj.weight"].split([d_inner, d_xb + nkv * n + nh * n, nh])
     out = state[prefix + "out_proj.weight"].reshape(cfg.hidden_size, nh, 1, hd)
     first_copy_only = torch.cat([out, out.new_zeros(cfg.hidden_size, nh, copies - 1, hd)], dim=2)
     return {
@@ -293,7 +293,7 @@ def _add_hyperparameters(writer, cfg, outtype: str) -> None:
         heads = ssm_heads(cfg)
         writer.add_ssm_conv_kernel(cfg.d_conv)
         writer.add_ssm_inner_size(heads * cfg.head_dim)
-        writer.add_ssm_state_size(cfg.head_dim)
+        writer.add_ssm_state_size(cfg.mamba2_d_state)
         writer.add_ssm_time_step_rank(heads)
         writer.add_ssm_group_count(cfg.num_attention_heads)
     else:

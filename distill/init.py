@@ -110,12 +110,24 @@ def hybrid_config_from_teacher(teacher_config, student_cfg: StudentConfig) -> Hy
             f"num_key_value_heads * head_dim = {kv_width} (x and B come in groups of d_state); use a divisor such "
             f"as head_dim = {head_dim} (MambaInLlama uses 16)"
         )
+    bc_norm = student_cfg.bc_norm and teacher_config.model_type == "qwen3"
+    d_state = student_cfg.mamba2_d_state
+    if d_state is not None and d_state < head_dim:
+        raise RecipeError(
+            f"student.mamba2_d_state = {d_state} is below the teacher's head_dim = {head_dim}, the width attention "
+            f"initialisation maps each head's q and k onto; use {head_dim} or more (or leave it unset)"
+        )
+    if d_state not in (None, head_dim) and bc_norm:
+        raise RecipeError(
+            f"student.mamba2_d_state = {d_state} needs student.bc_norm: false with a Qwen3 teacher (B and C's "
+            f"per-head norms start from k_norm and q_norm, {head_dim} wide); or leave mamba2_d_state unset"
+        )
     fields = {name: getattr(teacher_config, name) for name in _LLAMA_FIELDS if hasattr(teacher_config, name)}
     fields["head_dim"] = head_dim
     return HybridConfig(
         **fields,
         **family_fields(teacher_config),
-        mamba_bc_norm=student_cfg.bc_norm and teacher_config.model_type == "qwen3",
+        mamba_bc_norm=bc_norm,
         mixer_types=mixer_types,
         d_conv=student_cfg.d_conv,
         chunk_size=student_cfg.chunk_size,
@@ -123,6 +135,7 @@ def hybrid_config_from_teacher(teacher_config, student_cfg: StudentConfig) -> Hy
         dt_max=student_cfg.dt_max,
         dt_init_floor=student_cfg.dt_init_floor,
         A_init_range=list(student_cfg.A_init_range),
+        mamba2_d_state=d_state,
         mamba1_d_state=student_cfg.mamba1_d_state,
         mamba1_dt_rank=student_cfg.mamba1_dt_rank,
         attn_implementation=teacher_config._attn_implementation,
@@ -178,17 +191,28 @@ def copy_attention_into_mixer(attention, mixer) -> None:
     """in_proj's x, B, C rows <- v_proj, k_proj, q_proj; out_proj <- o_proj (both mixers order rows z|x|B|C).
 
     Biases go along (the other in_proj rows' bias and a bias-free o_proj's counterpart are zero), and with
-    `mamba_bc_norm` B_norm <- k_norm, C_norm <- q_norm.
+    `mamba_bc_norm` B_norm <- k_norm, C_norm <- q_norm. A Mamba-2 state wider than a head (d_state n > hd):
+    k and q fill the first hd of each head's n rows of B and C; C's other rows and their conv bias are zeroed,
+    so those state channels add nothing at first (silu(0) = 0), and B's keep their random init, so gradients
+    reach them.
     """
+    hd = mixer.head_dim
+    per_head = mixer.d_state if isinstance(mixer, HybridMamba2Mixer) else hd  # B and C rows per head
     start = mixer.d_inner  # z comes first
     if mixer.in_proj.bias is not None:
         mixer.in_proj.bias.zero_()
-    for source in (attention.v_proj, attention.k_proj, attention.q_proj):
-        rows = slice(start, start + source.weight.shape[0])
-        mixer.in_proj.weight[rows].copy_(source.weight)
+    for source, width in ((attention.v_proj, hd), (attention.k_proj, per_head), (attention.q_proj, per_head)):
+        heads = source.weight.shape[0] // hd
+        block = slice(start, start + heads * width)
+        weight = mixer.in_proj.weight[block].view(heads, width, -1)
+        weight[:, :hd].copy_(source.weight.view(heads, hd, -1))
+        if source is attention.q_proj and width > hd:  # C's extra state channels (the Mamba-2 conv covers them)
+            weight[:, hd:].zero_()
+            channels = slice(block.start - mixer.d_inner, block.stop - mixer.d_inner)
+            mixer.conv1d.bias[channels].view(heads, width)[:, hd:].zero_()
         if source.bias is not None:
-            mixer.in_proj.bias[rows].copy_(source.bias)
-        start += source.weight.shape[0]
+            mixer.in_proj.bias[block].view(heads, width)[:, :hd].copy_(source.bias.view(heads, hd))
+        start += heads * width
     mixer.out_proj.weight.copy_(attention.o_proj.weight)
     if mixer.out_proj.bias is not None and attention.o_proj.bias is not None:
         mixer.out_proj.bias.copy_(attention.o_proj.bias)

@@ -6,23 +6,26 @@ q/k/v biases, Qwen3's q_norm/k_norm, sliding windows and SmolLM3's NoPE layers),
 layers is the teacher. Each Mamba layer keeps the block's `input_layernorm`, `post_attention_layernorm` and
 `mlp` and swaps `self_attn` for `mamba`, fed the same normed hidden states.
 
-Notation: nh heads, nkv kv-heads, hd head_dim, r = nh / nkv, d_inner = nh*hd, d_xb = nkv*hd, u the mixer input.
+Notation: nh heads, nkv kv-heads, hd head_dim, r = nh / nkv, d_inner = nh*hd, d_xb = nkv*hd, u the mixer input,
+n = Mamba-2's d_state (`mamba2_d_state`, hd by default).
 
 Mamba-2 mixer (`HybridMamba2Mixer`, "Mamba2InLlama")::
 
-    [z | x | B | C | dt] = in_proj(u)                 widths nh*hd | nkv*hd | nkv*hd | nh*hd | nh
+    [z | x | B | C | dt] = in_proj(u)                 widths nh*hd | nkv*hd | nkv*n | nh*n | nh
     [x | B | C] = silu(causal_conv1d([x | B | C]))     depthwise, width d_conv, with bias
     x, B <- repeated per head as GQA repeats K/V: head h reads kv-group h // r
     dt_h = softplus(dt_h + dt_bias_h),  A_h = -exp(A_log_h)       (scalar per head; A in fp32)
-    S_t^h = exp(dt_h A_h) S_{t-1}^h + dt_h x_t^h (B_t^h)^T        S^h is hd x hd (headdim = d_state = hd)
+    S_t^h = exp(dt_h A_h) S_{t-1}^h + dt_h x_t^h (B_t^h)^T        S^h is hd x n (headdim hd, d_state n)
     y_t^h = S_t^h C_t^h + D_h x_t^h
     out = out_proj(rmsnorm_per_head(y * silu(z)) * norm.weight)
 
 At initialisation from the teacher C, B, x come from q_proj, k_proj, v_proj and out_proj from o_proj, so
-C.B plays the role of q.k (linear attention without softmax) and the state accumulates values.
+C.B plays the role of q.k (linear attention without softmax) and the state accumulates values. With n > hd,
+q and k fill the first hd of each head's n channels and C's other channels start at zero, so the mixer starts
+computing what it computes with n = hd, and the extra state is there to be learned.
 Two options follow the teacher's attention (both mixers): `mamba_proj_bias` gives in_proj and out_proj biases
 (for q/k/v biases), and `mamba_bc_norm` applies a per-head RMSNorm to in_proj's B and C rows before the conv,
-`B_norm` and `C_norm` (hd weights, shared by the heads), where Qwen3 applies k_norm and q_norm.
+`B_norm` and `C_norm` (n weights, shared by the heads), where Qwen3 applies k_norm and q_norm.
 
 Mamba-1 mixer (`HybridMamba1Mixer`, MambaInLlama's `Mamba`), n = d_state (hd by default), k = dt_rank::
 
@@ -47,7 +50,7 @@ document split transformers' masks use) to the conv and the scan; Mamba-1's `sel
 `seq_idx`, so its packed rows are moved into one row per document first.
 
 The cache is transformers' `DynamicCache(config)`: `config.layer_types` marks Mamba layers "linear_attention",
-so they get a conv state (b, conv channels, d_conv) and an fp32 SSM state (Mamba-2: (b, nh, hd, hd); Mamba-1:
+so they get a conv state (b, conv channels, d_conv) and an fp32 SSM state (Mamba-2: (b, nh, hd, n); Mamba-1:
 (b, nh*hd/n, n, n)). The prefill stores the final states; each decode step is one `causal_conv1d_update` plus one
 `selective_state_update` per Mamba layer, O(1) in the sequence length.
 
@@ -269,18 +272,20 @@ class HybridMamba2Mixer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.d_state = config.mamba2_d_state
         self.d_conv = config.d_conv
         self.chunk_size = config.chunk_size
         self.d_inner = self.num_heads * self.head_dim
         self.d_xb = self.num_kv_heads * self.head_dim
-        self.conv_dim = 2 * self.d_xb + self.d_inner
+        self.widths = [self.d_xb, self.num_kv_heads * self.d_state, self.num_heads * self.d_state]  # x, B, C
+        self.conv_dim = sum(self.widths)
 
         bias = config.mamba_proj_bias
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=bias)
         self.bc_norm = config.mamba_bc_norm
         if self.bc_norm:
-            self.B_norm = modeling_llama.LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.C_norm = modeling_llama.LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.B_norm = modeling_llama.LlamaRMSNorm(self.d_state, eps=config.rms_norm_eps)
+            self.C_norm = modeling_llama.LlamaRMSNorm(self.d_state, eps=config.rms_norm_eps)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, padding=self.d_conv - 1, bias=True
         )
@@ -294,19 +299,19 @@ class HybridMamba2Mixer(nn.Module):
         """z, [x | B | C] (B and C normed per head with `mamba_bc_norm`) and dt, from in_proj."""
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         if self.bc_norm:
-            x, B, C = xbc.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
-            B, C = norm_heads(self.B_norm, B, self.head_dim), norm_heads(self.C_norm, C, self.head_dim)
+            x, B, C = xbc.split(self.widths, dim=-1)
+            B, C = norm_heads(self.B_norm, B, self.d_state), norm_heads(self.C_norm, C, self.d_state)
             xbc = torch.cat([x, B, C], dim=-1)
         return z, xbc, dt
 
     def _split_xbc(self, xbc: torch.Tensor):
-        """[x | B | C] -> x, B repeated to nh heads and C, each (..., nh, hd)."""
-        x, B, C = xbc.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        """[x | B | C] -> x (..., nh, hd), B repeated to nh heads and C, each (..., nh, n)."""
+        x, B, C = xbc.split(self.widths, dim=-1)
         repeats = self.num_heads // self.num_kv_heads
         x = repeat_heads(x, self.num_kv_heads, repeats)
         B = repeat_heads(B, self.num_kv_heads, repeats)
-        shape = (*xbc.shape[:-1], self.num_heads, self.head_dim)
-        return x.view(shape), B.view(shape), C.reshape(shape)
+        heads = (*xbc.shape[:-1], self.num_heads)
+        return x.view(*heads, self.head_dim), B.view(*heads, self.d_state), C.reshape(*heads, self.d_state)
 
     def _scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None):
         """x, B, C per head, the fp32 time step and A for the scan; padded positions get x = B = C = dt = 0."""
@@ -396,7 +401,7 @@ class HybridMamba2Mixer(nn.Module):
             outputs.append(y)
             recorded.append(ssm_state.float())
         if ssm_state is None:
-            ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32)
+            ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.d_state, dtype=torch.float32)
         states = ssd_states(ssm_state, x[:, head:], B[:, head:], dt[:, head:], A)  # (b, keep, h, p, n)
         y = torch.einsum("bjhpn,bjhn->bjhp", states, C[:, head:].float()) + self.D.float()[:, None] * x[:, head:]
         outputs.append(y.to(x.dtype))
@@ -416,7 +421,7 @@ class HybridMamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         hd = self.head_dim
         y = selective_state_update(
-            ssm_state, x, dt[..., None].expand(-1, -1, hd), A[:, None, None].expand(-1, hd, hd), B, C,
+            ssm_state, x, dt[..., None].expand(-1, -1, hd), A[:, None, None].expand(-1, hd, self.d_state), B, C,
             D=self.D[:, None].expand(-1, hd),
         )
         y = self.norm(y.reshape(-1, 1, self.d_inner), z[:, None])

@@ -96,6 +96,9 @@ class StudentConfig(_Section):
     dt_max: float = Field(default=1e-1, gt=0)
     dt_init_floor: float = Field(default=1e-4, gt=0)
     A_init_range: tuple[float, float] = (1.0, 16.0)
+    # Mamba-2's state per head (None: the teacher's head_dim); more than head_dim adds state channels, which
+    # start unused (C's extra channels at zero), so the student starts where it would with head_dim
+    mamba2_d_state: int | None = Field(default=None, ge=1)
     mamba1_d_state: int | None = Field(default=None, ge=1)  # None: the teacher's head_dim
     mamba1_dt_rank: int | None = Field(default=None, ge=1)  # None: ceil(hidden / 16)
     bc_norm: bool = True  # Qwen3 teachers: per-head RMSNorm on B and C from k_norm / q_norm (others: no effect)
@@ -111,6 +114,8 @@ class StudentConfig(_Section):
             raise ValueError(f"attention_layers {problem}")
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        if self.mamba2_d_state is not None and self.mixer != "mamba2":
+            raise ValueError("mamba2_d_state sets the Mamba-2 mixer's state; with mixer: mamba1 use mamba1_d_state")
         low, high = self.A_init_range
         if not 0 < low <= high:
             raise ValueError(f"A_init_range must be 0 < low <= high, got {self.A_init_range}")

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 def cache_key(recipe, teacher) -> dict:
     """Everything the aligned mixers depend on (not the attention layers, stages, eval or output_dir)."""
     student = recipe.student.model_dump(mode="json", exclude={"attention_layers", "attention_fraction"})
+    if student["mamba2_d_state"] is None:  # unset it changes nothing, so keys from before it stay valid
+        del student["mamba2_d_state"]
     align = recipe.selection.align.model_dump(mode="json", exclude={
         "checkpoint_every_tokens", "keep_checkpoints", "resume", "log_every_steps", "held_out_rows",
         "cache_max_gb", "cache_storage", "cache_dir", "inputs"})  # inputs: always teacher here

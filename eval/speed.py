@@ -251,17 +251,21 @@ def markdown(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def hybrids_of(teacher, fractions: list[float], seed: int = 0) -> dict:
-    """The teacher plus one freshly initialised hybrid per attention fraction (speed needs no training)."""
+def hybrids_of(teacher, fractions: list[float], d_states: list[int] = (), seed: int = 0) -> dict:
+    """The teacher plus one freshly initialised hybrid per attention fraction (speed needs no training), and
+    one per fraction and Mamba-2 state width in `d_states` (`hybrid0-state128`)."""
     from distill.init import hybrid_from_teacher
     from distill.recipe import StudentConfig
 
     models = {"teacher": teacher}
     for fraction in fractions:
-        # speed does not depend on the weights: no calibration rows needed
-        cfg = StudentConfig(attention_layers="uniform", attention_fraction=fraction, norm_init="ones")
-        student = hybrid_from_teacher(teacher, cfg, seed=seed)
-        models[f"hybrid{round(100 * fraction)}"] = student.to(teacher.dtype).eval()
+        for d_state in [None, *d_states]:
+            # speed does not depend on the weights: no calibration rows needed
+            cfg = StudentConfig(attention_layers="uniform", attention_fraction=fraction, norm_init="ones",
+                                mamba2_d_state=d_state)
+            student = hybrid_from_teacher(teacher, cfg, seed=seed)
+            name = f"hybrid{round(100 * fraction)}" + (f"-state{d_state}" if d_state else "")
+            models[name] = student.to(teacher.dtype).eval()
     return models
 
 
@@ -282,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         "--teacher", default="smollm2-135m-instruct", help="teacher.source (builtin, folder, hub id)"
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.0])
+    parser.add_argument("--d-states", type=int, nargs="*", default=[],
+                        help="Mamba-2 state widths to add per fraction (student.mamba2_d_state; head_dim is always in)")
     parser.add_argument(
         "--checkpoints", type=Path, nargs="*", default=[], help="checkpoint folders to add (e.g. a Bamba export)"
     )
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher, _ = load_teacher(TeacherConfig(source=args.teacher), dtype=torch.float32)
-    models = hybrids_of(teacher.to(args.device), args.fractions)
+    models = hybrids_of(teacher.to(args.device), args.fractions, args.d_states)
     models.update({folder.name: load_with_our_kernels(folder, args.device) for folder in args.checkpoints})
     timer = "thread CPU time" if clock(torch.device(args.device)) is time.thread_time else "wall time"
     note = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, timed by {timer}."

@@ -71,15 +71,20 @@ def _batch():
     return ids, mask
 
 
-def test_bamba_export_equals_native(checkpoint, tmp_path):
+@pytest.mark.parametrize("d_state", [None, 24], ids=["head-dim-state", "wider-state"])
+def test_bamba_export_equals_native(checkpoint, tmp_path, tiny_llama, d_state):
     from transformers import AutoModelForCausalLM, BambaForCausalLM
 
     final, native = checkpoint
+    if d_state:  # head_dim 16: B and C 24 wide per head (Bamba's mamba_d_state)
+        native = make_hybrid(tiny_llama, attention_layers=[1], mamba2_d_state=d_state)
+        native.save_pretrained(final)
     out = export(final, "bamba", tmp_path / "bamba")
     bamba = AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code: a stock class
     assert type(bamba) is BambaForCausalLM
     config = json.loads((out / "config.json").read_text())
     assert config["attn_layer_indices"] == [1] and config["rope_parameters"]["partial_rotary_factor"] == 1.0
+    assert config["mamba_d_state"] == native.config.mamba2_d_state
     assert not list(out.glob("*.py"))
 
     ids, mask = _batch()

@@ -47,19 +47,29 @@ def make_hybrid(teacher, mixer="mamba2", seed=0, sharpen=True, **student):
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a")]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def _tiny(tmp_path_factory, **student):
     """A tiny random 4-layer hybrid (attention in layers 1 and 2) with a byte-level BPE, saved."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(tiny_llama_config(vocab_size=262)).eval()
-    model = make_hybrid(teacher, attention_layers=[1, 2])
+    model = make_hybrid(teacher, attention_layers=[1, 2], **student)
     folder = tmp_path_factory.mktemp("tiny") / "final"
     model.save_pretrained(folder)
     make_tiny_tokenizer(MERGES).save_pretrained(folder)
     fields = tokenizer_from_hf(folder, model.config, pre="gpt-2")
     return model, folder, fields
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_wide_state(tmp_path_factory):
+    """The same with a Mamba-2 state 1.5 heads wide (head_dim 16, d_state 24)."""
+    return _tiny(tmp_path_factory, mamba2_d_state=24)
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -85,6 +95,7 @@ def rebuild(path, num_key_value_heads: int):
         for t in reader.tensors
     }
     nh, hd = meta[f"{arch}.attention.head_count"][0], meta[f"{arch}.attention.key_length"]  # per layer
+    n = meta[f"{arch}.ssm.state_size"]
     nkv, repeats = num_key_value_heads, nh // num_key_value_heads
     kinds = ["attention" if kv else "mamba2" for kv in meta[f"{arch}.attention.head_count_kv"]]
     assert all(kv in (0, nkv) for kv in meta[f"{arch}.attention.head_count_kv"])
@@ -102,6 +113,7 @@ def rebuild(path, num_key_value_heads: int):
         tie_word_embeddings="output.weight" not in tensors,
         mixer_types=kinds,
         d_conv=meta[f"{arch}.ssm.conv_kernel"],
+        mamba2_d_state=n,
     )
     heads, groups, d_inner = meta[f"{arch}.ssm.time_step_rank"], meta[f"{arch}.ssm.group_count"], nh * hd
     assert groups == nh and heads % nh == 0
@@ -116,14 +128,14 @@ def rebuild(path, num_key_value_heads: int):
         assert (blocks == blocks[:, :1]).all(), "the copies of a head differ"
         return blocks[:, 0].reshape(nh * width, *block.shape[1:])
 
-    def kv_width(block):  # one block per head -> one per kv group, checking the GQA repeat
-        blocks = block.reshape(nkv, repeats, hd, *block.shape[1:])
+    def kv_width(block, width=hd):  # one block per head -> one per kv group, checking the GQA repeat
+        blocks = block.reshape(nkv, repeats, width, *block.shape[1:])
         assert (blocks == blocks[:, :1]).all(), "x or B differs within a kv group"
-        return blocks[:, 0].reshape(nkv * hd, *block.shape[1:])
+        return blocks[:, 0].reshape(nkv * width, *block.shape[1:])
 
     def xbc(rows):
-        x, b, c = rows.split([heads * hd, d_inner, d_inner])
-        return torch.cat([kv_width(first_copy(x)), kv_width(b), c])
+        x, b, c = rows.split([heads * hd, nh * n, nh * n])
+        return torch.cat([kv_width(first_copy(x)), kv_width(b, n), c])
 
     state = {
         "model.embed_tokens.weight": tensors["token_embd.weight"],
@@ -142,7 +154,7 @@ def rebuild(path, num_key_value_heads: int):
             state[ours + "self_attn.v_proj.weight"] = tensors[blk + "attn_v.weight"]
             state[ours + "self_attn.o_proj.weight"] = tensors[blk + "attn_output.weight"]
             continue
-        z, xbc_rows, dt = tensors[blk + "ssm_in.weight"].split([heads * hd, heads * hd + 2 * d_inner, heads])
+        z, xbc_rows, dt = tensors[blk + "ssm_in.weight"].split([heads * hd, heads * hd + 2 * nh * n, heads])
         out = tensors[blk + "ssm_out.weight"].reshape(-1, nh, copies, hd)
         assert not out[:, :, 1:].any(), "out_proj reads a head's copies"
         mixer = ours + "mamba."
@@ -159,13 +171,15 @@ def rebuild(path, num_key_value_heads: int):
     return model
 
 
-def test_f32_gguf_read_back_rebuilds_the_model(tiny, tmp_path):
+@pytest.mark.parametrize("hybrid", ["tiny", "tiny_wide_state"])
+def test_f32_gguf_read_back_rebuilds_the_model(hybrid, tmp_path, request):
     """f32 stores every weight exactly except A, stored as -exp(A_log) (log(exp(a)) moves A_log by an ulp),
     and the head copies are exact; so the rebuilt model's logits stay within the reordering bound."""
-    model, _, fields = tiny
+    model, _, fields = request.getfixturevalue(hybrid)
     path = write_gguf(model, tmp_path / "m.gguf", "f32", fields)
     rebuilt = rebuild(path, model.config.num_key_value_heads)
     assert rebuilt.config.mixer_types == model.config.mixer_types
+    assert rebuilt.config.mamba2_d_state == model.config.mamba2_d_state
     assert ssm_heads(model.config) * model.config.head_dim == 2 * model.config.hidden_size
     ids = torch.tensor(_prompts(2, 24, model.config.vocab_size))
     with torch.no_grad():
@@ -243,12 +257,13 @@ def _llama_cpp_logprobs(answer, top: int) -> list[list[tuple[int, float]]]:
 
 
 @needs_llama_cpp
-def test_llama_cpp_runs_the_f32_export_like_transformers(tiny, tmp_path):
+@pytest.mark.parametrize("hybrid", ["tiny", "tiny_wide_state"])
+def test_llama_cpp_runs_the_f32_export_like_transformers(hybrid, tmp_path, request):
     """Next-token distributions at every position and greedy continuations on 4 prompts, llama.cpp (f32
     weights, f32 KV cache) against ours. llama.cpp computes the same sums in another order (and the SSM by its
     sequential scan, not our chunked one), so each log-probability may differ by twice the reordering bound;
     greedy picks are compared only where they win by more than that (`clear_greedy`)."""
-    model, _, fields = tiny
+    model, _, fields = request.getfixturevalue(hybrid)
     path = write_gguf(model, tmp_path / "m.gguf", "f32", fields)
     prompts = _prompts(4, 20, model.config.vocab_size, seed=3)
     jobs = [{"kind": "evaluate", "tokens": p, "top": 5} for p in prompts]

@@ -16,12 +16,14 @@ LAYOUTS = {
     "mamba1": ["mamba1", "mamba1"],
     "mixed": ["attention", "mamba2", "mamba1", "mamba2"],
     "mamba-first": ["mamba2", "attention", "mamba1", "attention"],  # positions must not come from layer 0's cache
+    "mamba2-wide-state": ["mamba2", "mamba2"],
 }
+OVERRIDES = {"mamba2-wide-state": {"mamba2_d_state": 24}}  # head_dim 16: a state 1.5 heads wide
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_token_by_token_decoding_equals_the_parallel_forward(layout):
-    model = random_model(LAYOUTS[layout])
+    model = random_model(LAYOUTS[layout], **OVERRIDES.get(layout, {}))
     ids = torch.randint(0, 128, (2, 13))
     with torch.no_grad():
         parallel = model(ids, use_cache=False).logits
@@ -37,7 +39,7 @@ def test_prefill_then_chunk_then_steps(layout):
     """A prompt, a multi-token continuation from the cache, then single steps: all equal the parallel pass.
 
     No position_ids are passed: the model derives them from the cache, as generate() relies on."""
-    model = random_model(LAYOUTS[layout])
+    model = random_model(LAYOUTS[layout], **OVERRIDES.get(layout, {}))
     ids = torch.randint(0, 128, (2, 14))
     with torch.no_grad():
         parallel = model(ids, use_cache=False).logits

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import REFERENCE_INIT, REFERENCE_STUDENT, tiny_llama_config
+from conftest import REFERENCE_INIT, REFERENCE_STUDENT, reordering_bound, tiny_llama_config
 from tolerances import eps, summed, within
 from transformers import LlamaForCausalLM
 
 from distill.init import hybrid_config_from_teacher, hybrid_from_teacher, select_attention_layers
+from distill.modeling_hybrid import HybridForCausalLM
 from distill.recipe import RecipeError, StudentConfig
 
 # Drawn from the seed (besides in_proj's z and dt rows); Mamba-1's A (S4D-real) and both D are deterministic.
@@ -51,6 +52,20 @@ def test_config_from_teacher():
     with pytest.raises(RecipeError, match="must divide the teacher's kv width"):
         hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(**REFERENCE_STUDENT, mixer="mamba1", mamba1_d_state=12))
     assert hybrid_config_from_teacher(tiny_llama_config(attention_bias=True), StudentConfig(**REFERENCE_STUDENT)).mamba_proj_bias
+    assert config.mamba2_d_state == 16  # unset: head_dim
+    with pytest.raises(RecipeError, match="mamba2_d_state = 8 is below the teacher's head_dim = 16"):
+        hybrid_config_from_teacher(tiny_llama_config(), StudentConfig(**REFERENCE_STUDENT, mamba2_d_state=8))
+
+
+def test_a_wider_state_with_qwen3_bc_norms_is_refused_in_one_line():
+    from transformers import Qwen3Config
+
+    qwen3 = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(RecipeError, match="mamba2_d_state = 32 needs student.bc_norm: false with a Qwen3 teacher"):
+        hybrid_config_from_teacher(qwen3, StudentConfig(**REFERENCE_STUDENT, mamba2_d_state=32))
+    unnormed = StudentConfig(**REFERENCE_STUDENT, mamba2_d_state=32, bc_norm=False)
+    assert hybrid_config_from_teacher(qwen3, unnormed).mamba2_d_state == 32
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
@@ -74,6 +89,50 @@ def test_attention_weights_land_in_the_mixer_exactly(tiny_llama, mixer):
         assert torch.equal(layer.mamba.out_proj.weight, attn.o_proj.weight)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(student.state_dict()[name], teacher[name])
+
+
+def _head_dim_rows(nh: int, nkv: int, hd: int, n: int) -> list[int]:
+    """The in_proj rows of a Mamba-2 mixer with state n that a state of hd keeps: z, x, the first hd of each
+    group's n rows of B (nkv groups) and of C (nh heads), dt."""
+    b, c, dt = nh * hd + nkv * hd, nh * hd + nkv * hd + nkv * n, nh * hd + nkv * hd + nkv * n + nh * n
+    return (list(range(b)) + [b + g * n + i for g in range(nkv) for i in range(hd)]
+            + [c + h * n + i for h in range(nh) for i in range(hd)] + list(range(dt, dt + nh)))
+
+
+@pytest.mark.parametrize("conv_init", ["random", "identity"])
+def test_a_wider_mamba2_state_starts_where_head_dim_does_and_learns(tiny_llama, conv_init):
+    """mamba2_d_state = 2 x head_dim: the student computes what the same weights with the extra state channels
+    cut out compute (C's extra rows and their conv bias are zero, so those channels add exact zeros), and a
+    gradient reaches C's extra rows (B's are random, so the extra state is not stuck at zero)."""
+    cfg = StudentConfig(**{**REFERENCE_STUDENT, "conv_init": conv_init, "mamba2_d_state": 32})
+    wide = hybrid_from_teacher(tiny_llama, cfg)
+    narrow_cfg = hybrid_config_from_teacher(tiny_llama.config, cfg.model_copy(update={"mamba2_d_state": None}))
+    assert narrow_cfg.mamba2_d_state == 16 and wide.config.mamba2_d_state == 32
+    rows = _head_dim_rows(4, 2, 16, 32)
+    channels = [r - 64 for r in rows[64:-4]]  # the conv runs over [x | B | C]
+    state = {}
+    for name, tensor in wide.state_dict().items():
+        if name.endswith("mamba.in_proj.weight"):
+            tensor = tensor[rows]
+        elif name.endswith(("mamba.conv1d.weight", "mamba.conv1d.bias")):
+            tensor = tensor[channels]
+        state[name] = tensor
+    narrow = HybridForCausalLM(narrow_cfg)
+    narrow.load_state_dict(state, strict=True)
+    attn, mixer = tiny_llama.model.layers[0].self_attn, wide.model.layers[0].mamba
+    B, C = mixer.in_proj.weight[96:160].view(2, 32, 64), mixer.in_proj.weight[160:288].view(4, 32, 64)
+    assert torch.equal(B[:, :16].reshape(32, 64), attn.k_proj.weight)
+    assert torch.equal(C[:, :16].reshape(64, 64), attn.q_proj.weight)
+    assert not C[:, 16:].any() and B[:, 16:].abs().min() > 0
+
+    ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(3))
+    logits = wide(ids).logits
+    with torch.no_grad():
+        expected = narrow(ids).logits
+    # the same sums, the wide one with exact zeros added: only the order of the scan's contractions differs
+    assert (logits - expected).abs().max() <= reordering_bound(wide.config, torch.float32, expected.abs().max())
+    logits.pow(2).mean().backward()
+    assert mixer.in_proj.weight.grad[160:288].view(4, 32, 64)[:, 16:].abs().sum() > 0
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])

@@ -63,18 +63,18 @@ def naive_conv_silu(x, weight, bias):
 
 def naive_mamba2(mixer, u):
     """The Mamba-2 mixer written as its per-timestep recurrence, head by head (module docstring equations)."""
-    nh, nkv, hd = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    nh, nkv, hd, n = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim, mixer.d_state
     b, length, _ = u.shape
     proj = u @ mixer.in_proj.weight.T
-    z, xbc, dt = proj.split([nh * hd, 2 * nkv * hd + nh * hd, nh], dim=-1)
+    z, xbc, dt = proj.split([nh * hd, nkv * hd + nkv * n + nh * n, nh], dim=-1)
     xbc = naive_conv_silu(xbc, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
-    x, B, C = xbc.split([nkv * hd, nkv * hd, nh * hd], dim=-1)
+    x, B, C = xbc.split([nkv * hd, nkv * n, nh * n], dim=-1)
     y = torch.zeros(b, length, nh, hd, dtype=u.dtype)
-    state = torch.zeros(b, nh, hd, hd, dtype=u.dtype)
+    state = torch.zeros(b, nh, hd, n, dtype=u.dtype)
     for t in range(length):
         for h in range(nh):
             g = h // (nh // nkv)
-            xh, Bh, Ch = x[:, t, g * hd : (g + 1) * hd], B[:, t, g * hd : (g + 1) * hd], C[:, t, h * hd : (h + 1) * hd]
+            xh, Bh, Ch = x[:, t, g * hd : (g + 1) * hd], B[:, t, g * n : (g + 1) * n], C[:, t, h * n : (h + 1) * n]
             step = F.softplus(dt[:, t, h].float() + mixer.dt_bias[h].float()).to(u.dtype)  # fp32, as the mixer
             decay = torch.exp(step * -torch.exp(mixer.A_log[h].float()).to(u.dtype))
             state[:, h] = decay[:, None, None] * state[:, h] + step[:, None, None] * xh[:, :, None] * Bh[:, None, :]
@@ -119,7 +119,8 @@ def loop_bound(mixer_type: str, mixer, u: torch.Tensor, want: torch.Tensor) -> f
     The bound is twice what scaling every log-decay by that much moves the loop's exact output (the conditioning
     of the recurrence, measured rather than guessed), plus float64 rounding over L steps of d_state-long sums.
     """
-    steps, d_state = (mixer.chunk_size, mixer.head_dim) if mixer_type == "mamba2" else (1, mixer.d_state)
+    steps = mixer.chunk_size if mixer_type == "mamba2" else 1
+    d_state = mixer.d_state
     eps = steps * torch.finfo(torch.float32).eps
     with torch.no_grad():
         mixer.A_log.add_(math.log1p(eps))
@@ -135,7 +136,8 @@ def loop_bound(mixer_type: str, mixer, u: torch.Tensor, want: torch.Tensor) -> f
         {},  # 4 heads on 2 kv-heads of 16, conv 4
         {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8, "d_conv": 2},  # SmolLM2's 3:1 GQA
         {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "d_conv": 3, "mamba1_d_state": 4},
-        {"mamba1_d_state": 32, "mamba1_dt_rank": 3},  # a d_state group spanning two heads
+        # Mamba-1: a d_state group spanning two heads; Mamba-2: a state 1.5 heads wide
+        {"mamba1_d_state": 32, "mamba1_dt_rank": 3, "mamba2_d_state": 24},
     ],
     ids=["gqa2", "gqa3", "mha", "wide-state"],
 )

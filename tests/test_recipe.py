@@ -56,6 +56,8 @@ def test_overrides_are_validated_like_the_file():
         ({"student": {"attention_layers": [1], "attention_fraction": 0.5}, "stages": [E2E]},
          "set either attention_layers or attention_fraction"),
         ({"student": {"dt_min": 0.5, "dt_max": 0.1}, "stages": [E2E]}, "dt_min (0.5) must not exceed dt_max"),
+        ({"student": {"mixer": "mamba1", "mamba2_d_state": 128}, "stages": [E2E]},
+         "mamba2_d_state sets the Mamba-2 mixer's state; with mixer: mamba1 use mamba1_d_state"),
         ({"precision": "fp8", "stages": [E2E]}, "precision = 'fp8': Input should be 'fp32', 'bf16', 'fp16' or 'auto'"),
         ({"stages": [{"name": "sft", "max_tokens": 10, "ce_weight": 0}]}, "ce_weight and kl_weight are both 0"),
         ({"stages": [{"name": "layerwise", "max_tokens": 10, "inputs": "student"}]},

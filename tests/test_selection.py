@@ -132,3 +132,16 @@ def test_a_rerun_reuses_the_recorded_choice_and_another_fraction_reuses_the_alig
     assert len(half.student.attention_layers) == 2 and set(first.student.attention_layers) <= set(
         half.student.attention_layers)
     assert "reusing the mixers aligned" in caplog.text and "reusing the layer scores" in caplog.text
+
+
+def test_an_unset_state_width_leaves_the_cache_key_as_it_was_and_a_set_one_changes_it(tiny_llama):
+    """`student.mamba2_d_state` came after caches were written: unset, it must not change their key."""
+    from distill import selection
+    from distill.recipe import recipe_from_dict
+
+    stages = [{"name": "end_to_end", "max_tokens": 10}]
+    unset = recipe_from_dict({"stages": stages})
+    wide = recipe_from_dict({"student": {"mamba2_d_state": 32}, "stages": stages})
+    assert "mamba2_d_state" not in selection.cache_key(unset, tiny_llama)["student"]
+    assert selection.cache_key(wide, tiny_llama)["student"]["mamba2_d_state"] == 32
+    assert selection.aligned_dir(unset, tiny_llama) != selection.aligned_dir(wide, tiny_llama)

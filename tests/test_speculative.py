@@ -116,7 +116,7 @@ def test_bamba_export_with_prompt_lookup_and_a_hybrid_draft(crops):
     assert_lossless(bamba, ids, crops, assistant_model=random_model(["mamba2", "attention"], seed=9))
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1", "mamba2-wide-state"])
 @pytest.mark.parametrize("rejected", [0, 1, 3, 5])
 def test_forward_then_crop_equals_the_kept_prefix_alone(mixer, rejected):
     """Forward 5 drafted tokens after a prompt, crop r: the cache and the next logits are the prefix's own.
@@ -124,7 +124,9 @@ def test_forward_then_crop_equals_the_kept_prefix_alone(mixer, rejected):
     Both sides are correct computations of the same sums in another order (a chunked scan and a batched
     state sum against steps or a longer scan), so they agree to `reordering_bound` at the tensors' scale.
     """
-    model = random_model(EDGES[mixer], seed=10)
+    wide = mixer == "mamba2-wide-state"  # head_dim 16, d_state 24: the recorded states are hd x n
+    overrides = {"mamba2_d_state": 24} if wide else {}
+    model = random_model(EDGES["mamba2" if wide else mixer], seed=10, **overrides)
     ids = torch.randint(0, 128, (1, 17), generator=torch.Generator().manual_seed(11))
     prompt, draft, kept = ids[:, :11], ids[:, 11:16], 11 + 5 - rejected
     with torch.no_grad():
