@@ -84,3 +84,17 @@ def test_benchmark_rows_and_ratios(tiny_llama):
     assert [r["kv_cache_bytes"] for r in rows if r["model"] == "hybrid0"] == [0, 0, 0]
     table = markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "hybrid0" in table
+
+
+@torch.no_grad()
+def test_a_wider_state_is_its_own_model_with_a_proportionally_larger_ssm_state(tiny_llama):
+    from distill.eval.speed import hybrids_of
+
+    models = hybrids_of(tiny_llama, [0.0], d_states=[32])  # head_dim 16
+    assert list(models) == ["teacher", "hybrid0", "hybrid0-state32"]
+    narrow, wide = (cache_bytes(build_cache(models[name], 2, 16)) for name in ("hybrid0", "hybrid0-state32"))
+    # per Mamba layer: a conv state over [x | B | C] and an hd x n SSM state per head, fp32, batch 2
+    cfg, layers = tiny_llama.config, tiny_llama.config.num_hidden_layers
+    extra_ssm = layers * 2 * cfg.num_attention_heads * cfg.head_dim * (32 - 16) * 4
+    extra_conv = layers * 2 * (cfg.num_key_value_heads + cfg.num_attention_heads) * (32 - 16) * 4 * 4  # d_conv 4
+    assert wide["ssm_state_bytes"] - narrow["ssm_state_bytes"] == extra_ssm + extra_conv
