@@ -48,6 +48,8 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
     "attn25-mamba2": ("fraction", ["student.attention_fraction=0.25"], SHORT),
     "attn12-mamba2": ("fraction", ["student.attention_fraction=0.125"], SHORT),
     "attn0-mamba2": ("fraction", ["student.attention_fraction=0.0"], SHORT),
+    # more state where no attention is left: each head's state 64 x 128 instead of 64 x 64 (against attn0-mamba2)
+    "attn0-mamba2-state128": ("state", ["student.attention_fraction=0.0", "student.mamba2_d_state=128"], SHORT),
     "attn50-mamba1": ("mixer", ["student.mixer=mamba1"], QUARTER),
     "attn50-mamba2-quarter": ("mixer", [], QUARTER),
     "attn50-mamba2-reverse-kl": ("kl", ["stages.1.kl=reverse"], SHORT),
@@ -76,12 +78,17 @@ ARMS: dict[str, tuple[str, list[str], tuple[float, ...]]] = {
     # the target recipe where less attention is left: 4 of 30 layers (chosen from the same scores), and none
     "attn12-mamba2-2h": ("target", [*TARGET, "student.attention_fraction=0.125"], (1e5, 1.2e6, 2.2e5)),
     "attn0-mamba2-2h": ("target", [*TARGET, "student.attention_fraction=0.0"], (1e5, 1.2e6, 2.2e5)),
+    # the 0% arm's end-to-end stage training every weight (MLPs, norms, embeddings at lr 3e-5, the mixers at the
+    # base's 3e-4), from the 0% arm's finished layerwise stage
+    "attn0-mamba2-2h-e2e-all": ("target", [*TARGET, "student.attention_fraction=0.0", "stages.1.trainable=all",
+                                           "stages.1.lr=3e-5", "stages.1.mixer_lr=3e-4"], (1e5, 1.2e6, 2.2e5)),
     # the 25% target arm's layerwise tokens over 4x the distinct rows in 3 epochs, its cache on disk
     "attn25-mamba2-2h-disk": ("target", [*TARGET, "student.attention_fraction=0.25", "stages.0.cache_storage=disk",
                                          "stages.0.cache_epochs=3"], (1e5, 1.2e6, 2.2e5)),
 }
 # arm -> the arm whose finished layerwise stage it links instead of rerunning (same recipe up to stage 0)
 SHARED_FIRST_STAGE = {name: "attn50-mamba2-long" for name, (comparison, _, _) in ARMS.items() if comparison == "e2e"}
+SHARED_FIRST_STAGE["attn0-mamba2-2h-e2e-all"] = "attn0-mamba2-2h"
 
 
 def arm_overrides(name: str, out: Path, scale: float, align_scale: float | None = None) -> list[str]:

@@ -72,12 +72,13 @@ def decode_speed(arms: list[str], out: Path, contexts: list[int]) -> dict[str, d
         layers = student["attention_layers"]  # a list when chosen from data: its count sets the speed
         fraction = (len(layers) / teacher.config.num_hidden_layers if isinstance(layers, list)
                     else student["attention_fraction"] or 0)
-        arch = f"{student['mixer']}@{fraction}"
+        d_state = student.get("mamba2_d_state")  # a wider Mamba-2 state decodes slower
+        arch = f"{student['mixer']}@{fraction}" + (f"-state{d_state}" if d_state else "")
         arch_of[name] = arch
         if arch not in models:
             # speed does not depend on the weights
             cfg = StudentConfig(mixer=student["mixer"], attention_layers="uniform",
-                                attention_fraction=fraction, norm_init="ones")
+                                attention_fraction=fraction, norm_init="ones", mamba2_d_state=d_state)
             models[arch] = hybrid_from_teacher(teacher, cfg, seed=0).eval()
     rows = benchmark(models, contexts, [1], steps=4, prefill_max_tokens=0)
     by_arch = {}
