@@ -34,7 +34,7 @@ def test_align_scale_scales_only_the_alignment_of_every_layer(tmp_path):
 
 
 # each frontier recipe -> the study arm whose point it is (at the arm's own budgets)
-FRONTIER = {"attn50": "attn50-mamba2-2h", "attn25": "attn25-mamba2-2h", "attn12": "attn12-mamba2-2h",
+FRONTIER = {"attn50": "attn50-mamba2-2h", "attn25": "attn25-mamba2-2h-more-layerwise", "attn12": "attn12-mamba2-2h",
             "attn0": "attn0-mamba2-2h"}
 
 
