@@ -241,6 +241,7 @@ def frontier_lines(arms: dict) -> list[str]:
 def plot_speed_frontier(arms: dict, path: Path) -> None:
     """Held-out perplexity ratio against decode speedup at each context, one point per attention fraction."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     best = best_per_fraction(arms)
     contexts = sorted({c for _, arm in best.values() for c in arm.get("decode", {})}, key=int)
@@ -254,10 +255,8 @@ def plot_speed_frontier(arms: dict, path: Path) -> None:
             ax.annotate(f"{fraction:.1%}", (speedup, ratio), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set(xlabel="decode speedup over the teacher (batch 1, fp32)", ylabel="held-out perplexity / teacher's "
            "(best within 2 CPU-hours)", yscale="log")
-    from matplotlib.ticker import FormatStrFormatter
-
-    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 1.2, not 1.2 x 10^0
-        axis_formatter(FormatStrFormatter("%.1f"))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))  # 1.2, not 1.2 x 10^0
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
