@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+import distill.attention  # noqa: F401  (registers `sdpa_gqa` for --attention)
 from distill.chat import Counter, acceptance
 from distill.errors import UserError
 from distill.files import write_text
@@ -369,7 +370,7 @@ def main(argv=None) -> None:
         "--attention",
         nargs="+",
         default=["sdpa"],
-        choices=["sdpa", "eager"],
+        choices=["sdpa", "sdpa_gqa", "eager"],  # sdpa_gqa: distill/attention.py
         help="attention implementations, each with every dtype (rows name the pair when there are several)",
     )
     parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")

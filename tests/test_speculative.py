@@ -243,3 +243,39 @@ def test_smollm2_speculative_roles_are_lossless(smollm2, crops):
     assert agree_until_a_near_tie(student, france, 16, prompt_lookup_num_tokens=4) >= 2
     assert agree_until_a_near_tie(student, france, 16, assistant_model=teacher) >= 2
     assert any(removed > 0 for removed in crops)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_sdpa_gqa_attention_computes_what_sdpa_does(mixer, crops):
+    """`sdpa_gqa` (distill/attention.py) folds the query heads onto the 2 key/value heads where sdpa copies
+    them: a left-padded prefill and a 5-token verification over its cache give sdpa's logits (within the
+    reordering bound: another kernel may sum in another order), and prompt lookup under it stays lossless."""
+    from conftest import left_padded
+
+    model = random_model(EDGES[mixer], seed=5)
+    assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
+    generator = torch.Generator().manual_seed(7)
+    ids, mask = left_padded([torch.randint(0, 128, (n,), generator=generator) for n in (9, 6)])
+    drafts = torch.randint(0, 128, (2, 5), generator=generator)
+    verify_mask = torch.cat([mask, torch.ones_like(drafts)], 1)
+    logits = {}
+    with torch.no_grad():
+        for implementation in ("sdpa", "sdpa_gqa"):
+            model.set_attn_implementation(implementation)
+            cache = DynamicCache(config=model.config)
+            prefill = model(ids, attention_mask=mask, cache=cache).logits
+            verify = model(drafts, attention_mask=verify_mask, cache=cache).logits
+            logits[implementation] = torch.cat([prefill[mask.bool()], verify.flatten(0, 1)])  # no padding
+    bound = reordering_bound(model.config, torch.float32, logits["sdpa"].abs().max())
+    assert (logits["sdpa_gqa"] - logits["sdpa"]).abs().max() <= bound
+    phrase = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    ids = torch.cat([phrase, phrase, phrase[:, :3]], dim=1)  # a prompt the lookup can copy from
+    assert_lossless(model, ids, crops, prompt_lookup_num_tokens=4)
+
+
+def test_sdpa_gqa_refuses_what_only_sdpa_computes():
+    from distill.attention import sdpa_gqa_attention_forward
+
+    q, kv = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap.*attn_implementation='sdpa'"):
+        sdpa_gqa_attention_forward(torch.nn.Module(), q, kv, kv, None, softcap=30.0)
