@@ -39,12 +39,23 @@ def check_checkpoint(path: str | Path) -> Path:
 
 
 def load_model(folder: Path, dtype: str, device: str):
-    """A causal LM from a checked folder: our hybrid, or any stock transformers model (a teacher, a Bamba)."""
+    """A causal LM from a checked folder: our hybrid, or any stock transformers model (a teacher, a Bamba).
+
+    On a CPU the hybrid and the teacher families attend with `sdpa_gqa` (distill/attention.py), which verifies
+    drafted tokens without copying key/value heads; elsewhere, and for other models, transformers' default
+    (a GPU's fused kernels take GQA only without a mask)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distill import attention
+    from distill.configuration_hybrid import HybridConfig
+    from distill.families import TEACHER_MODEL_TYPES
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    plain = model_type in (HybridConfig.model_type, *TEACHER_MODEL_TYPES)
+    options = {"attn_implementation": attention.NAME} if device == "cpu" and plain else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **options).to(device).eval()
 
 
 def load_tokenizer(path: str | Path):

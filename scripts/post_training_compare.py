@@ -1,6 +1,7 @@
 """After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation (and
-GKD's mix) vs SFT on the teacher's answers, each optionally followed by DPO on teacher-vs-student pairs,
-judged on held-out teacher-forced metrics and on what the student generates (docs/post-training.md).
+GKD's mix) vs SFT on the teacher's answers vs sequence-level KD (end-to-end KL on the teacher's answers), each
+optionally followed by DPO on teacher-vs-student pairs, judged on held-out teacher-forced metrics and on what
+the student generates (docs/post-training.md).
 
     python scripts/post_training_compare.py        # base checkpoint once, then every arm, then the table
     python scripts/post_training_compare.py --base RUN_DIR --arm 1 --tokens 2.4e4   # one arm, a fixed budget
@@ -87,6 +88,16 @@ ARMS = {
         "max_new_tokens": 48,
         "max_prompt_tokens": 192,
         "after": True,
+    },
+    # sequence-level KD (Kim & Rush, 2016): end_to_end's forward KL, on the teacher's own answers
+    "seqkd (forward KL on teacher answers)": {
+        "name": "sft",
+        "lr": 3e-4,
+        "batch_size": 4,
+        "ce_weight": 0.0,
+        "kl_weight": 1.0,
+        "trainable": "mixers",
+        "teacher_answers": True,
     },
 }
 
@@ -396,7 +407,7 @@ def main() -> None:
         "of its layerwise stage) to start from instead of training the base",
     )
     parser.add_argument(
-        "--teacher-prompts", type=int, default=160, help="prompts the teacher answers (SFT arm)"
+        "--teacher-prompts", type=int, default=160, help="prompts the teacher answers (sft and seqkd arms)"
     )
     parser.add_argument(
         "--held-out", type=int, default=32, help="held-out rows for the teacher-forced metrics"

@@ -44,6 +44,21 @@ def test_generate_is_the_same_answer_plain_and_speculative(checkpoints, capsys):
         assert "tokens/s" in stats and "drafted tokens" in stats, stats
 
 
+def test_on_cpu_the_supported_families_attend_with_sdpa_gqa(checkpoints, tmp_path):
+    """`sdpa_gqa` verifies drafts without repeat_kv (test_speculative: it computes sdpa's logits); a model of
+    another family keeps transformers' default, which may rely on what sdpa_gqa refuses."""
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distill.chat import load_model
+
+    assert load_model(Path(checkpoints[0]), "float32", "cpu").config._attn_implementation == "sdpa_gqa"
+    other = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=258)).save_pretrained(other)
+    assert load_model(other, "float32", "cpu").config._attn_implementation == "sdpa"
+
+
 def test_chat_keeps_the_conversation(checkpoints, capsys, monkeypatch):
     target, _ = checkpoints
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand again\n\n"))
