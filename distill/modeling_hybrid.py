@@ -853,7 +853,5 @@ __all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "write_r
 if __name__ == "distill.modeling_hybrid":  # our package; transformers registers a remote-code copy from its auto_map
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import distill.attention  # noqa: F401  (registers the `sdpa_gqa` attention implementation)
-
     AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
     AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)

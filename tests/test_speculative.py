@@ -252,6 +252,8 @@ def test_sdpa_gqa_attention_computes_what_sdpa_does(mixer, crops):
     reordering bound: another kernel may sum in another order), and prompt lookup under it stays lossless."""
     from conftest import left_padded
 
+    import distill.attention  # noqa: F401  (registers sdpa_gqa)
+
     model = random_model(EDGES[mixer], seed=5)
     assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
     generator = torch.Generator().manual_seed(7)
