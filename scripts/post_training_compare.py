@@ -1,7 +1,7 @@
 """After layerwise distillation, at equal CPU time: fixed-data end-to-end KL vs on-policy distillation (and
-GKD's mix) vs SFT on the teacher's answers vs sequence-level KD (end-to-end KL on the teacher's answers), each
-optionally followed by DPO on teacher-vs-student pairs, judged on held-out teacher-forced metrics and on what
-the student generates (docs/post-training.md).
+GKD's mix) vs SFT on the teacher's answers vs sequence-level KD (end-to-end KL on the teacher's answers, alone
+or alternating with data rows), each optionally followed by DPO on teacher-vs-student pairs, judged on
+held-out teacher-forced metrics and on what the student generates (docs/post-training.md).
 
     python scripts/post_training_compare.py        # base checkpoint once, then every arm, then the table
     python scripts/post_training_compare.py --base RUN_DIR --arm 1 --tokens 2.4e4   # one arm, a fixed budget
@@ -98,6 +98,17 @@ ARMS = {
         "kl_weight": 1.0,
         "trainable": "mixers",
         "teacher_answers": True,
+    },
+    # the same, on the teacher's answers and as many data rows, alternating: the answers for the generations,
+    # the data for the teacher-forced metrics
+    "mixed (forward KL on teacher answers + data rows)": {
+        "name": "sft",
+        "lr": 3e-4,
+        "batch_size": 4,
+        "ce_weight": 0.0,
+        "kl_weight": 1.0,
+        "trainable": "mixers",
+        "teacher_answers": "mixed",
     },
 }
 
@@ -407,7 +418,7 @@ def main() -> None:
         "of its layerwise stage) to start from instead of training the base",
     )
     parser.add_argument(
-        "--teacher-prompts", type=int, default=160, help="prompts the teacher answers (sft and seqkd arms)"
+        "--teacher-prompts", type=int, default=160, help="prompts the teacher answers (sft, seqkd, mixed)"
     )
     parser.add_argument(
         "--held-out", type=int, default=32, help="held-out rows for the teacher-forced metrics"
@@ -519,6 +530,10 @@ def main() -> None:
                 )  # ~2 documents a row
                 started = cpu()
                 ctx.train = teacher_answer_rows(few, ctx.teacher, data_cfg, ctx.recipe.seed, pad_id)
+                if stage["teacher_answers"] == "mixed":
+                    answers = ctx.train
+                    data = data_rows.select(range(len(answers)))
+                    ctx.train = datasets.interleave_datasets([answers, data.cast(answers.features)])
                 record["teacher_answers_cpu_s"] = cpu() - started
                 record["teacher_answer_rows"] = len(ctx.train)
             if args.tokens:
