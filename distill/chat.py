@@ -52,10 +52,11 @@ def load_model(folder: Path, dtype: str, device: str):
     from distill.families import TEACHER_MODEL_TYPES
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model_type = AutoConfig.from_pretrained(folder).model_type
-    plain = model_type in (HybridConfig.model_type, *TEACHER_MODEL_TYPES)
+    config = AutoConfig.from_pretrained(folder)
+    plain = config.model_type in (HybridConfig.model_type, *TEACHER_MODEL_TYPES)
     options = {"attn_implementation": attention.NAME} if device == "cpu" and plain else {}
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **options).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, **options)
+    return model.to(device).eval()
 
 
 def load_tokenizer(path: str | Path):

@@ -41,6 +41,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes/smollm2-135m/hybrid50-mamba2.yaml"
 DPO_ARM = "dpo (teacher vs student)"
 JUDGE_PROMPT_TOKENS = 256  # the judge skips longer prompts
+# sequence-level KD (Kim & Rush, 2016): end_to_end's forward KL, on the teacher's own answers
+SEQKD = {
+    "name": "sft",
+    "lr": 3e-4,
+    "batch_size": 4,
+    "ce_weight": 0.0,
+    "kl_weight": 1.0,
+    "trainable": "mixers",
+    "teacher_answers": True,
+}
 ARMS = {
     "layerwise only": None,
     "end_to_end (forward KL, fixed data)": {
@@ -89,27 +99,10 @@ ARMS = {
         "max_prompt_tokens": 192,
         "after": True,
     },
-    # sequence-level KD (Kim & Rush, 2016): end_to_end's forward KL, on the teacher's own answers
-    "seqkd (forward KL on teacher answers)": {
-        "name": "sft",
-        "lr": 3e-4,
-        "batch_size": 4,
-        "ce_weight": 0.0,
-        "kl_weight": 1.0,
-        "trainable": "mixers",
-        "teacher_answers": True,
-    },
+    "seqkd (forward KL on teacher answers)": SEQKD,
     # the same, on the teacher's answers and as many data rows, alternating: the answers for the generations,
     # the data for the teacher-forced metrics
-    "mixed (forward KL on teacher answers + data rows)": {
-        "name": "sft",
-        "lr": 3e-4,
-        "batch_size": 4,
-        "ce_weight": 0.0,
-        "kl_weight": 1.0,
-        "trainable": "mixers",
-        "teacher_answers": "mixed",
-    },
+    "mixed (forward KL on teacher answers + data rows)": {**SEQKD, "teacher_answers": "mixed"},
 }
 
 
@@ -529,13 +522,13 @@ def main() -> None:
                     range(min(args.teacher_prompts // 2, len(data_rows)))
                 )  # ~2 documents a row
                 started = cpu()
-                ctx.train = teacher_answer_rows(few, ctx.teacher, data_cfg, ctx.recipe.seed, pad_id)
-                if stage["teacher_answers"] == "mixed":
-                    answers = ctx.train
-                    data = data_rows.select(range(len(answers)))
-                    ctx.train = datasets.interleave_datasets([answers, data.cast(answers.features)])
+                answers = teacher_answer_rows(few, ctx.teacher, data_cfg, ctx.recipe.seed, pad_id)
                 record["teacher_answers_cpu_s"] = cpu() - started
-                record["teacher_answer_rows"] = len(ctx.train)
+                record["teacher_answer_rows"] = len(answers)
+                ctx.train = answers
+                if stage["teacher_answers"] == "mixed":
+                    data = data_rows.select(range(len(answers))).cast(answers.features)
+                    ctx.train = datasets.interleave_datasets([answers, data])
             if args.tokens:
                 budget = args.tokens
             else:
