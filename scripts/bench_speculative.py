@@ -376,7 +376,13 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
-    parser.add_argument("--prompt-lookup", type=int, default=8, help="tokens prompt lookup drafts per round")
+    parser.add_argument(
+        "--prompt-lookup",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="tokens prompt lookup drafts per round; several values run side by side ('+ prompt lookup N')",
+    )
     parser.add_argument(
         "--lookup-ngram", type=int, default=2, help="longest n-gram prompt lookup matches (transformers: 2)"
     )
@@ -413,19 +419,28 @@ def main(argv=None) -> None:
             models[variant], tokenizer = build_models(args, dtype)
             for model in models[variant].values():
                 model.set_attn_implementation(attention)
-    lookup = {"prompt_lookup_num_tokens": args.prompt_lookup, "max_matching_ngram_size": args.lookup_ngram}
+    lookups = {  # a mode name's suffix -> generate's prompt lookup arguments
+        "" if len(args.prompt_lookup) == 1 else f" {n}": {
+            "prompt_lookup_num_tokens": n, "max_matching_ngram_size": args.lookup_ngram
+        }
+        for n in args.prompt_lookup
+    }
     modes = {}
     for variant, m in models.items():
         all_modes = {
             "teacher": (m["teacher"], {}),
             "teacher + hybrid draft": (m["teacher"], {"assistant_model": m["hybrid"]}),
-            "teacher + prompt lookup": (m["teacher"], lookup),
             "teacher + cheap draft": (m["teacher"], {"assistant_model": m["cheap draft"]}),
             "hybrid": (m["hybrid"], {}),
-            "hybrid + prompt lookup": (m["hybrid"], lookup),
             "hybrid + cheap draft": (m["hybrid"], {"assistant_model": m["cheap draft"]}),
         }
-        modes.update({(variant, name): all_modes[name] for name in (args.modes or MODES)})
+        for target in ("teacher", "hybrid"):
+            for suffix, kwargs in lookups.items():
+                all_modes[f"{target} + prompt lookup{suffix}"] = (m[target], kwargs)
+        for name in args.modes or MODES:
+            for key, mode in all_modes.items():  # "... prompt lookup" picks each draft length's mode
+                if key == name or name.endswith("lookup") and key.startswith(name):
+                    modes[variant, key] = mode
     conversations = unseen_conversations()
     replies = [m["content"] for conv in conversations[:200] for m in conv if m["role"] == "assistant"]
 
