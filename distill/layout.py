@@ -5,7 +5,7 @@
       run.log                everything logged at INFO and above
       selection/             the selection stage (recipes with a `selection` section); scores.json: the choice
       stage{i}-{name}/       one folder per stage of `stages`
-      final/                 the student, tokenizer and remote code
+      final/                 the student, tokenizer and remote code (weights linked to the last stage's)
       eval/                  report.json, report.md and the plots
       export/{format}/       one folder per export format
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from distill.errors import UserError
 from distill.files import atomic_dir, write_text
-from distill.layout import RunLayout
+from distill.layout import RunLayout, final_dir
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 logger = logging.getLogger("distill.pipeline")
@@ -66,12 +68,26 @@ def _stage_line(index: int, summary: dict) -> str:
     return line
 
 
-def save_final(student, tokenizer, out: Path) -> None:
-    """Write the student, tokenizer and remote code to `out`, replacing it only once complete."""
+def save_final(student, tokenizer, out: Path, saved: Path | None = None) -> None:
+    """Write the student, tokenizer and remote code to `out`, replacing it only once complete.
+
+    `saved` is a folder where `student` was saved as it is (the last stage's final/): its weight files are
+    hard-linked instead of written again, which spares a second copy of the weights on disk (32 GB for an
+    8B student in fp32). Weight files are never changed in place, so the two folders cannot diverge."""
     from distill.modeling_hybrid import write_remote_code
 
     with atomic_dir(out) as tmp:
-        student.save_pretrained(tmp)
+        if saved is None:
+            student.save_pretrained(tmp)
+        else:
+            for path in saved.iterdir():
+                if path.suffix == ".safetensors":
+                    try:
+                        os.link(path, tmp / path.name)
+                    except OSError:  # another filesystem, or one without hard links
+                        shutil.copy2(path, tmp / path.name)
+                elif path.is_file():  # config, generation config, shard index, remote code: small copies
+                    shutil.copy2(path, tmp / path.name)
         tokenizer.save_pretrained(tmp)
         write_remote_code(tmp)
 
@@ -154,7 +170,8 @@ def run(recipe, recipe_path: str | None = None) -> Path:
     student = accelerator.unwrap_model(student)
 
     if accelerator.is_main_process:
-        save_final(student, tokenizer, layout.final)
+        last = final_dir(layout.stage(len(names) - 1, names[-1])) if names else None
+        save_final(student, tokenizer, layout.final, saved=last)
         run_info = {"recipe": recipe_path, "output_dir": str(out), "num_processes": accelerator.num_processes,
                     "stages": layout.stage_summaries(names), "wall_time_s": round(time.time() - started, 1)}
         if layout.selection_record.is_file():

@@ -90,6 +90,10 @@ def test_pipeline_writes_every_output_and_resumes(tiny_run):
     assert report["student"]["perplexity"] > 0 and len(report["stages"]) == 2
     assert (out / "export" / "native" / "config.json").is_file()
     weights = (out / "final" / "model.safetensors").read_bytes()
+    # final/ hard-links the last stage's weights (written once on disk), and is loadable on its own
+    last = out / "stage1-end_to_end" / "final" / "model.safetensors"
+    assert (out / "final" / "model.safetensors").samefile(last)
+    assert {"tokenizer.json", "config.json", "modeling_hybrid.py"} <= {p.name for p in (out / "final").iterdir()}
 
     # a rerun reloads the finished stages instead of training them again
     launch(tiny_run, "--config_file", str(ROOT / "recipes/accelerate/cpu.yaml"),
