@@ -7,6 +7,7 @@ held-out teacher-forced metrics and on what the student generates (docs/post-tra
     python scripts/post_training_compare.py --base RUN_DIR --arm 1 --tokens 2.4e4   # one arm, a fixed budget
     python scripts/post_training_compare.py --base RUN_DIR --arm 2 --cpu-seconds 250
     python scripts/post_training_compare.py --base RUN_DIR --arm 5 --after 1 --tokens 2e4   # dpo after arm 1
+    python scripts/post_training_compare.py --base RUN_DIR --arm 2 --after 1 --tokens 2e3  # on_policy after 1
     python scripts/post_training_compare.py --base RUN_DIR --after 1 --probe-dpo 3e-5 3e-4   # dpo's lr
     python scripts/post_training_compare.py --base RUN_DIR --rejudge --prompts 80 --greedy-only   # every arm
     python scripts/post_training_compare.py --arm 0 --plot docs/post-training.png   # table and plot
@@ -16,13 +17,13 @@ writes OUT/results-<arm>.json; every run prints the table of the result files th
 
 The base is the demo recipe cut down (uniform odd attention layers instead of data-chosen ones, a shorter
 layerwise stage), or with --base a finished run's layerwise stage (copy its stage0-layerwise/ into OUT/base/).
-Each arm starts from the base's layerwise checkpoint (dpo from the arm --after names) and trains one more
-stage; its token budget is --tokens, or is set from a short probe of that stage so its CPU time (this
-process's user + system seconds, which a shared machine's other load does not inflate as wall time) matches
---cpu-seconds. The teacher's answers for the SFT arm are generated first; their CPU time is reported beside
-the arm's. The judge's prompts are never trained on: the held-out rows', then those of the documents after
-the training split, less any that is also a training prompt. The table gives 5-95% bootstrap intervals over
-the judged prompts, and paired ones against the end_to_end arm.
+Each arm starts from the base's layerwise checkpoint (or from the arm --after names: dpo always does) and
+trains one more stage; its token budget is --tokens, or is set from a short probe of that stage so its CPU
+time (this process's user + system seconds, which a shared machine's other load does not inflate as wall time)
+matches --cpu-seconds. The teacher's answers for the SFT arm are generated first; their CPU time is reported
+beside the arm's. The judge's prompts are never trained on: the held-out rows', then those of the documents
+after the training split, less any that is also a training prompt. The table gives 5-95% bootstrap intervals
+over the judged prompts, and paired ones against the end_to_end arm.
 """
 
 from __future__ import annotations
@@ -427,7 +428,7 @@ def main() -> None:
         "--after",
         type=int,
         choices=[i for i, stage in enumerate(ARMS.values()) if stage and not stage.get("after")],
-        help="the dpo arm starts from this arm's result",
+        help="the arm (dpo always; with --arm, any other too) starts from this arm's result",
     )
     parser.add_argument(
         "--probe-dpo", type=float, nargs="+", help="probe the dpo arm's learning rates (no arm trained)"
@@ -444,6 +445,8 @@ def main() -> None:
         parser.error("--probe-dpo needs --after ARM (the arm DPO starts from)")
     if args.arm is not None and (ARMS[list(ARMS)[args.arm]] or {}).get("after") and args.after is None:
         parser.error(f"--arm {args.arm} (dpo) needs --after ARM (the arm it starts from)")
+    if args.arm is not None and args.arm == args.after:
+        parser.error(f"--after {args.after}: an arm cannot start from its own result")
     base_done = Path(args.out) / "base" / "stage0-layerwise" / "summary.json"
     if args.base and not base_done.is_file():  # else arms wait for it forever, or arm 0 trains it anew
         parser.error(
@@ -466,10 +469,10 @@ def main() -> None:
         results.update(json.loads(path.read_text()))
     names = list(ARMS) if args.arm is None else [list(ARMS)[args.arm]]
     names = [n for n in names if not ARMS[n] or not ARMS[n].get("after") or args.after is not None]
-    if args.after is not None:
-        names = [
-            f"{n} after {list(ARMS)[args.after]}" if ARMS[n] and ARMS[n].get("after") else n for n in names
-        ]
+    if args.after is not None:  # dpo in a full run; the one arm of --arm
+        after = f" after {list(ARMS)[args.after]}"
+        follows = [bool(ARMS[n]) and (ARMS[n].get("after") or args.arm is not None) for n in names]
+        names = [n + after if follow else n for n, follow in zip(names, follows, strict=True)]
     if args.rejudge:
         if args.arm is None:
             names = [name for name in results if not name.startswith("_")]
@@ -501,7 +504,7 @@ def main() -> None:
         if name in results:
             continue
         start = base
-        if stage and stage.get("after"):
+        if " after " in name:
             import copy
 
             from distill.stages import load_final
@@ -537,7 +540,9 @@ def main() -> None:
                 probe_tokens = 2000 if stage["name"] != "on_policy" else 4 * 64 * 3
                 _, probe_cpu = train_arm(ctx, start, probe_dir, stage, probe_tokens)
                 budget = probe_tokens * args.cpu_seconds / probe_cpu
-            folder = arm_dir(out, name) if not stage.get("after") else out / f"dpo-after-{args.after}"
+            folder = arm_dir(out, name) if " after " not in name else arm_dir(out, name).with_name(
+                f"{arm_dir(out, name).name}-after-{args.after}"
+            )
             started_wall = time.time()
             student, stage_cpu = train_arm(ctx, start, folder, stage, budget)
             record.update(tokens=int(budget), stage_cpu_s=stage_cpu, stage_wall_s=time.time() - started_wall)
