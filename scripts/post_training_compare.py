@@ -425,6 +425,9 @@ def main() -> None:
     parser.add_argument("--greedy-only", action="store_true", help="judge the greedy answers only")
     parser.add_argument("--tokens", type=float, help="the arm's token budget (instead of --cpu-seconds)")
     parser.add_argument(
+        "--lr", type=float, help="the arm's learning rate instead of its own (recorded; use another --out)"
+    )
+    parser.add_argument(
         "--after",
         type=int,
         choices=[i for i, stage in enumerate(ARMS.values()) if stage and not stage.get("after")],
@@ -512,6 +515,9 @@ def main() -> None:
             before = list(ARMS)[args.after]
             start = load_final(copy.deepcopy(base), arm_dir(out, before) / f"stage1-{ARMS[before]['name']}")
         record: dict = {}
+        if stage and args.lr:
+            stage = {**stage, "lr": args.lr}
+            record["lr"] = args.lr
         if stage is None:
             student = base
             record["stage_cpu_s"] = base_cpu
@@ -647,9 +653,10 @@ def table(results: dict) -> str:
         )
         if " after " in name:
             extra += " (+ the arm before)"
+        label = name + (f" (lr {r['lr']:g})" if "lr" in r else "")
         band = spread(g) if "per_prompt" in g else None
         lines.append(
-            f"| {name} | {r.get('tokens', '-')} | {r['stage_cpu_s']:.0f}{extra} "
+            f"| {label} | {r.get('tokens', '-')} | {r['stage_cpu_s']:.0f}{extra} "
             f"| {r['perplexity_ratio']:.3f} | {r['kl']:.3f} | {r['top1']:.3f} "
             f"| {cell(g['greedy']['perplexity_ratio'], band, 'greedy', 3)} "
             f"| {cell(g['sampled']['perplexity_ratio'], band, 'sampled', 2) if 'sampled' in g else '-'} "
