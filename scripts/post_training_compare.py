@@ -546,9 +546,9 @@ def main() -> None:
                 probe_tokens = 2000 if stage["name"] != "on_policy" else 4 * 64 * 3
                 _, probe_cpu = train_arm(ctx, start, probe_dir, stage, probe_tokens)
                 budget = probe_tokens * args.cpu_seconds / probe_cpu
-            folder = arm_dir(out, name) if " after " not in name else arm_dir(out, name).with_name(
-                f"{arm_dir(out, name).name}-after-{args.after}"
-            )
+            folder = arm_dir(out, name)
+            if " after " in name:
+                folder = folder.with_name(f"{folder.name}-after-{args.after}")
             started_wall = time.time()
             student, stage_cpu = train_arm(ctx, start, folder, stage, budget)
             record.update(tokens=int(budget), stage_cpu_s=stage_cpu, stage_wall_s=time.time() - started_wall)
