@@ -476,6 +476,9 @@ def main() -> None:
         after = f" after {list(ARMS)[args.after]}"
         follows = [bool(ARMS[n]) and (ARMS[n].get("after") or args.arm is not None) for n in names]
         names = [n + after if follow else n for n, follow in zip(names, follows, strict=True)]
+    for name in names:  # results are keyed by arm: a finished arm at another lr would be skipped silently
+        if args.lr is not None and name in results and results[name].get("lr") != args.lr:
+            parser.error(f"{out} already has {name!r} at another learning rate: pass --lr with another --out")
     if args.rejudge:
         if args.arm is None:
             names = [name for name in results if not name.startswith("_")]
