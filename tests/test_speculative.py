@@ -281,3 +281,41 @@ def test_sdpa_gqa_refuses_what_only_sdpa_computes():
     q, kv = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
     with pytest.raises(ValueError, match="softcap.*attn_implementation='sdpa'"):
         sdpa_gqa_attention_forward(torch.nn.Module(), q, kv, kv, None, softcap=30.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [True, False])
+def test_sdpa_gqa_one_query_in_reduced_precision_against_float64(dtype, masked, monkeypatch):
+    """A decode step's single bf16/fp16 query goes through `one_query_attention` (fp32 products, query heads
+    folded onto their key/value head) and gives float64 attention of the same rounded inputs, in sdpa's
+    layout. Bound: a score sums d products, so in fp32 it is off by up to d * eps(fp32) * S, S = d * max|q| *
+    max|k| * scale bounding the products' magnitudes; that moves each softmax weight by up to twice as much,
+    relatively; the weighted sum of L values (and the softmax's own rounding) adds (L + 4) * eps(fp32); all
+    times max|v|. The final rounding to `dtype` adds eps(dtype) / 2 of the output's magnitude."""
+    from distill import attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, keys, head_dim = 2, 6, 2, 40, 16
+    query = torch.randn(batch, heads, 1, head_dim, generator=generator).to(dtype)
+    key, value = (
+        torch.randn(batch, kv_heads, keys, head_dim, generator=generator).to(dtype) for _ in range(2)
+    )
+    mask = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., :7] = False  # the second sequence is left-padded by 7
+    original, calls = attention.one_query_attention, []
+    monkeypatch.setattr(attention, "one_query_attention", lambda *args: calls.append(1) or original(*args))
+    output, _ = attention.sdpa_gqa_attention_forward(
+        torch.nn.Module(), query, key, value, mask if masked else None, scaling=0.3
+    )
+    assert calls and output.dtype == dtype and output.shape == (batch, 1, heads, head_dim)
+    groups = heads // kv_heads  # query head j * groups + i reads key/value head j
+    k, v = (x.double().repeat_interleave(groups, dim=1) for x in (key, value))
+    scores = query.double() @ k.transpose(-1, -2) * 0.3
+    if masked:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    reference = (scores.softmax(-1) @ v).transpose(1, 2)
+    eps = torch.finfo(torch.float32).eps
+    products = head_dim * query.double().abs().max() * key.double().abs().max() * 0.3
+    bound = (2 * head_dim * eps * products + (keys + 4) * eps) * value.double().abs().max()
+    bound = bound + torch.finfo(dtype).eps / 2 * reference.abs()
+    assert ((output.double() - reference).abs() <= bound).all()
