@@ -155,6 +155,21 @@ def run_mode(model, ids, max_new_tokens: int, **assist) -> dict:
     }
 
 
+class OneDNNLinear(torch.nn.Linear):
+    """`--linear onednn`: a linear layer through oneDNN (`torch.ops.mkldnn._linear_pointwise`, what
+    `torch.compile` uses on CPU) instead of torch's default MKL product; same weights. Measured, not adopted:
+    it cuts only the lm_head's 5-row product (eval/README.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def set_linear_implementation(model, implementation: str) -> None:
+    for module in model.modules():
+        if type(module) in (torch.nn.Linear, OneDNNLinear):
+            module.__class__ = OneDNNLinear if implementation == "onednn" else torch.nn.Linear
+
+
 class PartTimer:
     """The thread's CPU time spent in each part of a model's forward (mixers by kind, MLPs, lm_head), so the
     cost of verifying can be split where it grows."""
@@ -373,6 +388,13 @@ def main(argv=None) -> None:
         choices=["sdpa", "sdpa_gqa", "eager"],  # sdpa_gqa: distill/attention.py
         help="attention implementations, each with every dtype (rows name the pair when there are several)",
     )
+    parser.add_argument(
+        "--linear",
+        nargs="+",
+        default=["torch"],
+        choices=["torch", "onednn"],
+        help="linear layers through torch's default (MKL) or oneDNN, each with every dtype and attention",
+    )
     parser.add_argument("--prompts", type=int, default=2, help="prompts per task and context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every run (median)")
@@ -384,7 +406,11 @@ def main(argv=None) -> None:
         help="tokens prompt lookup drafts per round; several values run side by side ('+ prompt lookup N')",
     )
     parser.add_argument(
-        "--lookup-ngram", type=int, default=2, help="longest n-gram prompt lookup matches (transformers: 2)"
+        "--lookup-ngram",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="longest n-gram prompt lookup matches (transformers: 2); several values run side by side",
     )
     parser.add_argument("--verify-repeats", type=int, default=7)
     parser.add_argument(
@@ -412,18 +438,25 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the random prompts and drafts of the cost measurements, the same every run
 
-    models = {}  # by variant: the dtype, and the attention implementation when several are compared
+    models = {}  # by variant: the dtype, then the attention and linear implementations if several
     for dtype in args.dtypes:
         for attention in args.attention:
-            variant = dtype if len(args.attention) == 1 else f"{dtype} {attention}"
-            models[variant], tokenizer = build_models(args, dtype)
-            for model in models[variant].values():
-                model.set_attn_implementation(attention)
+            for linear in args.linear:
+                variant = " ".join(
+                    [dtype]
+                    + [attention] * (len(args.attention) > 1)
+                    + [f"{linear} linear"] * (len(args.linear) > 1)
+                )
+                models[variant], tokenizer = build_models(args, dtype)
+                for model in models[variant].values():
+                    model.set_attn_implementation(attention)
+                    set_linear_implementation(model, linear)
     lookups = {  # a mode name's suffix -> generate's prompt lookup arguments
-        "" if len(args.prompt_lookup) == 1 else f" {n}": {
-            "prompt_lookup_num_tokens": n, "max_matching_ngram_size": args.lookup_ngram
+        f"{f' {n}' * (len(args.prompt_lookup) > 1)}{f' ngram {m}' * (len(args.lookup_ngram) > 1)}": {
+            "prompt_lookup_num_tokens": n, "max_matching_ngram_size": m
         }
         for n in args.prompt_lookup
+        for m in args.lookup_ngram
     }
     modes = {}
     for variant, m in models.items():
