@@ -11,7 +11,9 @@ numbers; every mode runs back to back for each prompt, the repeats are interleav
 Modes: teacher alone; teacher + hybrid draft; teacher + prompt lookup (a reference); teacher + a cheaper
 hybrid draft; hybrid alone; hybrid + prompt lookup; hybrid + the cheaper draft. Tasks: `chat` (an unseen
 ShareGPT conversation, its history cut to the context) and `edit` (fix one typo in unseen replies of the
-context's length: the answer copies the prompt).
+context's length: the answer copies the prompt). `--prompt-lookup` and `--lookup-ngram` take several values
+(each pair its own mode); `--attention` and `--linear` (torch's MKL or oneDNN) several implementations, each a
+variant beside the dtypes.
 
 decode tokens/s counts what `generate` produces after its first round (the prefill and the first draft), so
 it measures decoding, not the prompt. Acceptance is drafted tokens accepted / drafted, from the target's
