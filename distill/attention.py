@@ -13,10 +13,10 @@ verifications). Use it like any implementation once this module is imported (`im
     model.set_attn_implementation("sdpa_gqa")
 
 One query in bf16 or fp16 on a CPU (a decode step) is computed as two fp32 matrix products instead, each
-key/value head's query heads as the rows of one product: PyTorch's CPU flash kernel takes a single bf16 query
-5-7x longer than this (SmolLM2's 9 heads over 2k cached tokens: 2.0 against 0.30 ms on one thread), while in
-fp32 the two cost the same. Several queries (a verification, a prefill) keep the kernel: at 5 queries it is
-at most 1.25x slower than the products, from 17 on faster.
+key/value head's query heads as the rows of one product: PyTorch's CPU flash kernel is slow for exactly that
+case (in bf16 it takes one query as long as five), and this halves a bf16 decode step's attention
+(`scripts/bench_speculative.py --dtypes bfloat16 --attention sdpa sdpa_gqa`: SmolLM2 at 2k, 106 -> 48 ms
+over 30 layers). fp32, and several queries (a verification, a prefill), keep the kernel.
 
 It takes sdpa's masks; what sdpa does beyond plain attention (softcapping, position biases, attention sinks)
 is refused, so a model that needs it keeps `sdpa`.
